@@ -1,0 +1,50 @@
+"""`nanoseek <command>`: one entry point; each command lives in the module that owns its concept.
+
+A command module exposes `add_parser(subparsers)` that registers its sub-command and sets
+`func=<callable taking the parsed args>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module that owns it (imported lazily so `nanoseek --help` stays fast)
+COMMANDS: dict[str, str] = {
+    "tokenizer": "nanoseek.tokenizer",
+    "prepare": "nanoseek.data.shards",
+    "train": "nanoseek.train.loop",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 recipe in compact PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS.values():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:  # a command whose module has not landed yet
+            if e.name is not None and e.name.startswith("nanoseek"):
+                continue
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # user errors: a clear message, no traceback
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

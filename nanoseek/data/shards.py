@@ -1,0 +1,398 @@
+"""Token shards on disk (`nanoseek prepare`) and the random-window loader that reads them.
+
+A data directory holds `train_000.bin`, `val_000.bin`, ... (raw token ids, uint16 when the vocabulary
+fits, else uint32; open with `np.memmap`) and `manifest.json`. Each document is stored as
+BOS + tokens + EOS, documents back to back.
+
+Inputs: a `.txt` file is ONE document (a book, an article); a `.jsonl` line is one document,
+`{"text": ...}` or `{"messages": [{"role": ..., "content": ...}, ...]}` (rendered with the chat
+template, which supplies BOS and EOS itself); a directory means every .txt/.jsonl file under it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nanoseek.tokenizer import Tokenizer
+
+MANIFEST = "manifest.json"
+FORMAT = "nanoseek-tokens-v1"
+SHARD_TOKENS = 2**27  # tokens per shard file (256 MiB as uint16)
+CHUNK_DOCS = 512  # documents encoded per batch call (the tokenizer's Rust backend uses every core)
+ROLES = ("system", "user", "assistant")
+
+Document = str | list[dict]
+
+
+# ----------------------------------------------------------------------------- reading inputs
+
+
+def _expand(paths: Iterable[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file())
+            if not found:
+                raise ValueError(f"{p}: directory holds no .txt or .jsonl files")
+            files += found
+        elif p.is_file():
+            if p.suffix not in (".txt", ".jsonl"):
+                raise ValueError(f"{p}: unsupported input type {p.suffix!r}: use .txt or .jsonl")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory")
+    return files
+
+
+def _decode(data: bytes, path: Path, line: int | None = None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = line if line is not None else data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{where}: not valid UTF-8 (byte 0x{data[e.start]:02x}): "
+            f"re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name}`"
+        ) from None
+
+
+def _jsonl_document(line: str, path: Path, lineno: int) -> Document:
+    fix = 'each line must be a JSON object {"text": "..."} or {"messages": [{"role": ..., "content": ...}]}'
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}): {fix}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+        return obj["text"]
+    if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+        messages = obj["messages"]
+        ok = messages and all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
+        )
+        if ok:
+            return [{"role": m["role"], "content": m["content"]} for m in messages]
+        raise ValueError(f"{path}:{lineno}: bad messages: each needs a role in {ROLES} and a string content: {fix}")
+    raise ValueError(f"{path}:{lineno}: no string field 'text' or list field 'messages': {fix}")
+
+
+def iter_documents(paths: Iterable[str | Path]) -> Iterator[tuple[Document, str]]:
+    """Yield (document, source file) for every non-empty document in paths."""
+    for path in _expand(paths):
+        if path.suffix == ".txt":
+            text = _decode(path.read_bytes(), path)
+            if text.strip():
+                yield text, str(path)
+            continue
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, path, lineno)
+                if not line.strip():
+                    continue
+                doc = _jsonl_document(line, path, lineno)
+                if doc if isinstance(doc, list) else doc.strip():
+                    yield doc, str(path)
+
+
+# ----------------------------------------------------------------------------- writing shards
+
+
+class _ShardWriter:
+    """Appends token arrays to `{split}_000.bin`, `{split}_001.bin`, ... of at most shard_tokens each."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.tokens = self.documents = 0
+        self._file = None
+
+    def write(self, ids: list[int]) -> None:
+        arr = np.asarray(ids, dtype=self.dtype)
+        self.documents += 1
+        while len(arr):
+            if self._file is None or self.shards[-1]["tokens"] >= self.shard_tokens:
+                self._open()
+            take = self.shard_tokens - self.shards[-1]["tokens"]
+            self._file.write(arr[:take].tobytes())
+            self.shards[-1]["tokens"] += len(arr[:take])
+            self.tokens += len(arr[:take])
+            arr = arr[take:]
+
+    def _open(self) -> None:
+        self.close()
+        name = f"{self.split}_{len(self.shards):03d}.bin"
+        self._file = open(self.out / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _is_val(ids: list[int], val_fraction: float) -> bool:
+    # By a hash of the content: stable across runs and input order, and duplicates share a split.
+    digest = hashlib.sha1(np.asarray(ids, dtype=np.uint32).tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished tmp dir to out; an earlier data dir there is replaced, anything else kept."""
+    if out.exists():
+        if not (out / MANIFEST).is_file():
+            raise ValueError(f"{out} exists and is not a nanoseek data dir (no {MANIFEST}): choose another --out")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def prepare(
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    inputs: Iterable[str | Path] = (),
+    builtin: Iterable[str] = (),
+    n: int = 10000,
+    seed: int = 0,
+    val_fraction: float = 0.05,
+    tokenizer_path: str | None = None,
+    shard_tokens: int = SHARD_TOKENS,
+) -> dict:
+    """Tokenize inputs (and/or built-in task texts, n problems per task) into out_dir; return the manifest."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    inputs, builtin = list(inputs), list(builtin)
+    docs: list[Iterable[tuple[Document, str]]] = []
+    if inputs:
+        _expand(inputs)  # fail on a bad path before any work
+        docs.append(iter_documents(inputs))
+    if builtin:
+        from nanoseek.data.tasks import builtin_corpus
+
+        docs.append((text, "builtin") for text in builtin_corpus(n, seed, tuple(builtin)))
+    if not docs:
+        raise ValueError("no input: pass --input PATH... and/or --builtin arithmetic,countdown")
+
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the data dir it becomes should not be
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32)
+    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
+    sources: dict[str, int] = {}
+    try:
+        chunk: list[tuple[Document, str]] = []
+        bar = tqdm(desc="prepare", unit="doc", disable=None)
+        for item in (d for it in docs for d in it):
+            chunk.append(item)
+            if len(chunk) >= CHUNK_DOCS:
+                _write_chunk(tokenizer, chunk, writers, val_fraction, sources)
+                bar.update(len(chunk))
+                chunk = []
+        _write_chunk(tokenizer, chunk, writers, val_fraction, sources)
+        bar.update(len(chunk))
+        bar.close()
+        for w in writers.values():
+            w.close()
+        docs_total = sum(w.documents for w in writers.values())
+        if docs_total == 0:
+            names = ", ".join(map(str, inputs + builtin))
+            raise ValueError(f"no documents found in {names}: the inputs are empty, add text to them")
+        if writers["train"].documents == 0:
+            raise ValueError(f"all {docs_total} documents fell in the val split: lower --val-fraction or add documents")
+        if val_fraction and writers["val"].documents == 0:
+            print(
+                f"warning: no document fell in the val split ({docs_total} documents; a .txt file is one "
+                "document): add documents or use --val-fraction 0",
+                file=sys.stderr,
+            )
+        manifest = {
+            "format": FORMAT,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+            "tokenizer_hash": tokenizer.hash(),
+            "tokenizer": tokenizer_path,
+            "splits": {
+                s: {"tokens": w.tokens, "documents": w.documents, "shards": w.shards} for s, w in writers.items()
+            },
+            "sources": sources,
+            "val_fraction": val_fraction,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        for w in writers.values():
+            w.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_chunk(tokenizer, chunk, writers, val_fraction, sources) -> None:
+    texts = [d if isinstance(d, str) else tokenizer.apply_chat_template(d) for d, _ in chunk]
+    for (doc, source), ids in zip(chunk, tokenizer.encode_batch(texts)):
+        if isinstance(doc, str):
+            ids = [tokenizer.bos_id, *ids, tokenizer.eos_id]
+        elif not ids or ids[-1] != tokenizer.eos_id:  # a chat ending on a user turn
+            ids.append(tokenizer.eos_id)
+        split = "val" if val_fraction and _is_val(ids, val_fraction) else "train"
+        writers[split].write(ids)
+        sources[source] = sources.get(source, 0) + 1
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{data_dir} has no {MANIFEST}: run `nanoseek prepare --tokenizer DIR --input ... --out {data_dir}` first"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+class TokenLoader:
+    """Seeded random windows of seq_len + 1 tokens, as (inputs, targets) batches of int64 [B, T].
+
+    Windows start on a grid of stride seq_len (shifted by a random offset each epoch) inside each
+    shard, and are visited in a seeded random order per epoch. Global batch g of an epoch takes
+    windows perm[g*B : (g+1)*B]; rank r serves batches g = r, r + world_size, ..., so ranks never
+    see the same window in an epoch. The cursor (epoch, step) is the whole state.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ):
+        manifest = load_manifest(data_dir)
+        if split not in manifest["splits"]:
+            raise ValueError(f"{data_dir} has no split {split!r}: choose one of {list(manifest['splits'])}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        dtype = np.dtype(manifest["dtype"])
+        self.shards = [
+            np.memmap(Path(data_dir) / s["file"], dtype=dtype, mode="r")
+            for s in manifest["splits"][split]["shards"]
+            if s["tokens"] > seq_len
+        ]
+        self.epoch = self.step = 0
+        self._windows = self._epoch_windows(0)
+        if self.batches_per_epoch == 0:
+            tokens = manifest["splits"][split]["tokens"]
+            raise ValueError(
+                f"split {split!r} of {data_dir} has {tokens} tokens, too few for one batch of "
+                f"{batch_size} x {seq_len + 1} tokens on each of {world_size} ranks: "
+                "lower --batch-size/--seq-len or prepare more data"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank gets per epoch."""
+        return len(self._windows) // (self.batch_size * self.world_size)
+
+    def _epoch_windows(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        offset = int(rng.integers(self.seq_len))
+        starts = []
+        for i, shard in enumerate(self.shards):
+            # Fall back to offset 0 for a shard too short to fit one shifted window.
+            first = offset if len(shard) - offset >= self.seq_len + 1 else 0
+            s = np.arange(first, len(shard) - self.seq_len, self.seq_len)
+            starts.append(np.stack([np.full_like(s, i), s], axis=1))
+        windows = np.concatenate(starts) if starts else np.zeros((0, 2), dtype=np.int64)
+        return windows[rng.permutation(len(windows))]  # [num_windows, (shard, start)]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.step >= self.batches_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+            self._windows = self._epoch_windows(self.epoch)
+        g = self.step * self.world_size + self.rank
+        rows = self._windows[g * self.batch_size : (g + 1) * self.batch_size]
+        batch = np.stack([self.shards[i][s : s + self.seq_len + 1] for i, s in rows]).astype(np.int64)
+        self.step += 1
+        x = torch.from_numpy(batch)  # [B, T + 1]
+        return x[:, :-1], x[:, 1:]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {
+            "split": self.split,
+            "epoch": self.epoch,
+            "step": self.step,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved cursor: the next batches equal those of an uninterrupted run."""
+        if state["split"] != self.split or state["seed"] != self.seed:
+            raise ValueError(
+                f"loader state is for split {state['split']!r} seed {state['seed']}, "
+                f"this loader reads split {self.split!r} seed {self.seed}"
+            )
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self._windows = self._epoch_windows(self.epoch)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    builtin = [t.strip() for t in args.builtin.split(",") if t.strip()] if args.builtin else []
+    m = prepare(
+        tokenizer,
+        args.out,
+        inputs=args.input,
+        builtin=builtin,
+        n=args.n,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        tokenizer_path=str(args.tokenizer),
+    )
+    counts = ", ".join(f"{s}: {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in m["splits"].items())
+    print(f"wrote {args.out} ({m['dtype']}; {counts})")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("prepare", help="tokenize text into token shards + manifest.json")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json")
+    p.add_argument("--input", nargs="*", default=[], help=".txt (one document each) / .jsonl files or dirs")
+    p.add_argument("--builtin", default="", help="built-in tasks, e.g. arithmetic,countdown")
+    p.add_argument("--n", type=int, default=10000, help="built-in problems per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for val")
+    p.add_argument("--out", required=True, help="output data directory")
+    p.set_defaults(func=_cmd_prepare)

@@ -1,0 +1,76 @@
+"""Multi-head Latent Attention (DeepSeek-V2 report, sec. 2.1; V3 report eq. 1-11).
+
+    c_Q = q_a_layernorm(q_a_proj(h))                    (or q = q_proj(h) when q_lora_rank is None)
+    [q_nope; q_pe] = q_b_proj(c_Q)                      per head: qk_nope_head_dim + qk_rope_head_dim
+    [c_KV; k_pe] = kv_a_proj_with_mqa(h)                c_KV is the kv_lora_rank latent, k_pe one shared head
+    c_KV = kv_a_layernorm(c_KV);  [k_nope; v] = kv_b_proj(c_KV)
+    o = softmax((q_nope.k_nope + rope(q_pe).rope(k_pe)) * scale) v;   out = o_proj(o)
+
+Training and prefill use this expanded form (one SDPA call). Decoding with a cache of only
+(c_KV, rope(k_pe)) uses the absorbed form (kv_b_proj folded into the query and the output), in the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.n_heads = c.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = c.q_lora_rank, c.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+        )
+        self.qk_head_dim = c.qk_head_dim
+        self.softmax_scale = c.softmax_scale
+        bias = c.attention_bias
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * c.v_head_dim, c.hidden_size, bias=bias)
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_nope [B, T, H, d_nope] and roped q_pe [B, T, H, d_R]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, self.n_heads, self.qk_head_dim).split(
+            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1
+        )
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the KV cache stores: normalised c_KV [B, T, d_c] and roped k_pe [B, T, d_R]."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over x [B, T, d]; cos/sin [T, 1, d_R/2] (or [B, T, 1, d_R/2])."""
+        B, T, _ = x.shape
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)  # [B, T, H, d_qk]
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, T, self.n_heads, self.qk_rope_head_dim)), dim=-1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+        )  # [B, H, T, d_v]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))

@@ -1,0 +1,141 @@
+"""DeepSeekMoE (V3 report, sec. 2.1.2): shared experts + fine-grained routed experts.
+
+    s = sigmoid(u W_g)  (softmax for V2);   selection uses s + b (b = e_score_correction_bias, not learned)
+    groups: keep topk_group of n_group groups by the sum of each group's top-2 (max for V2's group_limited_greedy)
+    g = s[top-k] / sum (if norm_topk_prob) * routed_scaling_factor  -- weights from the *unbiased* scores
+    y = shared(u) + sum_k g_k expert_k(u)
+
+Routed experts run as one grouped GEMM over tokens sorted by expert. The bias is balanced without an
+auxiliary loss (eq. 16): after each step b += gamma * sign(mean_load - load); `last_load` holds the counts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router: top-k expert indices and their weights per token."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.top_k, self.n_experts = c.num_experts_per_tok, c.n_routed_experts
+        self.n_group, self.topk_group = c.n_group, c.topk_group
+        self.scoring_func, self.topk_method = c.scoring_func, c.topk_method
+        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
+        # fp32 always: a low-precision bias changes which experts are chosen
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32), persistent=True
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, d] -> (weights [N, K] fp32, indices [N, K], scores [N, E] fp32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            # -inf (not 0): a biased score can be negative and must still lose to every kept expert
+            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(-1, self.n_experts)
+        indices = choice.detach().topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, indices, scores
+
+
+class Experts(nn.Module):
+    """All routed experts' SwiGLU weights stacked: w13 [E, d, 2I] (gate | up), w2 [E, I, d]."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.inter_dim = inter_dim
+        self.w13 = nn.Parameter(torch.empty(n_experts, dim, 2 * inter_dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x_sorted [M, d], rows grouped by expert with `counts` [E] rows each -> [M, d]."""
+        if _HAS_GROUPED_MM and x_sorted.dtype in (torch.float32, torch.bfloat16):
+            offs = counts.cumsum(0).to(torch.int32)
+            h = F.grouped_mm(x_sorted, self.w13, offs=offs)
+            gate, up = h.split(self.inter_dim, dim=-1)
+            return F.grouped_mm(F.silu(gate) * up, self.w2, offs=offs)
+        out, start = [], 0  # fallback for torch < 2.9 or other dtypes: one GEMM per expert
+        for e, n in enumerate(counts.tolist()):
+            gate, up = (x_sorted[start : start + n] @ self.w13[e]).split(self.inter_dim, dim=-1)
+            out.append((F.silu(gate) * up) @ self.w2[e])
+            start += n
+        return torch.cat(out)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.top_k, self.n_experts = c.num_experts_per_tok, c.n_routed_experts
+        self.aux_loss_alpha = c.aux_loss_alpha
+        self.gate = Gate(c)
+        self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(c.hidden_size, c.n_shared_experts * c.moe_intermediate_size) if c.n_shared_experts else None
+        )
+        self.last_load: torch.Tensor | None = None  # tokens per expert in the last forward [E]
+        self.aux_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last training forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        flat = x.reshape(-1, d)
+        weights, indices, scores = self.gate(flat)  # [N, K]
+        expert_of = indices.flatten()  # [N*K]
+        order = expert_of.argsort(stable=True)
+        counts = torch.bincount(expert_of, minlength=self.n_experts)
+        self.last_load = counts.detach()
+        y_sorted = self.experts(flat[order // self.top_k], counts)  # [N*K, d], grouped by expert
+        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to (token, k) order
+        y = torch.bmm(weights.to(x.dtype).unsqueeze(1), y.view(-1, self.top_k, d)).view(B, T, d)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if self.training and self.aux_loss_alpha > 0:
+            self.aux_loss = self.sequence_aux_loss(scores.view(B, T, -1), indices.view(B, T, -1))
+        return y
+
+    def sequence_aux_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch."""
+        B, T, E = scores.shape
+        selected = torch.zeros(B, T, E, device=scores.device).scatter_(2, indices, 1.0)
+        f = selected.sum(1) * (E / (self.top_k * T))  # [B, E]
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # [B, E]
+        return self.aux_loss_alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, gamma: float) -> None:
+        """Auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
+        load = load.float()
+        self.gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)

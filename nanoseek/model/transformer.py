@@ -1,0 +1,174 @@
+"""The DeepSeek-V3 decoder: embedding -> num_hidden_layers Blocks -> RMSNorm -> lm_head, plus MTP modules.
+
+Module names follow the HF checkpoint (`embed_tokens`, `layers.N.self_attn.kv_b_proj`, `norm`, `lm_head`), so
+`checkpoint.py` only has to prefix `model.`, restack routed experts and move MTP modules to index N+k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.block import Block
+from nanoseek.model.moe import Experts, MoE
+from nanoseek.model.mtp import MTPModule
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import rope_cos_sin, rope_frequencies
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Losses:
+    """Separate loss terms; `total(mtp_weight)` = main + lambda * mtp + aux (V3 report eq. 25 and 20)."""
+
+    main: torch.Tensor
+    mtp: torch.Tensor  # mean over MTP depths of their cross-entropy (0 without MTP)
+    aux: torch.Tensor  # sum over MoE layers of the alpha-weighted sequence-wise balance loss (0 when off)
+
+    def total(self, mtp_weight: float = 0.3) -> torch.Tensor:
+        return self.main + mtp_weight * self.mtp + self.aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList([Block(c, i) for i in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList([MTPModule(c, c.num_hidden_layers + k) for k in range(c.num_nextn_predict_layers)])
+        # fp32 tensor, not a buffer: model.to(bfloat16) must not round the rotary frequencies
+        self.inv_freq, self.rope_attention_factor = rope_frequencies(c)
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) weights; output projections scaled by 1/sqrt(2 * layers) (GPT-2)."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * (self.config.num_hidden_layers + self.config.num_nextn_predict_layers))
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.w13, 0.0, std)
+                nn.init.normal_(module.w2, 0.0, out_std)
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.gate.weight, 0.0, std)
+                module.gate.e_score_correction_bias.zero_()
+
+    # --------------------------------------------------------------- forward
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin shaped to broadcast over heads: [..., T, 1, d_R/2]."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        cos, sin = rope_cos_sin(self.inv_freq, self.rope_attention_factor, positions, dtype)
+        return cos.unsqueeze(-2), sin.unsqueeze(-2)
+
+    def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Final-normed hidden states [B, T, d] and the rope tables used."""
+        self._check_input(input_ids)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x), (cos, sin)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T] (causal; position t sees tokens 0..t)."""
+        h, _ = self.hidden(input_ids)
+        return self.lm_head(h)
+
+    def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> Losses:
+        """Next-token loss, MTP loss and balance loss. targets[b, t] = input_ids[b, t+1] (IGNORE_INDEX to skip).
+
+        MTP depth k at position i sees Emb(t_{i+k}) = Emb(targets[i+k-1]) and predicts targets[i+k].
+        """
+        h, (cos, sin) = self.hidden(input_ids)
+        V = self.config.vocab_size
+        main = F.cross_entropy(self.lm_head(h).view(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        mtp_losses = []
+        tokens, labels = targets, targets
+        for module in self.mtp:
+            labels = _shift_left(labels, IGNORE_INDEX)  # depth k predicts targets[i + k]
+            h, h_normed = module(h, self.embed_tokens(tokens.clamp(min=0)), cos, sin)
+            logits = self.lm_head(h_normed)
+            mtp_losses.append(F.cross_entropy(logits.view(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX))
+            tokens = _shift_left(tokens, 0)
+        zero = main.new_zeros(())
+        mtp = torch.stack(mtp_losses).mean() if mtp_losses else zero
+        aux_terms = [m.aux_loss for m in self.moe_layers() if self.training and m.aux_loss is not None]
+        aux = torch.stack(aux_terms).sum() if aux_terms else zero
+        return Losses(main=main, mtp=mtp, aux=aux)
+
+    def _check_input(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}"
+            )
+        T = input_ids.shape[1]
+        if T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}; "
+                "truncate the input or raise max_position_embeddings (with YaRN rope_scaling for long context)"
+            )
+        if input_ids.numel() and not input_ids.is_meta:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"token id {hi if hi >= self.config.vocab_size else lo} is outside the vocabulary "
+                    f"[0, {self.config.vocab_size}); the tokenizer does not match this model"
+                )
+
+    # ------------------------------------------------------------ MoE state
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE module, main layers first then MTP blocks (the order of `expert_loads`)."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def expert_loads(self) -> torch.Tensor:
+        """Tokens routed to each expert in the last forward: [n_moe_layers, n_routed_experts]."""
+        loads = [m.last_load for m in self.moe_layers() if m.last_load is not None]
+        if not loads:
+            return torch.zeros(0, self.config.n_routed_experts)
+        return torch.stack(loads)
+
+    @torch.no_grad()
+    def update_expert_bias(self, loads: torch.Tensor, gamma: float) -> None:
+        """Aux-loss-free balancing step for every MoE layer, from loads [n_moe_layers, E]."""
+        for m, load in zip(self.moe_layers(), loads):
+            m.update_bias(load, gamma)
+
+    # --------------------------------------------------------------- sizing
+    def num_parameters(self, activated: bool = False, include_mtp: bool = False) -> int:
+        """Parameter count; `activated` counts only num_experts_per_tok routed experts per MoE layer."""
+        total = 0
+        seen: set[int] = set()
+        for name, p in self.named_parameters():
+            if id(p) in seen or (not include_mtp and name.startswith("mtp.")):
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            if activated and ".experts." in name:
+                n = n * self.config.num_experts_per_tok // self.config.n_routed_experts
+            total += n
+        return total
+
+
+def _shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:
+    """x[:, 1:] followed by `fill` in the last column."""
+    return torch.cat((x[:, 1:], x.new_full((x.shape[0], 1), fill)), dim=1)

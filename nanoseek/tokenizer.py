@@ -1,0 +1,329 @@
+"""Byte-level BPE tokenizer with DeepSeek-V3 special tokens, split rules and an R1-style chat template.
+
+A tokenizer is a plain Hugging Face `tokenizer.json` + `tokenizer_config.json` pair, so our saved
+directories load in `transformers.AutoTokenizer` and DeepSeek checkpoints' tokenizers load here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+# Order fixes the ids: BOS=0, EOS=1, pad=2 as in DeepSeek-V3 and our ModelConfig defaults.
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END]
+
+# DeepSeek-V3's tokenizer.json split rules (llama.cpp: `deepseek-v3` pre-tokenizer).
+DEEPSEEK_V3_SPLITS = [
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+]
+
+# R1-style template. System text goes right after BOS with no role tag; each assistant turn ends
+# with EOS. As in R1, the reasoning of *earlier* assistant turns is dropped (history is answers
+# only); the last assistant message is kept whole so SFT targets keep their `<think>` trace.
+# The generation prompt is plain `<｜Assistant｜>` (not R1's `<｜Assistant｜><think>\n`): our SFT
+# targets start with `<think>`, so the model opens the think block itself.
+CHAT_TEMPLATE = (
+    "{% set system = messages | selectattr('role', 'equalto', 'system')"
+    " | map(attribute='content') | join('\\n\\n') %}"
+    "{{ bos_token }}{{ system }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}"
+    "{% set content = m['content'] %}"
+    "{% if not loop.last and '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
+    "{% elif m['role'] != 'system' %}{{ raise_exception('unknown role: ' + m['role']) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+DEFAULT_VOCAB_SIZE = 4096
+
+
+def _deepseek_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in DEEPSEEK_V3_SPLITS]
+    return pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _raise_exception(message: str) -> None:
+    raise ValueError(f"chat template: {message}")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte -> printable character table used by ByteLevel, inverted (char -> byte)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def multi_digit_tokens(tokenizer: Tokenizer) -> list[str]:
+    """Vocabulary entries (not special tokens) whose text holds two or more numeric characters."""
+    byte_of = _byte_level_chars()
+    out = []
+    for token in tokenizer._tk.get_vocab(with_added_tokens=False):
+        if any(c not in byte_of for c in token):  # special tokens kept as plain text
+            continue
+        text = bytes(byte_of[c] for c in token).decode("utf-8", errors="replace")
+        if sum(unicodedata.category(ch).startswith("N") for ch in text) >= 2:
+            out.append(token)
+    return out
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus its config (special tokens, chat template)."""
+
+    def __init__(self, tk: HFTokenizer, config: dict | None = None):
+        self._tk = tk
+        self.config = dict(config or {})
+        self.chat_template: str = self.config.get("chat_template") or CHAT_TEMPLATE
+        self.bos_token = self._token_name("bos_token", BOS)
+        self.eos_token = self._token_name("eos_token", EOS)
+        self.pad_token = self._token_name("pad_token", PAD)
+        self.bos_id = self._require_id(self.bos_token)
+        self.eos_id = self._require_id(self.eos_token)
+        pad_id = tk.token_to_id(self.pad_token)
+        self.pad_id: int = self.eos_id if pad_id is None else pad_id  # DeepSeek configs pad with EOS
+        # Absent (None) in tokenizers that predate R1, e.g. the very first DeepSeek-V3 release.
+        self.user_id: int | None = tk.token_to_id(USER)
+        self.assistant_id: int | None = tk.token_to_id(ASSISTANT)
+        self.think_start_id: int | None = tk.token_to_id(THINK_START)
+        self.think_end_id: int | None = tk.token_to_id(THINK_END)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        self._template = env.from_string(self.chat_template)
+
+    def _token_name(self, key: str, default: str) -> str:
+        value = self.config.get(key) or default
+        return value["content"] if isinstance(value, dict) else value  # HF writes AddedToken dicts
+
+    def _require_id(self, token: str) -> int:
+        i = self._tk.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer has no token {token!r}: set bos_token/eos_token in tokenizer_config.json")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """Load a directory holding tokenizer.json (+ tokenizer_config.json), or a tokenizer.json file."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer at {file}: pass a directory with tokenizer.json or the file itself "
+                "(train one with `nanoseek tokenizer train --out DIR --builtin`)"
+            )
+        try:
+            tk = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise ValueError(f"{file} is not a valid tokenizer.json ({e})") from e
+        config = {}
+        config_file = file.parent / "tokenizer_config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        template_file = file.parent / "chat_template.jinja"  # newer transformers save it separately
+        if not config.get("chat_template") and template_file.is_file():
+            config["chat_template"] = template_file.read_text(encoding="utf-8")
+        if isinstance(config.get("chat_template"), list):  # [{"name": ..., "template": ...}] form
+            named = {t["name"]: t["template"] for t in config["chat_template"]}
+            config["chat_template"] = named.get("default", next(iter(named.values()), None))
+        return cls(tk, config)
+
+    def tokenizer_config(self) -> dict:
+        """tokenizer_config.json contents: what AutoTokenizer needs to load and chat with us."""
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 131072,
+        }
+        config.update({k: v for k, v in self.config.items() if k not in ("chat_template",)})
+        config["chat_template"] = self.chat_template
+        return config
+
+    def to_json(self) -> str:
+        return self._tk.to_str(pretty=True)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json into out_dir (each atomically)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(out / "tokenizer.json", self.to_json())
+        _atomic_write_text(
+            out / "tokenizer_config.json", json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False)
+        )
+
+    def hash(self) -> str:
+        """sha256 of the tokenizer.json we write: changes whenever vocab, merges or rules change."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self._tk.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        """Encode many texts at once; the Rust backend spreads them over all cores."""
+        head, tail = ([self.bos_id] if bos else []), ([self.eos_id] if eos else [])
+        return [head + e.ids + tail for e in self._tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tk.id_to_token(i)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """Render messages ({"role": "system"|"user"|"assistant", "content": str}) as one string."""
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        # The template emits BOS itself, so no extra special tokens here.
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
+    """Train a byte-level BPE with DeepSeek-V3 split rules and single-digit number tokens.
+
+    The vocabulary may come out smaller than vocab_size when the corpus has fewer useful merges.
+    """
+    min_size = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < min_size:
+        raise ValueError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {min_size}")
+    tk = HFTokenizer(models.BPE())
+    # Training splits every digit apart, so BPE never learns a merge between two digits. At use
+    # time we keep DeepSeek's `\p{N}{1,3}` split: a 1-3 digit group can then only be spelled one
+    # digit per token, which is exactly what the digit split gives, so both rule sets tokenize
+    # identically and tokenizer.json stays DeepSeek-V3 compatible (llama.cpp `deepseek-v3`).
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), _deepseek_pre_tokenizer()]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer=trainer)
+    tk.pre_tokenizer = _deepseek_pre_tokenizer()
+    tk.decoder = decoders.ByteLevel()
+    # Plain `tokenizer(text)` in transformers adds BOS, as DeepSeek's add_bos_token=true does.
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)]
+    )
+    tokenizer = Tokenizer(tk)
+    bad = multi_digit_tokens(tokenizer)
+    if bad:  # guards the compatibility argument above
+        raise RuntimeError(f"tokenizer learned multi-digit tokens {bad[:5]}")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _input_texts(paths: list[str]) -> Iterable[str]:
+    from nanoseek.data.shards import iter_documents  # lazy: data imports the tokenizer
+
+    for doc, _ in iter_documents(paths):
+        yield doc if isinstance(doc, str) else "\n".join(m["content"] for m in doc)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    if not args.input and not args.builtin:
+        raise ValueError("nothing to train on: pass --input PATH... and/or --builtin")
+    texts: list[Iterable[str]] = []
+    if args.input:
+        texts.append(_input_texts(args.input))
+    if args.builtin:
+        from nanoseek.data.tasks import builtin_corpus
+
+        texts.append(builtin_corpus(n=args.n, seed=args.seed))
+    tok = train_tokenizer((t for it in texts for t in it), args.vocab_size)
+    tok.save(args.out)
+    print(f"saved tokenizer ({tok.vocab_size} tokens, hash {tok.hash()[:12]}) to {args.out}")
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    tok = Tokenizer.from_pretrained(args.path)
+    print(f"vocab size: {tok.vocab_size}")
+    print(f"hash: {tok.hash()}")
+    for name in ("bos", "eos", "pad", "user", "assistant", "think_start", "think_end"):
+        i = getattr(tok, f"{name}_id")
+        print(f"{name:12s} {i!s:>7}  {tok.id_to_token(i) if i is not None else '-'}")
+    messages = [{"role": "user", "content": args.sample}]
+    ids = tok.encode_chat(messages, add_generation_prompt=True)
+    print(f"sample: {tok.apply_chat_template(messages, add_generation_prompt=True)!r}")
+    print(f"ids ({len(ids)}): {ids}")
+    print(f"tokens: {[tok.decode([i]) for i in ids]}")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("tokenizer", help="train or inspect a byte-level BPE tokenizer")
+    sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    t = sub.add_parser("train", help="train a tokenizer and save tokenizer.json + tokenizer_config.json")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--input", nargs="*", default=[], help=".txt / .jsonl files or directories")
+    t.add_argument("--builtin", action="store_true", help="also train on the built-in task corpus")
+    t.add_argument("--n", type=int, default=20000, help="built-in problems per task")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+    t.set_defaults(func=_cmd_train)
+    i = sub.add_parser("info", help="print vocab size, special tokens and a sample encoding")
+    i.add_argument("path", help="tokenizer directory or tokenizer.json")
+    i.add_argument("--sample", default="What is 8+79*9-66? 你好, world!")
+    i.set_defaults(func=_cmd_info)
