@@ -111,7 +111,7 @@ def save_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        _write_model_files(model, tmp, max_shard_bytes, dtype)
+        write_model_files(model, tmp, max_shard_bytes, dtype)
         if tokenizer is not None:
             tokenizer.save(tmp)
         replace_dir(tmp, out)
@@ -132,7 +132,11 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-def _write_model_files(model: Transformer, out: Path, max_shard_bytes: int, dtype: torch.dtype | None) -> None:
+def write_model_files(
+    model: Transformer, out: Path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None
+) -> None:
+    """Write config.json, generation_config.json and safetensors into an existing directory (not atomic:
+    callers write into a temp dir and `replace_dir` it into place, as save_model does)."""
     c = model.config
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

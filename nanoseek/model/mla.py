@@ -70,7 +70,10 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)  # [B, T, H, d_qk]
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, T, self.n_heads, self.qk_rope_head_dim)), dim=-1)
+        if self.v_head_dim < self.qk_head_dim:  # fused (flash) SDPA kernels want one head dim: pad v, slice o
+            v = F.pad(v, (0, self.qk_head_dim - self.v_head_dim))
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
-        )  # [B, H, T, d_v]
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))
+        )  # [B, H, T, d_qk or d_v]
+        o = o[..., : self.v_head_dim].transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim)
+        return self.o_proj(o)

@@ -117,9 +117,9 @@ class MoE(nn.Module):
         order = expert_of.argsort(stable=True)
         counts = torch.bincount(expert_of, minlength=self.n_experts)
         self.last_load = counts.detach()
-        y_sorted = self.experts(flat[order // self.top_k], counts)  # [N*K, d], grouped by expert
+        y_sorted = self.experts(flat.index_select(0, order // self.top_k), counts)  # [N*K, d] by expert
         y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to (token, k) order
-        y = torch.bmm(weights.to(x.dtype).unsqueeze(1), y.view(-1, self.top_k, d)).view(B, T, d)
+        y = (y.view(-1, self.top_k, d) * weights.to(x.dtype).unsqueeze(-1)).sum(1).view(B, T, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if self.training and self.aux_loss_alpha > 0:
