@@ -23,3 +23,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cached(self, x, cos, sin, kv_cache, slots, start) -> torch.Tensor:
+        """As forward, attending through this layer's latent cache (see MLA.forward_cached)."""
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, kv_cache, slots, start)
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -6,8 +6,9 @@
     c_KV = kv_a_layernorm(c_KV);  [k_nope; v] = kv_b_proj(c_KV)
     o = softmax((q_nope.k_nope + rope(q_pe).rope(k_pe)) * scale) v;   out = o_proj(o)
 
-Training and prefill use this expanded form (one SDPA call). Decoding with a cache of only
-(c_KV, rope(k_pe)) uses the absorbed form (kv_b_proj folded into the query and the output), in the engine.
+Training uses this expanded form (one SDPA call). With a cache, `forward_cached` stores only
+[c_KV | rope(k_pe)] per token and, for decoding, uses the absorbed form: kv_b_proj's key half is folded
+into the query and its value half into the output, so attention runs over the latents directly.
 """
 
 from __future__ import annotations
@@ -77,3 +78,50 @@ class MLA(nn.Module):
         )  # [B, H, T, d_qk or d_v]
         o = o[..., : self.v_head_dim].transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim)
         return self.o_proj(o)
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slots: torch.Tensor,
+        start: torch.Tensor,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
+        """Attention for new tokens x [N, T, d] of N sequences stored in rows `slots` of this layer's cache.
+
+        kv_cache [n_slots, max_len, d_c + d_R] holds [c_KV | rope(k_pe)] per position; row n's new tokens sit
+        at positions start[n] .. start[n] + T - 1 and are written before attending (causally) to the prefix.
+        absorb (default: T <= 4) picks the absorbed form, cheaper when few queries read a long prefix.
+        """
+        N, T, _ = x.shape
+        q_nope, q_pe = self.query(x, cos, sin)  # [N, T, H, *]
+        c_kv, k_pe = self.latent(x, cos, sin)
+        pos = start.unsqueeze(1) + torch.arange(T, device=x.device)  # [N, T]
+        kv_cache[slots.unsqueeze(1), pos] = torch.cat((c_kv, k_pe), dim=-1).to(kv_cache.dtype)
+        S = int(start.max()) + T
+        kv = kv_cache[slots, :S].to(x.dtype)  # [N, S, d_c + d_R]
+        visible = torch.arange(S, device=x.device) <= pos.unsqueeze(-1)  # [N, T, S]
+        H, dn, dv, dc = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
+        if absorb if absorb is not None else T <= 4:
+            w = self.kv_b_proj.weight.view(H, dn + dv, dc)
+            q_lat = q_nope.transpose(1, 2) @ w[:, :dn]  # [N, H, T, d_c]: W_UK folded into the query
+            q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1)
+            scores = (q @ kv.unsqueeze(1).mT) * self.softmax_scale  # [N, H, T, S]
+            scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+            p = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+            o = (p @ kv[..., :dc].unsqueeze(1)) @ w[:, dn:].mT  # [N, H, T, d_v]: W_UV folded into the output
+        else:
+            k_nope, v = self.kv_b_proj(kv[..., :dc]).view(N, S, H, dn + dv).split([dn, dv], dim=-1)
+            k_pe_all = kv[..., dc:].unsqueeze(2).expand(N, S, H, self.qk_rope_head_dim)
+            k = torch.cat((k_nope, k_pe_all), dim=-1)
+            q = torch.cat((q_nope, q_pe), dim=-1)
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=visible.unsqueeze(1),
+                scale=self.softmax_scale,
+            )  # [N, H, T, d_v]
+        return self.o_proj(o.transpose(1, 2).reshape(N, T, H * dv))

@@ -38,6 +38,13 @@ class MTPModule(nn.Module):
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """h_prev [B, T, d], emb_next = Emb(t_{i+k}) [B, T, d] -> (h^k, normed h^k for the shared head)."""
-        h = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
-        h = self.block(h, cos, sin)
+        h = self.block(self.combine(h_prev, emb_next), cos, sin)
+        return h, self.shared_head.norm(h)
+
+    def combine(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
+        return self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
+
+    def forward_cached(self, h_prev, emb_next, cos, sin, kv_cache, slots, start):
+        """As forward, with this module's attention reading/writing its latent cache."""
+        h = self.block.forward_cached(self.combine(h_prev, emb_next), cos, sin, kv_cache, slots, start)
         return h, self.shared_head.norm(h)

@@ -94,6 +94,26 @@ class Transformer(nn.Module):
         h, _ = self.hidden(input_ids)
         return self.lm_head(h)
 
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slots: torch.Tensor,
+        start: torch.Tensor,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Incremental forward: new tokens [N, T] of the sequences in cache rows `slots`, starting at
+        positions `start` [N]. kv_cache [layers, n_slots, max_len, d_c + d_R] (see nanoseek.infer.cache).
+        Returns (logits [N, T or 1, V], final-normed hidden [N, T, d])."""
+        T = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)
+        positions = start.unsqueeze(1) + torch.arange(T, device=input_ids.device)
+        cos, sin = self.rope(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_cached(x, cos, sin, kv_cache[i], slots, start)
+        h = self.norm(x)
+        return self.lm_head(h[:, -1:] if last_only else h), h
+
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> Losses:
         """Next-token loss, MTP loss and balance loss. targets[b, t] = input_ids[b, t+1] (IGNORE_INDEX to skip).
 

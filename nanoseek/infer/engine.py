@@ -1,0 +1,344 @@
+"""The inference engine: continuous batching over a latent KV cache, with optional MTP self-speculation.
+
+Each `step()` admits waiting requests into free cache slots (prefill, one prompt at a time so no compute is
+spent on padding; identical prompts are prefilled once and the cache row copied), then decodes one token
+for every running sequence in a single batched forward (absorbed MLA over the cached latents).
+Finished sequences free their slot at once, so new requests join a running batch.
+
+Speculative mode (DeepSeek-V3 sec. 2.2 + Leviathan et al. 2023): the MTP module drafts token t+2 from the
+main model's hidden state; the next step verifies [t+1, draft] in one forward and accepts the draft with
+the standard rule, so greedy output is identical to plain greedy and sampled output keeps its distribution.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanoseek.infer.cache import LatentCache
+from nanoseek.infer.sampling import Sampler, SampleOutput, SamplingParams
+from nanoseek.model import Transformer
+
+
+@dataclass
+class Completion:
+    """The result of one request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens or context full)
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass(eq=False)  # identity semantics: sequences are dict keys
+class Sequence:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str = ""
+    draft: int | None = None  # speculative: MTP's guess for the token after output_ids[-1]
+    draft_probs: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        max_batch_size: int = 16,
+        max_len: int | None = None,
+        speculative: bool = False,
+    ) -> None:
+        self.model = model.eval()
+        self.config = c = model.config
+        self.tokenizer = tokenizer
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
+        if speculative and not model.mtp:
+            raise ValueError("speculative decoding needs an MTP module: this model has num_nextn_predict_layers=0")
+        self.speculative = speculative
+        self.cache = LatentCache(c, max_batch_size, self.max_len, dtype=self.dtype, device=self.device)
+        self.mtp_cache = (
+            LatentCache(c, max_batch_size, self.max_len, n_layers=1, dtype=self.dtype, device=self.device)
+            if speculative
+            else None
+        )
+        self.sampler = Sampler(c.vocab_size, max_batch_size, self.device)
+        eos = tokenizer.eos_id if tokenizer is not None else c.eos_token_id
+        self.eos_ids = {eos} if eos is not None else set()
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}  # slot -> sequence
+        self._ids = itertools.count()
+        self.stats = {"drafted": 0, "accepted": 0, "steps": 0, "tokens": 0}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device=None, dtype=None, **kwargs) -> Engine:
+        """Load a model directory (and its tokenizer.json when present)."""
+        from nanoseek.checkpoint import load_model
+        from nanoseek.tokenizer import Tokenizer
+
+        model = load_model(path, device=device, dtype=dtype)
+        tok = Tokenizer.from_pretrained(path) if (Path(path) / "tokenizer.json").exists() else None
+        return cls(model, tok, **kwargs)
+
+    # ------------------------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+        """Queue a prompt (text, or token ids) and return its sequence id."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or load a model dir with one")
+            ids = self.tokenizer.encode(prompt, bos=True)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        room = self.max_len - 1 - (1 if self.speculative else 0)
+        if len(ids) > room:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the context holds {self.max_len} (room for {room} prompt "
+                "tokens and at least one new one); shorten the prompt or load with a larger max_len"
+            )
+        seq = Sequence(next(self._ids), ids, params)
+        self.waiting.append(seq)
+        return seq.id
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---------------------------------------------------------------------------------------- step
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, list[int]]]:
+        """Admit, prefill and decode once. Returns (sequence, newly generated token ids) for each sequence
+        that advanced; `sequence.done` tells whether it finished (its slot is already free)."""
+        events: dict[int, tuple[Sequence, list[int]]] = {}
+        new = self._admit()
+        decoding = [s for s in self.running.values() if s not in new]
+        if decoding:
+            step = self._decode_speculative if self.speculative else self._decode
+            for seq, toks in step(decoding):
+                events[seq.id] = (seq, toks)
+        for seq, toks in new.items():
+            events[seq.id] = (seq, toks)
+        for seq, _ in events.values():
+            if seq.done:
+                self._free(seq)
+        self.stats["steps"] += 1
+        return list(events.values())
+
+    def _admit(self) -> dict[Sequence, list[int]]:
+        """Prefill waiting sequences into free slots and sample their first token."""
+        new: dict[Sequence, list[int]] = {}
+        prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor, torch.Tensor]] = {}
+        while self.waiting and self.cache.n_free:
+            seq = self.waiting.popleft()
+            seq.slot = self.cache.allocate()
+            self.running[seq.slot] = seq
+            self.sampler.add(seq.slot, seq.params, seq.prompt_ids)
+            key = tuple(seq.prompt_ids)
+            slot_t = torch.tensor([seq.slot], device=self.device)
+            if key in prefilled:  # same prompt (e.g. G samples in GRPO): share the prefill
+                src, logits, hidden = prefilled[key]
+                self.cache.copy_slot(src, seq.slot)
+            else:
+                ids = torch.tensor([seq.prompt_ids], device=self.device)
+                logits, hidden = self.model.forward_cached(
+                    ids, self.cache.kv, slot_t, torch.zeros(1, dtype=torch.long, device=self.device), last_only=True
+                )
+                self.cache.lengths[seq.slot] = len(seq.prompt_ids)
+                prefilled[key] = (seq.slot, logits, hidden)
+            out = self.sampler.sample(slot_t, logits[:, -1], return_probs=False)
+            new[seq] = self._append(seq, out, 0)
+            if self.speculative and not seq.done:
+                self._draft(seq, hidden)
+        return new
+
+    def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        start = torch.tensor([self.cache.lengths[s.slot] for s in seqs], device=self.device)
+        tokens = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+        logits, _ = self.model.forward_cached(tokens, self.cache.kv, slots, start)
+        for s in seqs:
+            self.cache.lengths[s.slot] += 1
+        out = self.sampler.sample(slots, logits[:, -1])
+        return [(s, self._append(s, out, i)) for i, s in enumerate(seqs)]
+
+    # --------------------------------------------------------------------------------- speculative
+    def _draft(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """MTP prefill over the prompt (inputs h_i and token i+1) and a draft for the token after the first."""
+        P = len(seq.prompt_ids)
+        nxt = torch.tensor([seq.prompt_ids[1:] + [seq.output_ids[-1]]], device=self.device)
+        h = hidden if hidden.shape[1] == P else None
+        if h is None:  # prefill kept only the last position: recompute the prompt's hidden states once
+            h = self.model.hidden(torch.tensor([seq.prompt_ids], device=self.device))[0]
+        slot_t = torch.tensor([seq.slot], device=self.device)
+        logits = self._mtp(h, nxt, slot_t, torch.zeros(1, dtype=torch.long, device=self.device))
+        self.mtp_cache.lengths[seq.slot] = P
+        d = self.sampler.sample(slot_t, logits[:, -1], return_probs=True)
+        seq.draft, seq.draft_probs = int(d.tokens[0]), d.probs[0]
+
+    def _mtp(self, h: torch.Tensor, next_tokens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor):
+        module = self.model.mtp[0]
+        positions = start.unsqueeze(1) + torch.arange(h.shape[1], device=self.device)
+        cos, sin = self.model.rope(positions, h.dtype)
+        emb = self.model.embed_tokens(next_tokens)
+        _, h_normed = module.forward_cached(h, emb, cos, sin, self.mtp_cache.kv[0], slots, start)
+        return self.model.lm_head(h_normed)
+
+    def _decode_speculative(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """Verify [last token, draft] for every sequence in one forward; accept, extend, redraft."""
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        start = torch.tensor([self.cache.lengths[s.slot] for s in seqs], device=self.device)
+        drafts = torch.tensor([s.draft for s in seqs], device=self.device)
+        tokens = torch.stack((torch.tensor([s.output_ids[-1] for s in seqs], device=self.device), drafts), 1)
+        logits, hidden = self.model.forward_cached(tokens, self.cache.kv, slots, start)  # [N, 2, V]
+        q = torch.stack([s.draft_probs for s in seqs])
+        accepted, out0 = self.sampler.verify(slots, drafts, q, logits[:, 0])
+        results = []
+        emitted = [self._append(s, out0, i) for i, s in enumerate(seqs)]
+        acc = accepted.tolist()
+        # second token for rows whose draft was accepted (the sampler must see the first for penalties)
+        rows = [i for i, s in enumerate(seqs) if acc[i] and not s.done]
+        if rows:
+            idx = torch.tensor(rows, device=self.device)
+            out1 = self.sampler.sample(slots[idx], logits[idx, 1])
+            for j, i in enumerate(rows):
+                emitted[i] += self._append(seqs[i], out1, j)
+        self.stats["drafted"] += len(seqs)
+        self.stats["accepted"] += sum(acc)
+        for i, s in enumerate(seqs):
+            self.cache.lengths[s.slot] += 2 if acc[i] else 1
+        # MTP: positions start and start+1 take (h, token after it); rows that rejected use only the first
+        live = [i for i, s in enumerate(seqs) if not s.done]
+        if live:
+            idx = torch.tensor(live, device=self.device)
+            nxt = []
+            for i in live:
+                s = seqs[i]
+                tok1 = s.output_ids[-2] if acc[i] and len(emitted[i]) == 2 else s.output_ids[-1]
+                tok2 = s.output_ids[-1]
+                nxt.append([tok1, tok2])
+            mtp_logits = self._mtp(hidden[idx], torch.tensor(nxt, device=self.device), slots[idx], start[idx])
+            pick = torch.tensor([1 if acc[i] else 0 for i in live], device=self.device)
+            last = mtp_logits[torch.arange(len(live), device=self.device), pick]
+            d = self.sampler.sample(slots[idx], last, return_probs=True)
+            for j, i in enumerate(live):
+                s = seqs[i]
+                self.mtp_cache.lengths[s.slot] = self.cache.lengths[s.slot]
+                s.draft, s.draft_probs = int(d.tokens[j]), d.probs[j]
+        for i, s in enumerate(seqs):
+            results.append((s, emitted[i]))
+        return results
+
+    # ----------------------------------------------------------------------------------- bookkeeping
+    def _append(self, seq: Sequence, out: SampleOutput, row: int) -> list[int]:
+        """Record a sampled token, apply stop rules; returns the ids that became part of the output."""
+        if seq.done:
+            return []
+        token = int(out.tokens[row])
+        self.sampler.observe(torch.tensor([seq.slot]), torch.tensor([token]))
+        self.stats["tokens"] += 1
+        if token in self.eos_ids:
+            seq.finish_reason = "stop"
+            return []
+        seq.output_ids.append(token)
+        if out.logprobs is not None:
+            seq.logprobs.append(float(out.logprobs[row]))
+            n = seq.params.top_logprobs
+            if n and out.top_ids is not None:
+                ids, lps = out.top_ids[row, :n].tolist(), out.top_logprobs[row, :n].tolist()
+                seq.top_logprobs.append(dict(zip(ids, lps)))
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids)
+            for stop in seq.params.stop:
+                cut = seq.text.find(stop)
+                if cut >= 0:
+                    seq.text = seq.text[:cut]
+                    seq.finish_reason = "stop"
+                    return [token]
+        limit = self.max_len - (2 if self.speculative else 1)
+        if len(seq.output_ids) >= seq.params.max_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= limit:
+            seq.finish_reason = "length"
+        return [token]
+
+    def _free(self, seq: Sequence) -> None:
+        if self.running.pop(seq.slot, None) is not None:
+            self.cache.release(seq.slot)
+            if self.mtp_cache is not None:
+                self.mtp_cache.release(seq.slot)
+            self.sampler.remove(seq.slot)
+
+    def _completion(self, seq: Sequence) -> Completion:
+        want = seq.params.wants_logprobs
+        return Completion(
+            text=seq.text,
+            token_ids=list(seq.output_ids),
+            finish_reason=seq.finish_reason or "length",
+            prompt_tokens=len(seq.prompt_ids),
+            logprobs=seq.logprobs if want else None,
+            top_logprobs=seq.top_logprobs if seq.params.top_logprobs else None,
+        )
+
+    # ---------------------------------------------------------------------------------- public API
+    def generate(
+        self,
+        prompts: str | list[int] | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        **kwargs,
+    ) -> list[Completion]:
+        """Complete every prompt (batched, continuous). Keyword arguments build SamplingParams
+        (max_tokens, temperature, top_p, top_k, min_p, seed, stop, logprobs, ...)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if params is None:
+            params = SamplingParams(**kwargs)
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        done: dict[int, Sequence] = {}
+        while len(done) < len(ids):
+            for seq, _ in self.step():
+                if seq.done:
+                    done[seq.id] = seq
+        return [self._completion(done[i]) for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None, **kwargs) -> Iterator[str]:
+        """Yield the completion's text as it grows (needs a tokenizer); other queued requests also advance."""
+        if self.tokenizer is None:
+            raise ValueError("streaming text needs a tokenizer")
+        sid = self.add_request(prompt, params or SamplingParams(**kwargs))
+        shown = 0
+        while True:
+            events = self.step()
+            for seq, _ in events:
+                if seq.id != sid:
+                    continue
+                text = seq.text
+                if not seq.done and text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
+                    continue
+                if len(text) > shown:
+                    yield text[shown:]
+                    shown = len(text)
+                if seq.done:
+                    return
+            if not events and not self.has_work():
+                return
