@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.infer.cache import LatentCache
-from nanoseek.infer.sampling import Sampler, SampleOutput, SamplingParams
+from nanoseek.infer.sampling import SampleOutput, Sampler, SamplingParams
 from nanoseek.model import Transformer
 
 
