@@ -1,0 +1,126 @@
+"""Trainer checkpoints: `RUN/checkpoints/step_N/` = an HF model dir + tokenizer files + `trainer_state/`.
+
+A checkpoint is written into a temp dir beside the others (`.tmp-step_N-*`) and renamed into place, so a
+`step_N` dir is always complete: a run killed mid-save leaves a temp dir that is never picked and is
+removed by the next run. The model is safetensors only; `trainer_state/state.pt` (our own file, loaded
+with weights_only=True) holds the optimizer, step, elapsed time, RNG states, loader cursor and the args;
+`trainer_state/state.json` repeats the small fields for people.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanoseek.checkpoint import replace_dir, write_model_files
+from nanoseek.model import Transformer
+
+CHECKPOINTS = "checkpoints"
+STATE_DIR = "trainer_state"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete `step_N` checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / STATE_DIR / "state.pt").is_file() and (d / "config.json").is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def remove_stale_temp_dirs(run_dir: str | Path) -> list[Path]:
+    """Delete half-written checkpoint dirs left by a killed run (one trainer per run dir)."""
+    root = Path(run_dir) / CHECKPOINTS
+    stale = [d for d in root.iterdir() if d.name.startswith(_TMP_PREFIX)] if root.is_dir() else []
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and CUDA generator states, as tensors and plain containers."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    model: Transformer,
+    state: dict[str, Any],
+    tokenizer=None,
+    keep_last: int = 3,
+) -> Path:
+    """Write `checkpoints/step_{state['step']}` atomically, then keep only the newest `keep_last` (<= 0: all).
+
+    `state` must hold "step" and may hold tensors and plain containers (optimizer state_dict, RNG states,
+    loader cursor, args); `tokenizer` (optional) must have `.save(dir)`.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state['step']}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{_TMP_PREFIX}{final.name}-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint it becomes should not be
+    try:
+        write_model_files(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _write_trainer_state(tmp / STATE_DIR, state)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last > 0:
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_trainer_state(out: Path, state: dict[str, Any]) -> None:
+    out.mkdir()
+    torch.save(state, out / "state.pt")
+    readable = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool, dict)) and k != "optimizer"}
+    readable.pop("rng", None)
+    (out / "state.json").write_text(json.dumps(readable, indent=2, default=str) + "\n")
+
+
+def load_trainer_state(checkpoint_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The dict given to `save_checkpoint` (tensors on map_location)."""
+    path = Path(checkpoint_dir) / STATE_DIR / "state.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint_dir} has no {STATE_DIR}/state.pt: it is not a trainer checkpoint")
+    return torch.load(path, map_location=map_location, weights_only=True)
