@@ -98,20 +98,35 @@ class MLA(nn.Module):
         N, T, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)  # [N, T, H, *]
         c_kv, k_pe = self.latent(x, cos, sin)
-        pos = start.unsqueeze(1) + torch.arange(T, device=x.device)  # [N, T]
-        kv_cache[slots.unsqueeze(1), pos] = torch.cat((c_kv, k_pe), dim=-1).to(kv_cache.dtype)
-        S = int(start.max()) + T
-        kv = kv_cache[slots, :S].to(x.dtype)  # [N, S, d_c + d_R]
-        visible = torch.arange(S, device=x.device) <= pos.unsqueeze(-1)  # [N, T, S]
+        new = torch.cat((c_kv, k_pe), dim=-1).to(kv_cache.dtype)
+        if N == 1:  # one sequence: plain slices, and the cache row is read as a view
+            slot, s0 = int(slots[0]), int(start[0])
+            kv_cache[slot, s0 : s0 + T] = new[0]
+            S = s0 + T
+            kv = kv_cache[slot, :S].unsqueeze(0)
+        else:
+            kv_cache[slots.unsqueeze(1), start.unsqueeze(1) + torch.arange(T, device=x.device)] = new
+            S = int(start.max()) + T
+            kv = kv_cache[:, :S].index_select(0, slots)  # [N, S, d_c + d_R]
+        kv = kv.to(x.dtype)
+        # key j is visible to new token t of row n iff j <= start[n] + t
+        visible = torch.arange(S, device=x.device) <= (start.unsqueeze(1) + torch.arange(T, device=x.device)).unsqueeze(
+            -1
+        )
         H, dn, dv, dc = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
         if absorb if absorb is not None else T <= 4:
+            # k and v of every head come from the same latent (MQA over c_KV): fold heads into query rows
             w = self.kv_b_proj.weight.view(H, dn + dv, dc)
-            q_lat = q_nope.transpose(1, 2) @ w[:, :dn]  # [N, H, T, d_c]: W_UK folded into the query
-            q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1)
-            scores = (q @ kv.unsqueeze(1).mT) * self.softmax_scale  # [N, H, T, S]
-            scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
-            p = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-            o = (p @ kv[..., :dc].unsqueeze(1)) @ w[:, dn:].mT  # [N, H, T, d_v]: W_UV folded into the output
+            q_lat = torch.bmm(q_nope.reshape(N * T, H, dn).transpose(0, 1), w[:, :dn])  # [H, N*T, d_c]: W_UK
+            q_lat = q_lat.transpose(0, 1).reshape(N, T * H, dc)
+            q = torch.cat((q_lat, q_pe.reshape(N, T * H, -1)), dim=-1)  # [N, T*H, d_c + d_R]
+            scores = torch.bmm(q, kv.mT).mul_(self.softmax_scale).view(N, T, H, S)
+            if N > 1 or T > 1:
+                scores = scores.masked_fill_(~visible.unsqueeze(2), float("-inf"))
+            p = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype).view(N, T * H, S)
+            o_lat = torch.bmm(p, kv[..., :dc]).view(N * T, H, dc).transpose(0, 1)  # [H, N*T, d_c]
+            o = torch.bmm(o_lat, w[:, dn:].mT).transpose(0, 1)  # [N*T, H, d_v]: W_UV folded into the output
+            return self.o_proj(o.reshape(N, T, H * dv))
         else:
             k_nope, v = self.kv_b_proj(kv[..., :dc]).view(N, S, H, dn + dv).split([dn, dv], dim=-1)
             k_pe_all = kv[..., dc:].unsqueeze(2).expand(N, S, H, self.qk_rope_head_dim)
@@ -124,4 +139,4 @@ class MLA(nn.Module):
                 attn_mask=visible.unsqueeze(1),
                 scale=self.softmax_scale,
             )  # [N, H, T, d_v]
-        return self.o_proj(o.transpose(1, 2).reshape(N, T, H * dv))
+            return self.o_proj(o.transpose(1, 2).reshape(N, T, H * dv))

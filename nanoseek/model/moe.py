@@ -82,6 +82,18 @@ class Experts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, d], rows grouped by expert with `counts` [E] rows each -> [M, d]."""
+        if torch.compiler.is_compiling():  # grouped_mm has no fp32 meta kernel: run this part eagerly
+            return _grouped_eager(self, x_sorted, counts)
+        return self._grouped(x_sorted, counts)
+
+    def gathered(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Few tokens (decoding): gather each token's K experts' weights and batch the GEMMs. x [N, d],
+        indices [N, K] -> [N, K, d]. Costs N*K weight copies, so only for small N."""
+        h = x[:, None, None, :] @ self.w13[indices]  # [N, K, 1, 2I]
+        gate, up = h.split(self.inter_dim, dim=-1)
+        return ((F.silu(gate) * up) @ self.w2[indices]).squeeze(2)
+
+    def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if _HAS_GROUPED_MM and x_sorted.dtype in (torch.float32, torch.bfloat16):
             offs = counts.cumsum(0).to(torch.int32)
             h = F.grouped_mm(x_sorted, self.w13, offs=offs)
@@ -95,6 +107,11 @@ class Experts(nn.Module):
         return torch.cat(out)
 
 
+@torch.compiler.disable
+def _grouped_eager(experts: Experts, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return experts._grouped(x_sorted, counts)
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -106,6 +123,8 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(c.hidden_size, c.n_shared_experts * c.moe_intermediate_size) if c.n_shared_experts else None
         )
+        # decoding a few tokens: gathering their experts' weights beats sorting (weights copied N*K times)
+        self.gather_max_tokens = max(1, 2**22 // (3 * c.hidden_size * c.moe_intermediate_size * c.num_experts_per_tok))
         self.last_load: torch.Tensor | None = None  # tokens per expert in the last forward [E]
         self.aux_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last training forward
 
@@ -114,12 +133,14 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)
         weights, indices, scores = self.gate(flat)  # [N, K]
         expert_of = indices.flatten()  # [N*K]
-        order = expert_of.argsort(stable=True)
-        counts = torch.bincount(expert_of, minlength=self.n_experts)
-        self.last_load = counts.detach()
-        y_sorted = self.experts(flat.index_select(0, order // self.top_k), counts)  # [N*K, d] by expert
-        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to (token, k) order
-        y = (y.view(-1, self.top_k, d) * weights.to(x.dtype).unsqueeze(-1)).sum(1).view(B, T, d)
+        self.last_load = torch.bincount(expert_of, minlength=self.n_experts)
+        if flat.shape[0] <= self.gather_max_tokens and not torch.is_grad_enabled():
+            y = self.experts.gathered(flat, indices)  # [N, K, d]
+        else:
+            order = expert_of.argsort(stable=True)
+            y_sorted = self.experts(flat.index_select(0, order // self.top_k), self.last_load)  # grouped by expert
+            y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(-1, self.top_k, d)  # (token, k)
+        y = (y * weights.to(x.dtype).unsqueeze(-1)).sum(1).view(B, T, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if self.training and self.aux_loss_alpha > 0:

@@ -1,0 +1,184 @@
+"""Inference engine: cached decoding equals a full forward; greedy matches transformers; speculative greedy
+equals plain greedy; batching, seeds, stops and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer, save_model
+from nanoseek.infer.cache import LatentCache
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def trained() -> Transformer:
+    """A tiny model trained for a few seconds on a periodic sequence, so that its MTP head drafts well."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.from_preset("tiny"))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    pattern = torch.tensor([5, 9, 17, 3, 42, 8, 77, 21, 6])
+    for _ in range(150):
+        offs = torch.randint(0, 9, (8,))
+        ids = torch.stack([pattern.roll(-int(o)).repeat(5)[:33] for o in offs])
+        loss = m.compute_loss(ids[:, :-1], ids[:, 1:]).total(1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+def _prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def _naive_greedy(model, prompt, n):
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([ids]))[0, -1].argmax())
+            if t == model.config.eos_token_id:
+                break
+            out.append(t)
+            ids.append(t)
+    return out
+
+
+def test_cached_decoding_matches_full_forward_for_ragged_batches(model):
+    c = model.config
+    ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
+    full = model(ids)
+    cache = LatentCache(c, n_slots=5, max_len=64)
+    slots, lens = torch.tensor([4, 0, 2]), [7, 12, 3]
+    outs = [[] for _ in range(3)]
+    with torch.no_grad():
+        for n, length in enumerate(lens):  # prefill each prompt alone
+            logits, _ = model.forward_cached(ids[n : n + 1, :length], cache.kv, slots[n : n + 1], torch.tensor([0]))
+            outs[n].append(logits[0])
+        pos = torch.tensor(lens)
+        for _ in range(6):  # then decode all three together, each at its own position
+            tok = ids[torch.arange(3), pos].view(3, 1)
+            logits, _ = model.forward_cached(tok, cache.kv, slots, pos)
+            for n in range(3):
+                outs[n].append(logits[n])
+            pos = pos + 1
+        for n in range(3):
+            got = torch.cat(outs[n])
+            assert (got - full[n, : got.shape[0]]).abs().max() < 1e-4
+        # several new tokens per row at different offsets (speculative verification) and a long chunk
+        cache.kv.zero_()
+        model.forward_cached(ids[:, :5], cache.kv, slots, torch.zeros(3, dtype=torch.long))
+        logits, _ = model.forward_cached(ids[:, 5:7], cache.kv, slots, torch.full((3,), 5))
+        assert (logits - full[:, 5:7]).abs().max() < 1e-4
+        logits, _ = model.forward_cached(ids[:, 7:20], cache.kv, slots, torch.full((3,), 7))
+        assert (logits - full[:, 7:20]).abs().max() < 1e-4
+
+
+def test_cache_stores_only_the_latent():
+    c = ModelConfig.from_preset("cpu-small")
+    cache = LatentCache(c, n_slots=2, max_len=8)
+    assert cache.bytes_per_token() == (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * 4
+
+
+def test_greedy_matches_naive_recompute_and_transformers_generate(model, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    prompts = _prompts([5, 11, 3, 8])
+    got = Engine(model, max_batch_size=3).generate(prompts, max_tokens=12, temperature=0)
+    for g, p in zip(got, prompts):
+        assert g.token_ids == _naive_greedy(model, p, 12)
+    save_model(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for g, p in zip(got, prompts):
+        out = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=1, pad_token_id=1)
+        ref = out[0, len(p) :].tolist()
+        ref = ref[: ref.index(1)] if 1 in ref else ref
+        assert g.token_ids == ref
+
+
+def test_speculative_greedy_is_identical_to_plain_greedy_and_accepts_drafts(trained):
+    prompts = [[5, 9, 17, 3], [42, 8, 77], [6, 5, 9, 17, 3, 42], [21, 6, 5]] + _prompts([4, 7])
+    plain = Engine(trained, max_batch_size=4).generate(prompts, max_tokens=20, temperature=0)
+    spec_engine = Engine(trained, max_batch_size=4, speculative=True)
+    spec = spec_engine.generate(prompts, max_tokens=20, temperature=0)
+    assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
+    stats = spec_engine.stats
+    assert stats["accepted"] / stats["drafted"] > 0.5  # the MTP head learned the pattern
+    assert stats["steps"] < sum(len(p.token_ids) for p in plain)  # fewer model steps than tokens
+
+
+def test_speculative_sampling_is_seeded_and_reproducible(trained):
+    prompts = [[5, 9, 17], [42, 8, 77]]
+    e = Engine(trained, max_batch_size=2, speculative=True)
+    a = e.generate(prompts, max_tokens=15, temperature=1.0, seed=7)
+    b = e.generate(prompts, max_tokens=15, temperature=1.0, seed=7)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+
+
+def test_seeds_reproduce_regardless_of_batch(model):
+    p = _prompts([6])[0]
+    e = Engine(model, max_batch_size=4)
+    alone = e.generate([p], max_tokens=10, temperature=1.0, seed=3)[0].token_ids
+    crowd = e.generate(
+        [_prompts([4], seed=9)[0], p, _prompts([9], seed=5)[0]],
+        [SamplingParams(max_tokens=10, temperature=1.0), SamplingParams(max_tokens=10, temperature=1.0, seed=3)]
+        + [SamplingParams(max_tokens=10, temperature=0.7)],
+    )[1].token_ids
+    assert alone == crowd
+    other = e.generate([p], max_tokens=10, temperature=1.0, seed=4)[0].token_ids
+    assert other != alone
+
+
+def test_continuous_batching_serves_more_prompts_than_slots(model):
+    prompts = _prompts([3, 9, 4, 12, 5, 7, 2])
+    batched = Engine(model, max_batch_size=2).generate(prompts, max_tokens=8, temperature=0)
+    single = [Engine(model, max_batch_size=1).generate([p], max_tokens=8, temperature=0)[0] for p in prompts]
+    assert [b.token_ids for b in batched] == [s.token_ids for s in single]
+    assert all(b.finish_reason in ("length", "stop") for b in batched)
+
+
+def test_max_tokens_and_logprobs(model):
+    out = Engine(model).generate(_prompts([5]), max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)[0]
+    assert len(out.token_ids) <= 4 and (out.finish_reason == "length") == (len(out.token_ids) == 4)
+    assert len(out.logprobs) == len(out.token_ids) and all(lp <= 0 for lp in out.logprobs)
+    assert all(len(t) == 3 for t in out.top_logprobs)
+
+
+def test_prompt_longer_than_context_is_a_clear_error(model):
+    e = Engine(model, max_len=16)
+    with pytest.raises(ValueError, match="context holds 16"):
+        e.generate([list(range(2, 30))], max_tokens=2)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        e.generate([[1, 2, 9999]], max_tokens=2)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        e.generate("hello", max_tokens=2)
+
+
+def test_context_full_stops_with_length(model):
+    e = Engine(model, max_len=12)
+    out = e.generate([list(range(2, 10))], max_tokens=50, temperature=1.0, seed=0)[0]
+    assert out.finish_reason in ("length", "stop") and 8 + len(out.token_ids) <= 12
+
+
+def test_stop_strings_and_streaming_with_a_tokenizer():
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["abc def ghi " * 20, "12+34=46"] * 5, vocab_size=300)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)).eval()
+    e = Engine(model, tokenizer=tok)
+    free = e.generate("abc", max_tokens=12, temperature=0)[0]
+    assert free.text == tok.decode(free.token_ids)
+    if len(free.text) > 2:
+        stop = free.text[1:3]
+        cut = e.generate("abc", max_tokens=12, temperature=0, stop=[stop])[0]
+        assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
+    streamed = "".join(e.stream("abc", max_tokens=12, temperature=0))
+    assert streamed == free.text
