@@ -184,6 +184,8 @@ class Sampler:
         self.counts = torch.zeros(max_slots, vocab_size, dtype=torch.int32, device=self.device)
         self.prompt_mask = torch.zeros(max_slots, vocab_size, dtype=torch.bool, device=self.device)
         self.params: dict[int, SamplingParams] = {}  # slot -> request params (the engine reads max_tokens, stop)
+        self.plain_greedy: set[int] = set()  # argmax rows with no penalty and no log-probs: the decode fast path
+        self.penalised: set[int] = set()  # rows whose penalties need token counts
         self.generators: dict[int, torch.Generator] = {}
 
     def add(self, slot: int, params: SamplingParams, prompt_ids: list[int]) -> None:
@@ -212,15 +214,24 @@ class Sampler:
             self.prompt_mask[slot, torch.tensor(prompt_ids, device=self.device)] = True
         if p.seed is not None:
             self.generators[slot] = torch.Generator(self.device).manual_seed(p.seed)
+        penalised = p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
+        if penalised:
+            self.penalised.add(slot)
+        if p.temperature == 0 and not penalised and not p.wants_logprobs:
+            self.plain_greedy.add(slot)
 
     def remove(self, slot: int) -> None:
         """End the sequence in row `slot`; the row's tensors are reset on the next `add`."""
         self.params.pop(slot, None)
         self.generators.pop(slot, None)
+        self.plain_greedy.discard(slot)
+        self.penalised.discard(slot)
 
     def observe(self, slots: Tensor, tokens: Tensor) -> None:
         """Count generated tokens. tokens [N] or [N, K] (K accepted tokens per row); negative entries are
         padding and ignored."""
+        if not self.penalised.intersection(slots.tolist()):  # counts only feed the penalties
+            return
         slots = slots.to(self.device).long()
         tokens = tokens.to(self.device).long()
         if tokens.dim() == 2:
@@ -245,6 +256,8 @@ class Sampler:
     def sample(self, slots: Tensor, logits: Tensor, return_probs: bool = False) -> SampleOutput:
         """Draw one token for each row. slots [N]; logits [N, V]. `return_probs` adds the sampling distribution
         (e.g. the draft's q for `verify`)."""
+        if not return_probs and self.plain_greedy.issuperset(slots.tolist()):
+            return SampleOutput(tokens=logits.argmax(dim=-1).to(self.device))
         slots = slots.to(self.device).long()
         proc = self.process(slots, logits)
         greedy = self.temperature[slots] == 0

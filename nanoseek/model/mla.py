@@ -109,10 +109,6 @@ class MLA(nn.Module):
             S = int(start.max()) + T
             kv = kv_cache[:, :S].index_select(0, slots)  # [N, S, d_c + d_R]
         kv = kv.to(x.dtype)
-        # key j is visible to new token t of row n iff j <= start[n] + t
-        visible = torch.arange(S, device=x.device) <= (start.unsqueeze(1) + torch.arange(T, device=x.device)).unsqueeze(
-            -1
-        )
         H, dn, dv, dc = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
         if absorb if absorb is not None else T <= 4:
             # k and v of every head come from the same latent (MQA over c_KV): fold heads into query rows
@@ -122,7 +118,7 @@ class MLA(nn.Module):
             q = torch.cat((q_lat, q_pe.reshape(N, T * H, -1)), dim=-1)  # [N, T*H, d_c + d_R]
             scores = torch.bmm(q, kv.mT).mul_(self.softmax_scale).view(N, T, H, S)
             if N > 1 or T > 1:
-                scores = scores.masked_fill_(~visible.unsqueeze(2), float("-inf"))
+                scores = scores.masked_fill_(~_visible(start, T, S).unsqueeze(2), float("-inf"))
             p = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype).view(N, T * H, S)
             o_lat = torch.bmm(p, kv[..., :dc]).view(N * T, H, dc).transpose(0, 1)  # [H, N*T, d_c]
             o = torch.bmm(o_lat, w[:, dn:].mT).transpose(0, 1)  # [N*T, H, d_v]: W_UV folded into the output
@@ -136,7 +132,13 @@ class MLA(nn.Module):
                 q.transpose(1, 2),
                 k.transpose(1, 2),
                 v.transpose(1, 2),
-                attn_mask=visible.unsqueeze(1),
+                attn_mask=_visible(start, T, S).unsqueeze(1),
                 scale=self.softmax_scale,
             )  # [N, H, T, d_v]
             return self.o_proj(o.transpose(1, 2).reshape(N, T, H * dv))
+
+
+def _visible(start: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    """[N, T, S] causal mask over a cache: key j is visible to new token t of row n iff j <= start[n] + t."""
+    pos = start.unsqueeze(1) + torch.arange(T, device=start.device)
+    return torch.arange(S, device=start.device) <= pos.unsqueeze(-1)
