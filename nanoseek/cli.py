@@ -10,18 +10,23 @@ import argparse
 import importlib
 import sys
 
-# command name -> module that owns it (imported lazily so `nanoseek --help` stays fast)
+# command name -> module that owns it; a module may register several commands
 COMMANDS: dict[str, str] = {
     "tokenizer": "nanoseek.tokenizer",
     "prepare": "nanoseek.data.shards",
     "train": "nanoseek.train.loop",
+    "sft": "nanoseek.train.sft",
+    "grpo": "nanoseek.train.grpo",
+    "eval": "nanoseek.eval",
+    "generate": "nanoseek.infer.chat",
+    "chat": "nanoseek.infer.chat",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 recipe in compact PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in COMMANDS.values():
+    for module in dict.fromkeys(COMMANDS.values()):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:  # a command whose module has not landed yet

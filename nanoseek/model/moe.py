@@ -124,7 +124,7 @@ class MoE(nn.Module):
             MLP(c.hidden_size, c.n_shared_experts * c.moe_intermediate_size) if c.n_shared_experts else None
         )
         # decoding a few tokens: gathering their experts' weights beats sorting (weights copied N*K times)
-        self.gather_max_tokens = max(1, 2**22 // (3 * c.hidden_size * c.moe_intermediate_size * c.num_experts_per_tok))
+        self.gather_max_tokens = max(1, 2**18 // (3 * c.hidden_size * c.moe_intermediate_size * c.num_experts_per_tok))
         self.last_load: torch.Tensor | None = None  # tokens per expert in the last forward [E]
         self.aux_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last training forward
 

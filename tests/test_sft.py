@@ -1,0 +1,128 @@
+"""SFT: the loss mask token by token, jsonl and built-in chat data, padded length-bucketed batches, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer, load_model, save_model
+from nanoseek.cli import main
+from nanoseek.data.tasks import builtin_corpus, generate
+from nanoseek.model.transformer import IGNORE_INDEX
+from nanoseek.report import read_metrics
+from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train.checkpointing import checkpoint_dirs
+from nanoseek.train.sft import (
+    SFTLoader,
+    builtin_conversations,
+    chat_example,
+    encode_conversations,
+    inputs_and_targets,
+    jsonl_conversations,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(builtin_corpus(200, seed=0), vocab_size=320)
+
+
+def test_mask_targets_exactly_the_assistant_content_and_its_eos(tok):
+    p = generate("arithmetic", 1, seed=0)[0]
+    messages = [{"role": "system", "content": "Be brief."}, *p.chat()]
+    ids, is_target = chat_example(tok, messages)
+    assert ids == tok.encode_chat(messages)  # piecewise encoding = the template's encoding
+    prompt = tok.encode_chat(messages[:2], add_generation_prompt=True)  # BOS, system, user turn, <｜Assistant｜>
+    answer = tok.encode(p.completion()) + [tok.eos_id]
+    assert ids == prompt + answer
+    assert is_target == [False] * len(prompt) + [True] * len(answer)
+    x, y = inputs_and_targets(ids, is_target)
+    assert x == ids[:-1] and len(y) == len(x)
+    for t in range(len(x)):  # position t predicts ids[t + 1]
+        assert y[t] == (ids[t + 1] if t + 1 >= len(prompt) else IGNORE_INDEX)
+    assert y[-1] == tok.eos_id and tok.assistant_id not in [v for v in y if v != IGNORE_INDEX]
+
+
+def test_multi_turn_targets_every_rendered_turn_but_not_history_with_stripped_reasoning(tok):
+    messages = [
+        {"role": "user", "content": "What is 1+1?"},
+        {"role": "assistant", "content": "<think>1+1=2</think> 2"},  # rendered as " 2" in history: context
+        {"role": "user", "content": "And 2+2?"},
+        {"role": "assistant", "content": "<think>2+2=4</think> 4"},
+    ]
+    ids, is_target = chat_example(tok, messages)
+    assert ids == tok.encode_chat(messages)
+    targets = [i for i, m in zip(ids, is_target) if m]
+    assert targets == tok.encode("<think>2+2=4</think> 4") + [tok.eos_id]
+    plain = [*messages[:1], {"role": "assistant", "content": "2"}, *messages[2:]]  # no reasoning: both targets
+    ids, is_target = chat_example(tok, plain)
+    assert [i for i, m in zip(ids, is_target) if m] == tok.encode("2") + [tok.eos_id] + targets
+
+
+def test_worked_fraction_and_jsonl_split(tok, tmp_path):
+    conv = builtin_conversations(["arithmetic"], 400, seed=0, split="train", worked_fraction=0.25)
+    worked = sum("<think></think>" not in c[1]["content"] for c in conv) / len(conv)
+    assert 0.18 < worked < 0.32
+    assert all("<think></think>" in c[1]["content"] for c in builtin_conversations(["countdown"], 50, 0, "train", 0.0))
+    f = tmp_path / "chat.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(200)
+    ]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    train, val = jsonl_conversations([str(f)], 0.1, "train"), jsonl_conversations([str(f)], 0.1, "val")
+    assert len(train) + len(val) == 200 and 5 < len(val) < 40
+    assert not {json.dumps(c) for c in train} & {json.dumps(c) for c in val}
+
+
+def test_loader_pads_right_buckets_by_length_and_resumes(tok):
+    conv = builtin_conversations(["arithmetic", "countdown"], 300, seed=0, split="train", worked_fraction=1.0)
+    examples, dropped = encode_conversations(tok, conv, seq_len=40)
+    assert dropped == 0 and all(len(x) <= 40 for x, _ in examples)
+    loader = SFTLoader(examples, batch_size=8, pad_id=tok.pad_id, seed=1)
+    assert loader.padding_fraction() < 0.1  # length buckets: little padding
+    x, y = loader.next_batch()
+    lengths = (y != IGNORE_INDEX).long().cumsum(1).argmax(1) + 1  # last target position + 1 per row
+    for r in range(x.shape[0]):
+        n = int(lengths[r])
+        assert (x[r, n:] == tok.pad_id).all() and (y[r, n:] == IGNORE_INDEX).all()
+    for _ in range(loader.batches_per_epoch + 3):  # cross an epoch boundary
+        loader.next_batch()
+    state = loader.state_dict()
+    other = SFTLoader(examples, batch_size=8, pad_id=tok.pad_id, seed=1)
+    other.load_state_dict(state)
+    for _ in range(3):
+        (a, b), (c, d) = loader.next_batch(), other.next_batch()
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_cli_sft_trains_on_builtin_chat_and_resumes_exactly(tok, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    c = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    save_model(Transformer(c), tmp_path / "m", tokenizer=tok)
+    args = ["sft", "--model", str(tmp_path / "m"), "--data", "builtin:arithmetic", "--n", "200", "--steps", "8"]
+    args += ["--worked-fraction", "0.5", "--batch-size", "8", "--lr", "1e-2", "--warmup", "2", "--eval-every", "4"]
+    args += ["--save-every", "4"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    calls, next_batch = {"n": 0}, SFTLoader.next_batch
+
+    def interrupt_after_step_4(self):
+        calls["n"] += len(self.examples) == 200  # count the training loader's batches only (val has 10)
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return next_batch(self)
+
+    monkeypatch.setattr(SFTLoader, "next_batch", interrupt_after_step_4)
+    assert main([*args, "--out", str(tmp_path / "b")]) == 130  # Ctrl-C during step 5
+    monkeypatch.undo()
+    assert main(["sft", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    a, b = (load_model(checkpoint_dirs(tmp_path / r)[-1]).state_dict() for r in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9)) and "val_loss" in records[-1]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (tmp_path / "a" / "plots" / "loss.png").is_file()
+    saved = json.loads((tmp_path / "a" / "args.json").read_text())
+    assert saved["worked_fraction"] == 0.5 and saved["seq_len"] < 64  # seq_len defaults to the longest example
