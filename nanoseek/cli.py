@@ -27,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 recipe in compact PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in dict.fromkeys(COMMANDS.values()):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:  # a command whose module has not landed yet
-            if e.name is not None and e.name.startswith("nanoseek"):
-                continue
-            raise
-        mod.add_parser(sub)
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
