@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "eval": "nanoseek.eval",
     "generate": "nanoseek.infer.chat",
     "chat": "nanoseek.infer.chat",
+    "speedrun": "nanoseek.speedrun",
 }
 
 
