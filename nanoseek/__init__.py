@@ -2,7 +2,8 @@
 
 from nanoseek.checkpoint import load_model, save_model
 from nanoseek.config import ModelConfig
+from nanoseek.infer.engine import Engine
 from nanoseek.model import Losses, Transformer
 
-__all__ = ["Losses", "ModelConfig", "Transformer", "load_model", "save_model"]
+__all__ = ["Engine", "Losses", "ModelConfig", "Transformer", "load_model", "save_model"]
 __version__ = "0.1.0"
