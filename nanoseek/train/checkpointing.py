@@ -124,3 +124,19 @@ def load_trainer_state(checkpoint_dir: str | Path, map_location: str | torch.dev
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint_dir} has no {STATE_DIR}/state.pt: it is not a trainer checkpoint")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def resume_point(run_dir: str | Path, resume: bool) -> tuple[Path | None, dict[str, Any] | None]:
+    """(latest checkpoint, the run's saved CLI args) for --resume; (None, None) for a fresh run, which must not
+    overwrite a run dir that already holds checkpoints."""
+    run_dir = Path(run_dir)
+    if not resume:
+        if checkpoint_dirs(run_dir):
+            raise ValueError(
+                f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out"
+            )
+        return None, None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: {run_dir} has no complete checkpoint; start without --resume")
+    return ckpt, json.loads((ckpt / STATE_DIR / "state.json").read_text())["args"]

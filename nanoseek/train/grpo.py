@@ -55,11 +55,10 @@ from nanoseek.model import Transformer
 from nanoseek.report import MetricsLogger, read_metrics
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpointing import (
-    STATE_DIR,
-    checkpoint_dirs,
     latest_checkpoint,
     load_trainer_state,
     remove_stale_temp_dirs,
+    resume_point,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -746,14 +745,7 @@ RESUME_OVERRIDABLE = {"steps", "time_budget", "save_every", "keep_last", "eval_e
 
 def _cmd_grpo(args: argparse.Namespace) -> int:
     run_dir = Path(args.out)
-    ckpt, saved = None, None
-    if args.resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: {run_dir} has no complete checkpoint; start without --resume")
-        saved = json.loads((ckpt / STATE_DIR / "state.json").read_text())["args"]
-    elif checkpoint_dirs(run_dir):
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    ckpt, saved = resume_point(run_dir, args.resume)
     values = {}
     for f in GRPOConfig.__dataclass_fields__:
         given = getattr(args, f, None)

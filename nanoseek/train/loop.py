@@ -43,11 +43,10 @@ from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.report import MetricsLogger, plot_metrics
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpointing import (
-    STATE_DIR,
-    checkpoint_dirs,
     latest_checkpoint,
     load_trainer_state,
     remove_stale_temp_dirs,
+    resume_point,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -434,14 +433,7 @@ def find_tokenizer(data_dir: Path, manifest: dict, path: str | Path | None = Non
 
 def _cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.out)
-    ckpt, saved = None, None
-    if args.resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: {run_dir} has no complete checkpoint; start without --resume")
-        saved = json.loads((ckpt / STATE_DIR / "state.json").read_text())["args"]
-    elif checkpoint_dirs(run_dir):
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    ckpt, saved = resume_point(run_dir, args.resume)
     cfg = train_config_from_args(args, saved)
     cfg.validate()
     data = args.data or (saved or {}).get("data")

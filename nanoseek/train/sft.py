@@ -37,7 +37,7 @@ from nanoseek.data.shards import iter_documents
 from nanoseek.data.tasks import LEVELS, generate
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.checkpointing import STATE_DIR, checkpoint_dirs, latest_checkpoint
+from nanoseek.train.checkpointing import resume_point
 from nanoseek.train.loop import (
     NonFiniteLoss,
     TrainConfig,
@@ -218,14 +218,7 @@ def load_conversations(args: dict[str, Any], split: str) -> list[list[dict]]:
 
 def _cmd_sft(args: argparse.Namespace) -> int:
     run_dir = Path(args.out)
-    ckpt, saved = None, None
-    if args.resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: {run_dir} has no complete checkpoint; start without --resume")
-        saved = json.loads((ckpt / STATE_DIR / "state.json").read_text())["args"]
-    elif checkpoint_dirs(run_dir):
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    ckpt, saved = resume_point(run_dir, args.resume)
     if saved is None:
         for k, v in SFT_DEFAULTS.items():
             if getattr(args, k) is None:
