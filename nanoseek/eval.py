@@ -181,6 +181,23 @@ def compare(before: list[bool], after: list[bool]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- problems
 
 
+def read_prompt_file(path: str | Path) -> list[dict]:
+    """`{prompt, answer}` lines of a .jsonl file (other fields are kept, e.g. for reward functions); errors name the
+    file and line."""
+    out = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}): each line is {{prompt, answer}}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or "answer" not in obj:
+            raise ValueError(f"{path}:{lineno}: each line needs a string 'prompt' and an 'answer'")
+        out.append(obj)
+    return out
+
+
 def load_problems(
     task: str, levels: list[str] | None = None, n: int = 200, split: str = "test", seed: int = 0
 ) -> list[Problem | Item]:
@@ -192,17 +209,11 @@ def load_problems(
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file (tasks: {', '.join(LEVELS)}, or a .jsonl file)")
         problems = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}): each line is {{prompt, answer}}") from None
+        for lineno, obj in enumerate(read_prompt_file(path), 1):
             try:
                 problems.append(to_item(obj))
             except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
+                raise ValueError(f"{path}: record {lineno}: {e}") from None
         return problems
     return [p for level in levels or list(LEVELS[task]) for p in generate(task, n, seed, split, level)]
 

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from nanoseek.checkpoint import load_model
 from nanoseek.config import atomic_write_text
 from nanoseek.data.tasks import LEVELS, THINK_END, THINK_START, countdown_value, extract_answer, generate, verify
+from nanoseek.eval import read_prompt_file
 from nanoseek.infer.engine import Completion, Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import Transformer
@@ -278,22 +279,6 @@ class ListPrompts:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-
-
-def read_prompt_file(path: str | Path) -> list[dict]:
-    """`{prompt, answer}` lines of a .jsonl file (other fields are kept and passed to reward functions)."""
-    out = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or "answer" not in obj:
-            raise ValueError(f"{path}:{lineno}: each line needs a string 'prompt' and an 'answer'")
-        out.append(obj)
-    return out
 
 
 def task_eval_examples(task: str, levels: list[str] | None, n: int, split: str, seed: int = 1234) -> list[dict]:
