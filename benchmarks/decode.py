@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd step (Engine(compile=True))")
     args = p.parse_args()
     import transformers
 
@@ -57,9 +58,9 @@ def main() -> None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     prompt = torch.randint(3, config.vocab_size, (1, args.prompt_len))
     N = args.new_tokens
-    result: dict = {"bench": "decode", "preset": args.model or args.preset, "new_tokens": N}
+    result: dict = {"bench": "decode", "preset": args.model or args.preset, "new_tokens": N, "compile": args.compile}
 
-    engine = Engine(ours, max_batch_size=16)
+    engine = Engine(ours, max_batch_size=16, compile=args.compile)
     engine.eos_ids = set()  # run every sequence to N tokens, like min_new_tokens for transformers
 
     def ours_gen(bs: int, n: int):
@@ -108,7 +109,8 @@ def main() -> None:
         problems = make_problems("arithmetic", 16, seed=1, split="test", level="3x12")
         prompts = [tok.encode(pr.pretrain_text().split("<think>")[0] + "<think>", bos=True) for pr in problems]
         params = SamplingParams(max_tokens=48, temperature=0)
-        plain, spec = Engine(ours, tok, max_batch_size=1), Engine(ours, tok, max_batch_size=1, speculative=True)
+        plain = Engine(ours, tok, max_batch_size=1, compile=args.compile)
+        spec = Engine(ours, tok, max_batch_size=1, speculative=True, compile=args.compile)
         t_plain = statistics.median(_timed(lambda p=p: plain.generate([p], params)) for p in prompts)
         t_spec = statistics.median(_timed(lambda p=p: spec.generate([p], params)) for p in prompts)
         same = all(plain.generate([p], params)[0].token_ids == spec.generate([p], params)[0].token_ids for p in prompts)

@@ -82,6 +82,34 @@ def test_cached_decoding_matches_full_forward_for_ragged_batches(model):
         assert (logits - full[:, 7:20]).abs().max() < 1e-4
 
 
+def test_cached_step_only_reads_the_cache_and_pads_safely(model):
+    """cached_step is pure (the engine compiles it); a longer cache read (masked) changes nothing."""
+    cache = LatentCache(model.config, n_slots=3, max_len=64)
+    ids = torch.randint(2, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    slots, zero = torch.tensor([2, 0]), torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        model.forward_cached(ids[:, :8], cache.kv, slots, zero)
+        before = cache.kv.clone()
+        exact = model.cached_step(ids[:, 8:], cache.kv, slots, torch.full((2,), 8), cache_len=8)
+        padded = model.cached_step(ids[:, 8:], cache.kv, slots, torch.full((2,), 8), cache_len=32)
+    assert torch.equal(cache.kv, before)
+    for a, b in zip(exact, padded):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(exact[0][:, -1], model(ids)[:, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_engine_matches_eager_engine(trained):
+    """Engine(compile=True): padded rows, rounded cache reads, dense experts; same greedy tokens (and the
+    speculative path too)."""
+    prompts = [[5, 9, 17, 3], [42, 8, 77], [6, 5, 9, 17, 3, 42]]
+    eager = Engine(trained, max_batch_size=4).generate(prompts, max_tokens=12, temperature=0)
+    compiled = Engine(trained, max_batch_size=4, compile=True).generate(prompts, max_tokens=12, temperature=0)
+    assert [c.token_ids for c in compiled] == [e.token_ids for e in eager]
+    spec = Engine(trained, max_batch_size=4, speculative=True, compile=True)
+    assert [c.token_ids for c in spec.generate(prompts, max_tokens=12, temperature=0)] == [e.token_ids for e in eager]
+
+
 def test_cache_stores_only_the_latent():
     c = ModelConfig.from_preset("cpu-small")
     cache = LatentCache(c, n_slots=2, max_len=8)

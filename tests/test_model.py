@@ -154,6 +154,17 @@ def test_grouped_experts_equal_a_per_token_loop():
     assert moe.last_load.sum() == 14 * 2
 
 
+def test_dense_experts_equal_routed_experts():
+    """The fixed-shape path of compiled decoding (every expert on every token, unselected ones weighted 0)."""
+    torch.manual_seed(0)
+    moe = Transformer(tiny()).eval().layers[1].mlp
+    x = torch.randn(5, 32)
+    w, idx, _ = moe.gate(x)
+    dense_w = torch.zeros(5, moe.n_experts).scatter_(1, idx, w)
+    routed = (moe.experts.gathered(x, idx) * w.unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(moe.experts.dense(x, dense_w), routed, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------- training
 def test_gradients_reach_every_learnable_parameter_and_not_the_bias():
     torch.manual_seed(0)

@@ -198,9 +198,9 @@ def test_sigkill_during_save_keeps_previous_checkpoint_and_resume_works(data, tm
 def test_nonfinite_loss_stops_with_message_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
     compute_loss, calls = Transformer.compute_loss, {"n": 0}
 
-    def nan_at_step_8(self, inputs, targets):
+    def nan_at_step_8(self, inputs, targets, **kwargs):
         calls["n"] += 1
-        losses = compute_loss(self, inputs, targets)
+        losses = compute_loss(self, inputs, targets, **kwargs)
         if calls["n"] == 8:
             losses.main = losses.main * math.nan
         return losses

@@ -24,6 +24,7 @@ import torch
 from nanoseek.infer.cache import LatentCache
 from nanoseek.infer.sampling import SampleOutput, Sampler, SamplingParams
 from nanoseek.model import Transformer
+from nanoseek.model.mla import write_latents
 
 
 @contextmanager
@@ -78,6 +79,7 @@ class Engine:
         max_batch_size: int = 16,
         max_len: int | None = None,
         speculative: bool = False,
+        compile: bool = False,
     ) -> None:
         self.model = model.eval()
         self.config = c = model.config
@@ -104,6 +106,16 @@ class Engine:
         # decode steps are hundreds of tiny ops: on CPU, waking a thread pool for each costs more than it saves,
         # and on a busy machine multi-threaded tiny ops stall (measured 4 ms vs 60-150 ms per step, 2 cores)
         self.decode_single_thread = True
+        # compile: decode steps run a torch.compile'd `cached_step` at fixed shapes, the batch padded to a power
+        # of two and the cache read to a power-of-two length, so a few graphs serve every step (each new shape
+        # compiles once, ~20-30 s on a laptop CPU); prefill stays eager
+        self._step_fn = model.cached_step
+        if compile:
+            shapes = (max_batch_size.bit_length() + 1) * (self.max_len.bit_length() + 1) * 2  # rows x cache x T
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
+            self._step_fn = torch.compile(model.cached_step, dynamic=False)
+        self.compiled = compile
+        self._compiled_shapes: set[tuple[int, int, int]] = set()  # (rows, tokens per row, cache_len)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, dtype=None, **kwargs) -> Engine:
@@ -191,11 +203,38 @@ class Engine:
                 self._draft(seq, hidden)
         return new
 
+    def _forward(
+        self, seqs: list[Sequence], tokens: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One cached forward of `tokens` (one row per sequence) after each sequence's cached positions;
+        writes their latents. Returns (logits [N, T, V], hidden [N, T, d], slots [N])."""
+        N = len(seqs)
+        slots = [s.slot for s in seqs]
+        start = [self.cache.lengths[s] for s in slots]
+        cache_len = max(start)
+        if self.compiled:  # fixed shapes: pad rows by repeating the last one, round the cache read up
+            rows = 1 << (N - 1).bit_length()
+            slots, start, tokens = (x + x[-1:] * (rows - N) for x in (slots, start, tokens))
+            cache_len = min(max(16, 1 << (cache_len - 1).bit_length()), self.max_len)
+        slots_t = torch.tensor(slots, device=self.device)
+        start_t = torch.tensor(start, device=self.device)
+        ids = torch.tensor(tokens, device=self.device)
+        shape = (*ids.shape, cache_len)
+        if self.compiled and shape in self._compiled_shapes:
+            # Dynamo re-checks ~1k guards (every parameter's identity, dtype, shape, ...) before each call: 1.3 ms
+            # per step at batch 1, more than the step itself. Once a shape has compiled, only the input shapes and
+            # cache_len tell the cached graphs apart, so evaluate just those guards. Unsafe only if the model's
+            # parameters are replaced or change dtype/device after the engine is built (in-place updates are fine).
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                logits, hidden, new = self._step_fn(ids, self.cache.kv, slots_t, start_t, cache_len)
+        else:  # eager, or a new shape to compile (with every guard)
+            logits, hidden, new = self._step_fn(ids, self.cache.kv, slots_t, start_t, cache_len)
+            self._compiled_shapes.add(shape)
+        write_latents(self.cache.kv, slots_t[:N], start_t[:N], new[:, :N])
+        return logits[:N], hidden[:N], slots_t[:N]
+
     def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        start = torch.tensor([self.cache.lengths[s.slot] for s in seqs], device=self.device)
-        tokens = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
-        logits, _ = self.model.forward_cached(tokens, self.cache.kv, slots, start)
+        logits, _, slots = self._forward(seqs, [[s.output_ids[-1]] for s in seqs])
         for s in seqs:
             self.cache.lengths[s.slot] += 1
         out = self.sampler.sample(slots, logits[:, -1])
@@ -225,11 +264,9 @@ class Engine:
 
     def _decode_speculative(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Verify [last token, draft] for every sequence in one forward; accept, extend, redraft."""
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
         start = torch.tensor([self.cache.lengths[s.slot] for s in seqs], device=self.device)
         drafts = torch.tensor([s.draft for s in seqs], device=self.device)
-        tokens = torch.stack((torch.tensor([s.output_ids[-1] for s in seqs], device=self.device), drafts), 1)
-        logits, hidden = self.model.forward_cached(tokens, self.cache.kv, slots, start)  # [N, 2, V]
+        logits, hidden, slots = self._forward(seqs, [[s.output_ids[-1], s.draft] for s in seqs])  # [N, 2, V]
         q = torch.stack([s.draft_probs for s in seqs])
         accepted, out0 = self.sampler.verify(slots, drafts, q, logits[:, 0])
         results = []

@@ -24,7 +24,9 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_cached(self, x, cos, sin, kv_cache, slots, start) -> torch.Tensor:
-        """As forward, attending through this layer's latent cache (see MLA.forward_cached)."""
-        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, kv_cache, slots, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward_cached(self, x, cos, sin, kv_cache, slots, start, cache_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As forward, attending through this layer's latent cache, which is only read: returns (x, new cache
+        entries) (see MLA.forward_cached)."""
+        a, new = self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, kv_cache, slots, start, cache_len)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), new

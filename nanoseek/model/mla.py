@@ -6,9 +6,9 @@
     c_KV = kv_a_layernorm(c_KV);  [k_nope; v] = kv_b_proj(c_KV)
     o = softmax((q_nope.k_nope + rope(q_pe).rope(k_pe)) * scale) v;   out = o_proj(o)
 
-Training uses this expanded form (one SDPA call). With a cache, `forward_cached` stores only
-[c_KV | rope(k_pe)] per token and, for decoding, uses the absorbed form: kv_b_proj's key half is folded
-into the query and its value half into the output, so attention runs over the latents directly.
+Training uses this expanded form (one SDPA call). With a cache, only [c_KV | rope(k_pe)] is stored per token
+and `forward_cached`, for decoding, uses the absorbed form: kv_b_proj's key half is folded into the query and
+its value half into the output, so attention runs over the latents directly.
 """
 
 from __future__ import annotations
@@ -87,28 +87,31 @@ class MLA(nn.Module):
         kv_cache: torch.Tensor,
         slots: torch.Tensor,
         start: torch.Tensor,
+        cache_len: int,
         absorb: bool | None = None,
-    ) -> torch.Tensor:
-        """Attention for new tokens x [N, T, d] of N sequences stored in rows `slots` of this layer's cache.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention for new tokens x [N, T, d] of N sequences whose past sits in rows `slots` of this layer's cache.
 
-        kv_cache [n_slots, max_len, d_c + d_R] holds [c_KV | rope(k_pe)] per position; row n's new tokens sit
-        at positions start[n] .. start[n] + T - 1 and are written before attending (causally) to the prefix.
-        absorb (default: T <= 4) picks the absorbed form, cheaper when few queries read a long prefix.
+        kv_cache [n_slots, max_len, d_c + d_R] holds [c_KV | rope(k_pe)] per position. Row n's new tokens are at
+        positions start[n] .. start[n] + T - 1; they attend to cached positions < start[n] among the first
+        cache_len (a fixed bound, so shapes never depend on tensor values: compiled decoding) and causally to
+        each other. The cache is only read: returns (output [N, T, d], the new tokens' entries [N, T, d_c + d_R])
+        for the caller to store (see `write_latents`). absorb (default: T <= 4) picks the absorbed form, cheaper
+        when few queries read a long prefix.
         """
         N, T, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)  # [N, T, H, *]
-        c_kv, k_pe = self.latent(x, cos, sin)
-        new = torch.cat((c_kv, k_pe), dim=-1).to(kv_cache.dtype)
-        if N == 1:  # one sequence: plain slices, and the cache row is read as a view
-            slot, s0 = int(slots[0]), int(start[0])
-            kv_cache[slot, s0 : s0 + T] = new[0]
-            S = s0 + T
-            kv = kv_cache[slot, :S].unsqueeze(0)
-        else:
-            kv_cache[slots.unsqueeze(1), start.unsqueeze(1) + torch.arange(T, device=x.device)] = new
-            S = int(start.max()) + T
-            kv = kv_cache[:, :S].index_select(0, slots)  # [N, S, d_c + d_R]
-        kv = kv.to(x.dtype)
+        new = torch.cat(self.latent(x, cos, sin), dim=-1)  # [N, T, d_c + d_R]
+        past = kv_cache[:, :cache_len].index_select(0, slots).to(x.dtype)  # [N, S, d_c + d_R]
+        kv = torch.cat((past, new), dim=1)  # [N, S + T, *]
+        S = cache_len + T
+        visible = torch.cat(  # [N, T, S]: past j < start[n], new tokens causally
+            (
+                (torch.arange(cache_len, device=x.device) < start[:, None]).unsqueeze(1).expand(N, T, cache_len),
+                torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(N, T, T),
+            ),
+            dim=-1,
+        )
         H, dn, dv, dc = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
         if absorb if absorb is not None else T <= 4:
             # k and v of every head come from the same latent (MQA over c_KV): fold heads into query rows
@@ -117,28 +120,26 @@ class MLA(nn.Module):
             q_lat = q_lat.transpose(0, 1).reshape(N, T * H, dc)
             q = torch.cat((q_lat, q_pe.reshape(N, T * H, -1)), dim=-1)  # [N, T*H, d_c + d_R]
             scores = torch.bmm(q, kv.mT).mul_(self.softmax_scale).view(N, T, H, S)
-            if N > 1 or T > 1:
-                scores = scores.masked_fill_(~_visible(start, T, S).unsqueeze(2), float("-inf"))
+            scores = scores.masked_fill_(~visible.unsqueeze(2), float("-inf"))
             p = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype).view(N, T * H, S)
             o_lat = torch.bmm(p, kv[..., :dc]).view(N * T, H, dc).transpose(0, 1)  # [H, N*T, d_c]
             o = torch.bmm(o_lat, w[:, dn:].mT).transpose(0, 1)  # [N*T, H, d_v]: W_UV folded into the output
-            return self.o_proj(o.reshape(N, T, H * dv))
-        else:
-            k_nope, v = self.kv_b_proj(kv[..., :dc]).view(N, S, H, dn + dv).split([dn, dv], dim=-1)
-            k_pe_all = kv[..., dc:].unsqueeze(2).expand(N, S, H, self.qk_rope_head_dim)
-            k = torch.cat((k_nope, k_pe_all), dim=-1)
-            q = torch.cat((q_nope, q_pe), dim=-1)
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                k.transpose(1, 2),
-                v.transpose(1, 2),
-                attn_mask=_visible(start, T, S).unsqueeze(1),
-                scale=self.softmax_scale,
-            )  # [N, H, T, d_v]
-            return self.o_proj(o.transpose(1, 2).reshape(N, T, H * dv))
+            return self.o_proj(o.reshape(N, T, H * dv)), new
+        k_nope, v = self.kv_b_proj(kv[..., :dc]).view(N, S, H, dn + dv).split([dn, dv], dim=-1)
+        k = torch.cat((k_nope, kv[..., dc:].unsqueeze(2).expand(N, S, H, self.qk_rope_head_dim)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=visible.unsqueeze(1),
+            scale=self.softmax_scale,
+        )  # [N, H, T, d_v]
+        return self.o_proj(o.transpose(1, 2).reshape(N, T, H * dv)), new
 
 
-def _visible(start: torch.Tensor, T: int, S: int) -> torch.Tensor:
-    """[N, T, S] causal mask over a cache: key j is visible to new token t of row n iff j <= start[n] + t."""
-    pos = start.unsqueeze(1) + torch.arange(T, device=start.device)
-    return torch.arange(S, device=start.device) <= pos.unsqueeze(-1)
+def write_latents(kv_cache: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, new: torch.Tensor) -> None:
+    """Store new entries [..., N, T, W] at positions start[n] + t of rows `slots` of kv_cache [..., n_slots, L, W]."""
+    T = new.shape[-2]
+    pos = start.unsqueeze(1) + torch.arange(T, device=start.device)  # [N, T]
+    kv_cache[..., slots.unsqueeze(1), pos, :] = new.to(kv_cache.dtype)

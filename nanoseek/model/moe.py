@@ -5,8 +5,10 @@
     g = s[top-k] / sum (if norm_topk_prob) * routed_scaling_factor  -- weights from the *unbiased* scores
     y = shared(u) + sum_k g_k expert_k(u)
 
-Routed experts run as one grouped GEMM over tokens sorted by expert. The bias is balanced without an
-auxiliary loss (eq. 16): after each step b += gamma * sign(mean_load - load); `last_load` holds the counts.
+Routed experts run as one grouped GEMM over tokens sorted by expert (decoding a few tokens: their experts'
+weights gathered into one batched GEMM; compiled decoding: every expert densely, fixed shapes). The bias is
+balanced without an auxiliary loss (eq. 16): after each step b += gamma * sign(mean_load - load); `last_load`
+holds the counts.
 """
 
 from __future__ import annotations
@@ -93,6 +95,13 @@ class Experts(nn.Module):
         gate, up = h.split(self.inter_dim, dim=-1)
         return ((F.silu(gate) * up) @ self.w2[indices]).squeeze(2)
 
+    def dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, combined with weights [N, E] (0 for unselected experts): E/K times the
+        FLOPs of routing but fixed shapes and no sorting, for compiled decoding of a few tokens. x [N, d] -> [N, d]."""
+        gate, up = torch.matmul(x, self.w13).split(self.inter_dim, dim=-1)  # [E, N, I] each
+        y = torch.bmm(F.silu(gate) * up, self.w2)  # [E, N, d]
+        return torch.einsum("end,ne->nd", y, weights)
+
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if _HAS_GROUPED_MM and x_sorted.dtype in (torch.float32, torch.bfloat16):
             offs = counts.cumsum(0).to(torch.int32)
@@ -133,9 +142,17 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)
         weights, indices, scores = self.gate(flat)  # [N, K]
         expert_of = indices.flatten()  # [N*K]
-        self.last_load = torch.bincount(expert_of, minlength=self.n_experts)
-        if flat.shape[0] <= self.gather_max_tokens and not torch.is_grad_enabled():
+        self.last_load = expert_of.new_zeros(self.n_experts).index_add_(0, expert_of, torch.ones_like(expert_of))
+        inference = not torch.is_grad_enabled()
+        if inference and flat.shape[0] <= self.gather_max_tokens:
             y = self.experts.gathered(flat, indices)  # [N, K, d]
+        elif inference and torch.compiler.is_compiling() and flat.dtype == torch.float32:
+            # compiled decoding: grouped_mm has no fp32 compile kernel; run all experts with fixed shapes
+            dense_w = weights.new_zeros(flat.shape[0], self.n_experts).scatter_(1, indices, weights)
+            y = self.experts.dense(flat, dense_w.to(x.dtype))
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(flat)
+            return y.view(B, T, d)
         else:
             order = expert_of.argsort(stable=True)
             y_sorted = self.experts(flat.index_select(0, order // self.top_k), self.last_load)  # grouped by expert

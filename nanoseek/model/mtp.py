@@ -15,6 +15,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
+from nanoseek.model.mla import write_latents
 from nanoseek.model.norm import RMSNorm
 
 
@@ -45,6 +46,8 @@ class MTPModule(nn.Module):
         return self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
 
     def forward_cached(self, h_prev, emb_next, cos, sin, kv_cache, slots, start):
-        """As forward, with this module's attention reading/writing its latent cache."""
-        h = self.block.forward_cached(self.combine(h_prev, emb_next), cos, sin, kv_cache, slots, start)
+        """As forward, with this module's attention reading and extending its latent cache."""
+        x = self.combine(h_prev, emb_next)
+        h, new = self.block.forward_cached(x, cos, sin, kv_cache, slots, start, int(start.max()))
+        write_latents(kv_cache, slots, start, new)
         return h, self.shared_head.norm(h)

@@ -15,6 +15,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
+from nanoseek.model.mla import write_latents
 from nanoseek.model.moe import Experts, MoE
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
@@ -101,30 +102,51 @@ class Transformer(nn.Module):
         slots: torch.Tensor,
         start: torch.Tensor,
         last_only: bool = False,
+        cache_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Incremental forward: new tokens [N, T] of the sequences in cache rows `slots`, starting at
-        positions `start` [N]. kv_cache [layers, n_slots, max_len, d_c + d_R] (see nanoseek.infer.cache).
+        positions `start` [N]; their latents are written to kv_cache [layers, n_slots, max_len, d_c + d_R]
+        (see nanoseek.infer.cache). cache_len: cached positions to read (default max(start)).
         Returns (logits [N, T or 1, V], final-normed hidden [N, T, d])."""
+        cache_len = int(start.max()) if cache_len is None else cache_len
+        logits, h, new = self.cached_step(input_ids, kv_cache, slots, start, cache_len, last_only)
+        write_latents(kv_cache, slots, start, new)
+        return logits, h
+
+    def cached_step(
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slots: torch.Tensor,
+        start: torch.Tensor,
+        cache_len: int,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward_cached without the cache write: (logits, hidden, new entries [layers, N, T, d_c + d_R]).
+        A pure function of fixed shapes for fixed (N, T, cache_len): what the engine compiles."""
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         positions = start.unsqueeze(1) + torch.arange(T, device=input_ids.device)
         cos, sin = self.rope(positions, x.dtype)
+        new = []
         for i, layer in enumerate(self.layers):
-            x = layer.forward_cached(x, cos, sin, kv_cache[i], slots, start)
+            x, entry = layer.forward_cached(x, cos, sin, kv_cache[i], slots, start, cache_len)
+            new.append(entry)
         h = self.norm(x)
-        return self.lm_head(h[:, -1:] if last_only else h), h
+        return self.lm_head(h[:, -1:] if last_only else h), h, torch.stack(new)
 
-    def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> Losses:
+    def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp: bool = True) -> Losses:
         """Next-token loss, MTP loss and balance loss. targets[b, t] = input_ids[b, t+1] (IGNORE_INDEX to skip).
 
         MTP depth k at position i sees Emb(t_{i+k}) = Emb(targets[i+k-1]) and predicts targets[i+k].
+        mtp=False skips the MTP modules (their loss is then 0), e.g. when the MTP loss weight is 0.
         """
         h, (cos, sin) = self.hidden(input_ids)
         V = self.config.vocab_size
         main = F.cross_entropy(self.lm_head(h).view(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         mtp_losses = []
         tokens, labels = targets, targets
-        for module in self.mtp:
+        for module in self.mtp if mtp else ():
             labels = _shift_left(labels, IGNORE_INDEX)  # depth k predicts targets[i + k]
             h, h_normed = module(h, self.embed_tokens(tokens.clamp(min=0)), cos, sin)
             logits = self.lm_head(h_normed)
@@ -147,7 +169,7 @@ class Transformer(nn.Module):
                 f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}; "
                 "truncate the input or raise max_position_embeddings (with YaRN rope_scaling for long context)"
             )
-        if input_ids.numel() and not input_ids.is_meta:
+        if input_ids.numel() and not input_ids.is_meta and not torch.compiler.is_compiling():
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(

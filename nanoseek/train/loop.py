@@ -258,7 +258,7 @@ def train(
                 x, y = loader.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast:
-                    losses = compute_loss(x, y)
+                    losses = compute_loss(x, y, mtp=cfg.mtp_weight > 0)
                 (losses.total(cfg.mtp_weight) / cfg.grad_accum).backward()
                 sums += torch.stack([losses.main, losses.mtp, losses.aux]).detach().float() / cfg.grad_accum
                 step_loads = model.expert_loads()
