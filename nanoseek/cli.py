@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "train": "nanoseek.train.loop",
     "sft": "nanoseek.train.sft",
     "grpo": "nanoseek.train.grpo",
+    "distill": "nanoseek.train.distill",
     "eval": "nanoseek.eval",
     "generate": "nanoseek.infer.chat",
     "chat": "nanoseek.infer.chat",
