@@ -109,13 +109,14 @@ class Engine:
         # compile: decode steps run a torch.compile'd `cached_step` at fixed shapes, the batch padded to a power
         # of two and the cache read to a power-of-two length, so a few graphs serve every step (each new shape
         # compiles once, ~20-30 s on a laptop CPU); prefill stays eager
-        self._step_fn = model.cached_step
+        self._step_fn, self._mtp_fn = model.cached_step, None
         if compile:
             shapes = (max_batch_size.bit_length() + 1) * (self.max_len.bit_length() + 1) * 2  # rows x cache x T
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
             self._step_fn = torch.compile(model.cached_step, dynamic=False)
+            self._mtp_fn = torch.compile(model.mtp_cached_step, dynamic=False) if speculative else None
         self.compiled = compile
-        self._compiled_shapes: set[tuple[int, int, int]] = set()  # (rows, tokens per row, cache_len)
+        self._compiled_shapes: set[tuple] = set()  # (function, input shapes and ints) already compiled
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, dtype=None, **kwargs) -> Engine:
@@ -219,19 +220,25 @@ class Engine:
         slots_t = torch.tensor(slots, device=self.device)
         start_t = torch.tensor(start, device=self.device)
         ids = torch.tensor(tokens, device=self.device)
-        shape = (*ids.shape, cache_len)
-        if self.compiled and shape in self._compiled_shapes:
-            # Dynamo re-checks ~1k guards (every parameter's identity, dtype, shape, ...) before each call: 1.3 ms
-            # per step at batch 1, more than the step itself. Once a shape has compiled, only the input shapes and
-            # cache_len tell the cached graphs apart, so evaluate just those guards. Unsafe only if the model's
-            # parameters are replaced or change dtype/device after the engine is built (in-place updates are fine).
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                logits, hidden, new = self._step_fn(ids, self.cache.kv, slots_t, start_t, cache_len)
-        else:  # eager, or a new shape to compile (with every guard)
-            logits, hidden, new = self._step_fn(ids, self.cache.kv, slots_t, start_t, cache_len)
-            self._compiled_shapes.add(shape)
+        logits, hidden, new = self._call(self._step_fn, ids, self.cache.kv, slots_t, start_t, cache_len)
         write_latents(self.cache.kv, slots_t[:N], start_t[:N], new[:, :N])
         return logits[:N], hidden[:N], slots_t[:N]
+
+    def _call(self, fn, *args):
+        """fn(*args). Dynamo re-checks ~1k guards (every parameter's identity, dtype, shape, ...) before each call
+        of a compiled function: 1.3 ms per step at batch 1, more than the step itself. Once a shape has compiled,
+        only the input shapes and ints tell the cached graphs apart, so evaluate just those guards. Unsafe only if
+        the model's parameters are replaced or change dtype/device after the engine is built (in-place updates,
+        as in GRPO, are fine)."""
+        if not self.compiled or (fn is not self._step_fn and fn is not self._mtp_fn):
+            return fn(*args)
+        key = (fn, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+        if key in self._compiled_shapes:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return fn(*args)
+        out = fn(*args)  # a new shape: compiled, with every guard
+        self._compiled_shapes.add(key)
+        return out
 
     def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         logits, _, slots = self._forward(seqs, [[s.output_ids[-1]] for s in seqs])
@@ -255,12 +262,20 @@ class Engine:
         seq.draft, seq.draft_probs = int(d.tokens[0]), d.probs[0]
 
     def _mtp(self, h: torch.Tensor, next_tokens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor):
-        module = self.model.mtp[0]
-        positions = start.unsqueeze(1) + torch.arange(h.shape[1], device=self.device)
-        cos, sin = self.model.rope(positions, h.dtype)
-        emb = self.model.embed_tokens(next_tokens)
-        _, h_normed = module.forward_cached(h, emb, cos, sin, self.mtp_cache.kv[0], slots, start)
-        return self.model.lm_head(h_normed)
+        """MTP logits for hidden states h [N, T, d] and the tokens after them; extends the MTP cache."""
+        N, kv = h.shape[0], self.mtp_cache.kv[0]
+        cache_len = int(start.max())
+        fn = self.model.mtp_cached_step
+        if self.compiled and h.shape[1] <= 2:  # decode-time drafts (the prompt's MTP prefill stays eager)
+            pad = (1 << (N - 1).bit_length()) - N
+            h, next_tokens, slots, start = (
+                torch.cat((t, t[-1:].expand(pad, *t.shape[1:]))) for t in (h, next_tokens, slots, start)
+            )
+            cache_len = min(max(16, 1 << (cache_len - 1).bit_length()), self.max_len)
+            fn = self._mtp_fn
+        logits, new = self._call(fn, h, next_tokens, kv, slots, start, cache_len)
+        write_latents(kv, slots[:N], start[:N], new[:N])
+        return logits[:N]
 
     def _decode_speculative(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Verify [last token, draft] for every sequence in one forward; accept, extend, redraft."""

@@ -15,7 +15,6 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
-from nanoseek.model.mla import write_latents
 from nanoseek.model.norm import RMSNorm
 
 
@@ -44,10 +43,3 @@ class MTPModule(nn.Module):
 
     def combine(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
         return self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
-
-    def forward_cached(self, h_prev, emb_next, cos, sin, kv_cache, slots, start):
-        """As forward, with this module's attention reading and extending its latent cache."""
-        x = self.combine(h_prev, emb_next)
-        h, new = self.block.forward_cached(x, cos, sin, kv_cache, slots, start, int(start.max()))
-        write_latents(kv_cache, slots, start, new)
-        return h, self.shared_head.norm(h)

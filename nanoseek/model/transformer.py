@@ -135,6 +135,25 @@ class Transformer(nn.Module):
         h = self.norm(x)
         return self.lm_head(h[:, -1:] if last_only else h), h, torch.stack(new)
 
+    def mtp_cached_step(
+        self,
+        h: torch.Tensor,
+        next_tokens: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slots: torch.Tensor,
+        start: torch.Tensor,
+        cache_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first MTP module over its own latent cache [n_slots, max_len, d_c + d_R], without writing it: from
+        final-normed hidden states h [N, T, d] and the tokens after them [N, T], returns (logits of the tokens
+        after those [N, T, V], new entries [N, T, d_c + d_R]). Pure, like cached_step (speculative decoding)."""
+        module = self.mtp[0]
+        positions = start.unsqueeze(1) + torch.arange(h.shape[1], device=h.device)
+        cos, sin = self.rope(positions, h.dtype)
+        x = module.combine(h, self.embed_tokens(next_tokens))
+        x, new = module.block.forward_cached(x, cos, sin, kv_cache, slots, start, cache_len)
+        return self.lm_head(module.shared_head.norm(x)), new
+
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp: bool = True) -> Losses:
         """Next-token loss, MTP loss and balance loss. targets[b, t] = input_ids[b, t+1] (IGNORE_INDEX to skip).
 
