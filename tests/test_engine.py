@@ -98,20 +98,40 @@ def test_cached_step_only_reads_the_cache_and_pads_safely(model):
     torch.testing.assert_close(exact[0][:, -1], model(ids)[:, -1], atol=1e-4, rtol=1e-4)
 
 
+def test_cached_step_reads_rows_in_place_as_if_gathered(model):
+    """slots=None (rows are cache rows 0..N-1, read without a gather) equals passing those rows' slots."""
+    cache = LatentCache(model.config, n_slots=3, max_len=32)
+    ids = torch.randint(2, 256, (3, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model.forward_cached(ids[:, :6], cache.kv, torch.arange(3), torch.tensor([0, 0, 0]))
+        start = torch.tensor([6, 3, 0])  # row 2 is idle: it sees only its own token
+        for T in (1, 2):
+            gathered = model.cached_step(ids[:, 6 : 6 + T], cache.kv, torch.arange(3), start, cache_len=16)
+            in_place = model.cached_step(ids[:, 6 : 6 + T], cache.kv, None, start, cache_len=16)
+            for a, b in zip(gathered, in_place):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_compiled_engine_matches_eager_engine(trained):
-    """Engine(compile=True): padded rows, rounded cache reads, dense experts; same greedy tokens (and the
-    speculative path too)."""
-    prompts = [[5, 9, 17, 3], [42, 8, 77], [6, 5, 9, 17, 3, 42]]
-    eager = Engine(trained, max_batch_size=4).generate(prompts, max_tokens=12, temperature=0)
+    """Engine(compile=True): rows read in place or gathered and padded, rounded cache reads, dense experts; same
+    greedy tokens (and the speculative path too)."""
+    prompts = [[5, 9, 17, 3], [42, 8, 77], [6, 5, 9, 17, 3, 42], [7, 7], [9, 1, 2], [3, 4, 5, 6]]
+    # the last sequence outlives the others in slot 5: its late steps gather it (1 row), not 8 cache rows
+    params = [SamplingParams(max_tokens=4, temperature=0)] * 5 + [SamplingParams(max_tokens=12, temperature=0)]
+    eager = Engine(trained, max_batch_size=8).generate(prompts, params)
     moes = trained.moe_layers()
     limits = [m.gather_max_tokens for m in moes]
     try:
         for m in moes:  # no gathered-expert path: eager sorts tokens (grouped GEMM), compiled runs dense experts
             m.gather_max_tokens = 0
-        compiled = Engine(trained, max_batch_size=4, compile=True).generate(prompts, max_tokens=12, temperature=0)
-        spec = Engine(trained, max_batch_size=4, speculative=True, compile=True)
-        speculative = spec.generate(prompts, max_tokens=12, temperature=0)
+        engine, modes = Engine(trained, max_batch_size=8, compile=True), []
+        step_fn = engine._step_fn
+        engine._step_fn = lambda ids, kv, slots, *a: modes.append(slots is None) or step_fn(ids, kv, slots, *a)
+        compiled = engine.generate(prompts, params)
+        assert True in modes and False in modes  # both the in-place and the gathered rows ran
+        spec = Engine(trained, max_batch_size=8, speculative=True, compile=True)
+        speculative = spec.generate(prompts, params)
         kv = LatentCache(trained.config, n_slots=4, max_len=32).kv.normal_()  # logits too, not only argmaxes
         args = (torch.tensor([[5], [9], [17], [3]]), kv, torch.arange(4), torch.tensor([3, 7, 0, 12]), 16)
         with torch.inference_mode():

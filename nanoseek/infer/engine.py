@@ -111,7 +111,7 @@ class Engine:
         # compiles once, ~20-30 s on a laptop CPU); prefill stays eager
         self._step_fn, self._mtp_fn = model.cached_step, None
         if compile:
-            shapes = (max_batch_size.bit_length() + 1) * (self.max_len.bit_length() + 1) * 2  # rows x cache x T
+            shapes = (max_batch_size.bit_length() + 1) * (self.max_len.bit_length() + 1) * 4  # rows x cache x T x mode
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
             self._step_fn = torch.compile(model.cached_step, dynamic=False)
             self._mtp_fn = torch.compile(model.mtp_cached_step, dynamic=False) if speculative else None
@@ -212,27 +212,42 @@ class Engine:
         N = len(seqs)
         slots = [s.slot for s in seqs]
         start = [self.cache.lengths[s] for s in slots]
-        cache_len = max(start)
-        if self.compiled:  # fixed shapes: pad rows by repeating the last one, round the cache read up
-            rows = 1 << (N - 1).bit_length()
-            slots, start, tokens = (x + x[-1:] * (rows - N) for x in (slots, start, tokens))
-            cache_len = min(max(16, 1 << (cache_len - 1).bit_length()), self.max_len)
-        slots_t = torch.tensor(slots, device=self.device)
-        start_t = torch.tensor(start, device=self.device)
-        ids = torch.tensor(tokens, device=self.device)
-        logits, hidden, new = self._call(self._step_fn, ids, self.cache.kv, slots_t, start_t, cache_len)
-        write_latents(self.cache.kv, slots_t[:N], start_t[:N], new[:, :N])
-        return logits[:N], hidden[:N], slots_t[:N]
+        slots_t, start_t = torch.tensor(slots, device=self.device), torch.tensor(start, device=self.device)
+        if not self.compiled:
+            ids = torch.tensor(tokens, device=self.device)
+            logits, hidden, new = self._step_fn(ids, self.cache.kv, slots_t, start_t, max(start))
+            write_latents(self.cache.kv, slots_t, start_t, new)
+            return logits, hidden, slots_t
+        # compiled: fixed shapes. The cache read is rounded up to a power of two; the rows are either the cache
+        # rows 0..R-1 themselves (read in place, idle rows fed a dummy token) or, when the running slots are
+        # scattered, the sequences padded to a power of two (their cache rows gathered)
+        cache_len = min(max(16, _pow2(max(start))), self.max_len)
+        in_place = min(_pow2(max(slots) + 1), self.cache.n_slots)
+        if in_place <= 2 * _pow2(N):
+            row_of = dict(zip(slots, range(N)))
+            rows = [row_of.get(r) for r in range(in_place)]
+            ids = torch.tensor([tokens[0] if i is None else tokens[i] for i in rows], device=self.device)
+            row_start = torch.tensor([0 if i is None else start[i] for i in rows], device=self.device)
+            logits, hidden, new = self._call(self._step_fn, ids, self.cache.kv, None, row_start, cache_len)
+            logits, hidden, new = logits[slots_t], hidden[slots_t], new[:, slots_t]
+        else:
+            pad = _pow2(N) - N
+            padded = (torch.cat((t, t[-1:].expand(pad, *t.shape[1:]))) for t in (slots_t, start_t))
+            ids = torch.tensor(tokens + tokens[-1:] * pad, device=self.device)
+            logits, hidden, new = self._call(self._step_fn, ids, self.cache.kv, *padded, cache_len)
+            logits, hidden, new = logits[:N], hidden[:N], new[:, :N]
+        write_latents(self.cache.kv, slots_t, start_t, new)
+        return logits, hidden, slots_t
 
     def _call(self, fn, *args):
         """fn(*args). Dynamo re-checks ~1k guards (every parameter's identity, dtype, shape, ...) before each call
         of a compiled function: 1.3 ms per step at batch 1, more than the step itself. Once a shape has compiled,
-        only the input shapes and ints tell the cached graphs apart, so evaluate just those guards. Unsafe only if
+        only the input shapes, ints and the thread count tell the cached graphs apart, so evaluate just those guards. Unsafe only if
         the model's parameters are replaced or change dtype/device after the engine is built (in-place updates,
         as in GRPO, are fine)."""
         if not self.compiled or (fn is not self._step_fn and fn is not self._mtp_fn):
             return fn(*args)
-        key = (fn, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+        key = (fn, torch.get_num_threads(), *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
         if key in self._compiled_shapes:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return fn(*args)
@@ -267,11 +282,11 @@ class Engine:
         cache_len = int(start.max())
         fn = self.model.mtp_cached_step
         if self.compiled and h.shape[1] <= 2:  # decode-time drafts (the prompt's MTP prefill stays eager)
-            pad = (1 << (N - 1).bit_length()) - N
+            pad = _pow2(N) - N
             h, next_tokens, slots, start = (
                 torch.cat((t, t[-1:].expand(pad, *t.shape[1:]))) for t in (h, next_tokens, slots, start)
             )
-            cache_len = min(max(16, 1 << (cache_len - 1).bit_length()), self.max_len)
+            cache_len = min(max(16, _pow2(cache_len)), self.max_len)
             fn = self._mtp_fn
         logits, new = self._call(fn, h, next_tokens, kv, slots, start, cache_len)
         write_latents(kv, slots[:N], start[:N], new[:N])
@@ -412,3 +427,8 @@ class Engine:
                     return
             if not events and not self.has_work():
                 return
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()

@@ -85,12 +85,13 @@ class MLA(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
-        slots: torch.Tensor,
+        slots: torch.Tensor | None,
         start: torch.Tensor,
         cache_len: int,
         absorb: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention for new tokens x [N, T, d] of N sequences whose past sits in rows `slots` of this layer's cache.
+        """Attention for new tokens x [N, T, d] of N sequences whose past sits in rows `slots` of this layer's cache
+        (None: rows 0..N-1, read in place without a gather).
 
         kv_cache [n_slots, max_len, d_c + d_R] holds [c_KV | rope(k_pe)] per position. Row n's new tokens are at
         positions start[n] .. start[n] + T - 1; they attend to cached positions < start[n] among the first
@@ -102,40 +103,53 @@ class MLA(nn.Module):
         N, T, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)  # [N, T, H, *]
         new = torch.cat(self.latent(x, cos, sin), dim=-1)  # [N, T, d_c + d_R]
-        past = kv_cache[:, :cache_len].index_select(0, slots).to(x.dtype)  # [N, S, d_c + d_R]
-        kv = torch.cat((past, new), dim=1)  # [N, S + T, *]
-        S = cache_len + T
-        visible = torch.cat(  # [N, T, S]: past j < start[n], new tokens causally
-            (
-                (torch.arange(cache_len, device=x.device) < start[:, None]).unsqueeze(1).expand(N, T, cache_len),
-                torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(N, T, T),
-            ),
-            dim=-1,
-        )
+        if slots is None:  # rows are cache rows 0..N-1: read the cache in place
+            past = kv_cache[:N, :cache_len].to(x.dtype)
+        else:
+            past = kv_cache[:, :cache_len].index_select(0, slots).to(x.dtype)  # [N, cache_len, d_c + d_R]
         H, dn, dv, dc = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
         if absorb if absorb is not None else T <= 4:
-            # k and v of every head come from the same latent (MQA over c_KV): fold heads into query rows
+            # k and v of every head come from the same latent (MQA over c_KV): fold heads into query rows.
+            # Past and new keys are scored separately (no copy of the past), then share one softmax.
             w = self.kv_b_proj.weight.view(H, dn + dv, dc)
             q_lat = torch.bmm(q_nope.reshape(N * T, H, dn).transpose(0, 1), w[:, :dn])  # [H, N*T, d_c]: W_UK
             q_lat = q_lat.transpose(0, 1).reshape(N, T * H, dc)
             q = torch.cat((q_lat, q_pe.reshape(N, T * H, -1)), dim=-1)  # [N, T*H, d_c + d_R]
-            scores = torch.bmm(q, kv.mT).mul_(self.softmax_scale).view(N, T, H, S)
-            scores = scores.masked_fill_(~visible.unsqueeze(2), float("-inf"))
-            p = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype).view(N, T * H, S)
-            o_lat = torch.bmm(p, kv[..., :dc]).view(N * T, H, dc).transpose(0, 1)  # [H, N*T, d_c]
+            scores = torch.cat((torch.bmm(q, past.mT), torch.bmm(q, new.mT)), dim=-1)  # [N, T*H, cache_len + T]
+            scores = scores.mul_(self.softmax_scale).view(N, T, H, cache_len + T)
+            scores = scores.masked_fill_(~_visible(start, cache_len, T).unsqueeze(2), float("-inf"))
+            p = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype).view(N, T * H, cache_len + T)
+            o_lat = torch.bmm(p[..., :cache_len], past[..., :dc]) + torch.bmm(p[..., cache_len:], new[..., :dc])
+            o_lat = o_lat.view(N * T, H, dc).transpose(0, 1)  # [H, N*T, d_c]
             o = torch.bmm(o_lat, w[:, dn:].mT).transpose(0, 1)  # [N*T, H, d_v]: W_UV folded into the output
             return self.o_proj(o.reshape(N, T, H * dv)), new
+        kv = torch.cat((past, new), dim=1)  # [N, S, *]
+        S = cache_len + T
         k_nope, v = self.kv_b_proj(kv[..., :dc]).view(N, S, H, dn + dv).split([dn, dv], dim=-1)
         k = torch.cat((k_nope, kv[..., dc:].unsqueeze(2).expand(N, S, H, self.qk_rope_head_dim)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        if cache_len == 0:  # a fresh prefill: plain causal attention, the fused (flash) kernel; pad v as in forward
+            v = F.pad(v, (0, self.qk_head_dim - dv)) if dv < self.qk_head_dim else v
+            mask, causal = None, True
+        else:
+            mask, causal = _visible(start, cache_len, T).unsqueeze(1), False
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            attn_mask=visible.unsqueeze(1),
+            attn_mask=mask,
+            is_causal=causal,
             scale=self.softmax_scale,
-        )  # [N, H, T, d_v]
-        return self.o_proj(o.transpose(1, 2).reshape(N, T, H * dv)), new
+        )  # [N, H, T, d_v (padded)]
+        return self.o_proj(o[..., :dv].transpose(1, 2).reshape(N, T, H * dv)), new
+
+
+def _visible(start: torch.Tensor, cache_len: int, T: int) -> torch.Tensor:
+    """[N, T, cache_len + T]: which keys each new token sees: cached positions j < start[n], new tokens causally."""
+    N = start.shape[0]
+    past = torch.arange(cache_len, device=start.device) < start[:, None]  # [N, cache_len]
+    new = torch.ones(T, T, dtype=torch.bool, device=start.device).tril()
+    return torch.cat((past.unsqueeze(1).expand(N, T, cache_len), new.expand(N, T, T)), dim=-1)
 
 
 def write_latents(kv_cache: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, new: torch.Tensor) -> None:

@@ -98,9 +98,10 @@ class Experts(nn.Module):
     def dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, combined with weights [N, E] (0 for unselected experts): E/K times the
         FLOPs of routing but fixed shapes and no sorting, for compiled decoding of a few tokens. x [N, d] -> [N, d]."""
-        gate, up = torch.matmul(x, self.w13).split(self.inter_dim, dim=-1)  # [E, N, I] each
-        y = torch.bmm(F.silu(gate) * up, self.w2)  # [E, N, d]
-        return torch.einsum("end,ne->nd", y, weights)
+        E, N, I = self.w13.shape[0], x.shape[0], self.inter_dim
+        gate, up = torch.matmul(x, self.w13).split(I, dim=-1)  # [E, N, I] each
+        h = F.silu(gate) * up * weights.T.unsqueeze(-1)  # routing weights applied before the down projection
+        return h.transpose(0, 1).reshape(N, E * I) @ self.w2.view(E * I, -1)  # sum over experts in one GEMM
 
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if _HAS_GROUPED_MM and x_sorted.dtype in (torch.float32, torch.bfloat16):
