@@ -4,9 +4,11 @@
     python -m benchmarks.decode --model runs/x/checkpoints/step_N  # a trained model: adds MTP speculation
 
 Greedy, float32. Decode tokens/s excludes prefill (time(N new tokens) - time(1 new token)); EOS is ignored by
-both so every sequence runs N tokens. Prefill tokens/s is one prompt of --prompt-len tokens. KV-cache bytes per
-token are read off each cache after generation. With a trained model, MTP self-speculation's acceptance rate and
-speedup at batch 1 on built-in arithmetic prompts. One JSON line.
+both so every sequence runs N tokens. Prefill tokens/s is one 256-token prompt. KV-cache bytes per token are read
+off each cache after generation. With a trained model, MTP self-speculation's acceptance rate and speedup at
+batch 1 on built-in arithmetic prompts. After a warm-up (which compiles every shape with --compile), the two
+sides are timed alternately, --reps rounds, and medians reported: this VM's speed drifts over minutes, and
+alternating keeps each ratio a same-moment comparison. One JSON line.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 
 
-def best_of(fn, reps: int) -> float:
-    fn()
-    return min(_timed(fn) for _ in range(reps))
+def alternate(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Call each fn (which returns seconds) once per round, in turn; returns every fn's durations."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(fn())
+    return times
 
 
 def _timed(fn) -> float:
@@ -36,13 +42,18 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def _ratio(times: dict[str, list[float]], slow: str, fast: str) -> float:
+    """Median over rounds of time[slow] / time[fast]."""
+    return round(statistics.median(a / b for a, b in zip(times[slow], times[fast])), 2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu-small")
     p.add_argument("--model", default=None, help="a trained model dir (enables the MTP speculation figures)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5, help="alternating timing rounds")
     p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd step (Engine(compile=True))")
     args = p.parse_args()
     import transformers
@@ -72,24 +83,30 @@ def main() -> None:
         hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     for bs in (1, 16):
-        row = {}
-        for name, gen in (("nanoseek", ours_gen), ("transformers", hf_gen)):
-            full = best_of(lambda gen=gen, bs=bs: gen(bs, N), args.reps)
-            first = best_of(lambda gen=gen, bs=bs: gen(bs, 1), args.reps)
-            row[name] = round(bs * (N - 1) / (full - first), 1)
-        row["ratio"] = round(row["nanoseek"] / row["transformers"], 2)
+        gens = {"nanoseek": ours_gen, "transformers": hf_gen}
+        for gen in gens.values():  # warm-up: every decode shape compiles here
+            gen(bs, N)
+        decode = {
+            name: (lambda g=g, bs=bs: _timed(lambda: g(bs, N)) - _timed(lambda: g(bs, 1))) for name, g in gens.items()
+        }
+        times = alternate(decode, args.reps)
+        row = {name: round(bs * (N - 1) / statistics.median(t), 1) for name, t in times.items()}
+        row["ratio"] = _ratio(times, "transformers", "nanoseek")
         result[f"decode_tokens_per_s_batch{bs}"] = row
 
     long_prompt = torch.randint(3, config.vocab_size, (1, 256))
     slot, zero = torch.tensor([0]), torch.tensor([0])
     with torch.inference_mode():
-        t_ours = best_of(lambda: ours.forward_cached(long_prompt, engine.cache.kv, slot, zero, last_only=True), 5)
-        t_hf = best_of(lambda: hf(long_prompt, use_cache=True, logits_to_keep=1), 5)
-    result["prefill_tokens_per_s"] = {
-        "nanoseek": round(256 / t_ours),
-        "transformers": round(256 / t_hf),
-        "ratio": round(t_hf / t_ours, 2),
-    }
+        prefill = {
+            "nanoseek": lambda: _timed(
+                lambda: ours.forward_cached(long_prompt, engine.cache.kv, slot, zero, last_only=True)
+            ),
+            "transformers": lambda: _timed(lambda: hf(long_prompt, use_cache=True, logits_to_keep=1)),
+        }
+        times = alternate(prefill, 3)  # warm-up
+        times = alternate(prefill, 5 * args.reps)
+    result["prefill_tokens_per_s"] = {name: round(256 / statistics.median(t)) for name, t in times.items()}
+    result["prefill_tokens_per_s"]["ratio"] = _ratio(times, "transformers", "nanoseek")
 
     with torch.inference_mode():
         out = hf(prompt, use_cache=True)
@@ -111,12 +128,26 @@ def main() -> None:
         params = SamplingParams(max_tokens=48, temperature=0)
         plain = Engine(ours, tok, max_batch_size=1, compile=args.compile)
         spec = Engine(ours, tok, max_batch_size=1, speculative=True, compile=args.compile)
-        t_plain = statistics.median(_timed(lambda p=p: plain.generate([p], params)) for p in prompts)
-        t_spec = statistics.median(_timed(lambda p=p: spec.generate([p], params)) for p in prompts)
+        for p in prompts:  # warm-up: compiles every shape either engine meets
+            plain.generate([p], params), spec.generate([p], params)
+        t_plain, t_spec = [], []
+        for p in prompts:
+            t = alternate(
+                {
+                    "plain": lambda p=p: _timed(lambda: plain.generate([p], params)),
+                    "spec": lambda p=p: _timed(lambda: spec.generate([p], params)),
+                },
+                args.reps,
+            )
+            t_plain.append(statistics.median(t["plain"]))
+            t_spec.append(statistics.median(t["spec"]))
+        spec.stats = dict.fromkeys(spec.stats, 0)
+        for p in prompts:
+            spec.generate([p], params)
         same = all(plain.generate([p], params)[0].token_ids == spec.generate([p], params)[0].token_ids for p in prompts)
         result["mtp_speculation_batch1"] = {
             "acceptance_rate": round(spec.stats["accepted"] / max(spec.stats["drafted"], 1), 3),
-            "speedup": round(t_plain / t_spec, 2),
+            "speedup": round(sum(t_plain) / sum(t_spec), 2),
             "greedy_output_identical": same,
         }
     result.update(

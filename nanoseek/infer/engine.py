@@ -274,7 +274,7 @@ class Engine:
         logits = self._mtp(h, nxt, slot_t, torch.zeros(1, dtype=torch.long, device=self.device))
         self.mtp_cache.lengths[seq.slot] = P
         d = self.sampler.sample(slot_t, logits[:, -1], return_probs=True)
-        seq.draft, seq.draft_probs = int(d.tokens[0]), d.probs[0]
+        seq.draft, seq.draft_probs = d.token(0), None if d.probs is None else d.probs[0]
 
     def _mtp(self, h: torch.Tensor, next_tokens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor):
         """MTP logits for hidden states h [N, T, d] and the tokens after them; extends the MTP cache."""
@@ -297,7 +297,12 @@ class Engine:
         start = torch.tensor([self.cache.lengths[s.slot] for s in seqs], device=self.device)
         drafts = torch.tensor([s.draft for s in seqs], device=self.device)
         logits, hidden, slots = self._forward(seqs, [[s.output_ids[-1], s.draft] for s in seqs])  # [N, 2, V]
-        q = torch.stack([s.draft_probs for s in seqs])
+        q = None  # the drafts' distributions; plain-greedy rows keep none (one-hot)
+        if any(s.draft_probs is not None for s in seqs):
+            V = self.config.vocab_size
+            q = torch.stack(
+                [_one_hot(s.draft, V, self.device) if s.draft_probs is None else s.draft_probs for s in seqs]
+            )
         accepted, out0 = self.sampler.verify(slots, drafts, q, logits[:, 0])
         results = []
         emitted = [self._append(s, out0, i) for i, s in enumerate(seqs)]
@@ -330,7 +335,7 @@ class Engine:
             for j, i in enumerate(live):
                 s = seqs[i]
                 self.mtp_cache.lengths[s.slot] = self.cache.lengths[s.slot]
-                s.draft, s.draft_probs = int(d.tokens[j]), d.probs[j]
+                s.draft, s.draft_probs = d.token(j), None if d.probs is None else d.probs[j]
         for i, s in enumerate(seqs):
             results.append((s, emitted[i]))
         return results
@@ -340,8 +345,9 @@ class Engine:
         """Record a sampled token, apply stop rules; returns the ids that became part of the output."""
         if seq.done:
             return []
-        token = int(out.tokens[row])
-        self.sampler.observe(torch.tensor([seq.slot]), torch.tensor([token]))
+        token = out.token(row)
+        if seq.slot in self.sampler.penalised:  # counts feed only the penalties
+            self.sampler.observe(torch.tensor([seq.slot]), torch.tensor([token]))
         self.stats["tokens"] += 1
         if token in self.eos_ids:
             seq.finish_reason = "stop"
@@ -432,3 +438,7 @@ class Engine:
 def _pow2(n: int) -> int:
     """The smallest power of two >= n (n >= 1)."""
     return 1 << (n - 1).bit_length()
+
+
+def _one_hot(token: int, n: int, device) -> torch.Tensor:
+    return torch.zeros(n, device=device).index_fill_(0, torch.tensor([token], device=device), 1.0)

@@ -27,11 +27,14 @@ from torch import Tensor
 MAX_TOP_LOGPROBS = 20
 
 
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy (as in vLLM): logits / T would overflow to inf
+
+
 @dataclass
 class SamplingParams:
     """How one request samples. Defaults follow the OpenAI API; every "off" value leaves the logits untouched."""
 
-    temperature: float = 1.0  # 0 => greedy
+    temperature: float = 1.0  # 0 (or below 1e-5, where logits / T overflow) => greedy
     top_k: int = 0  # 0 => off
     top_p: float = 1.0  # nucleus: the smallest set of tokens with mass >= top_p; 1 => off
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max; 0 => off
@@ -79,6 +82,13 @@ class SampleOutput:
     top_ids: Tensor | None = None  # [N, n] int64
     top_logprobs: Tensor | None = None  # [N, n] float32
     probs: Tensor | None = None  # [N, V] the sampling distribution (one-hot for greedy rows), on request
+    _token_list: list[int] | None = field(default=None, repr=False)
+
+    def token(self, row: int) -> int:
+        """tokens[row] as an int (one host copy for all rows)."""
+        if self._token_list is None:
+            self._token_list = self.tokens.tolist()
+        return self._token_list[row]
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
@@ -196,8 +206,9 @@ class Sampler:
             raise ValueError(f"slot {slot} is already in use")
         self.params[slot] = params
         p = params
+        temperature = p.temperature if p.temperature >= GREEDY_BELOW else 0.0
         for t, v in [
-            (self.temperature, p.temperature),
+            (self.temperature, temperature),
             (self.top_k, p.top_k),
             (self.top_p, p.top_p),
             (self.min_p, p.min_p),
@@ -217,7 +228,7 @@ class Sampler:
         penalised = p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
         if penalised:
             self.penalised.add(slot)
-        if p.temperature == 0 and not penalised and not p.wants_logprobs:
+        if temperature == 0 and not penalised and not p.wants_logprobs:
             self.plain_greedy.add(slot)
 
     def remove(self, slot: int) -> None:
@@ -255,8 +266,8 @@ class Sampler:
 
     def sample(self, slots: Tensor, logits: Tensor, return_probs: bool = False) -> SampleOutput:
         """Draw one token for each row. slots [N]; logits [N, V]. `return_probs` adds the sampling distribution
-        (e.g. the draft's q for `verify`)."""
-        if not return_probs and self.plain_greedy.issuperset(slots.tolist()):
+        (e.g. the draft's q for `verify`), except when every row is plain greedy: `verify` then needs none."""
+        if self.plain_greedy.issuperset(slots.tolist()):
             return SampleOutput(tokens=logits.argmax(dim=-1).to(self.device))
         slots = slots.to(self.device).long()
         proc = self.process(slots, logits)
@@ -273,11 +284,14 @@ class Sampler:
         return out
 
     def verify(
-        self, slots: Tensor, draft_tokens: Tensor, draft_probs: Tensor, target_logits: Tensor
+        self, slots: Tensor, draft_tokens: Tensor, draft_probs: Tensor | None, target_logits: Tensor
     ) -> tuple[Tensor, SampleOutput]:
         """Speculative step: accept or replace each row's drafted token against the target model's logits at
         the same position. Returns (accepted [N] bool, output whose tokens are the emitted ones). The caller
         `observe`s emitted tokens before processing the next position, so its penalties see them."""
+        if self.plain_greedy.issuperset(slots.tolist()):  # greedy: accept iff the draft is the argmax
+            tokens = target_logits.argmax(dim=-1).to(self.device)
+            return tokens == draft_tokens.to(self.device), SampleOutput(tokens=tokens)
         slots = slots.to(self.device).long()
         proc = self.process(slots, target_logits)
         greedy = self.temperature[slots] == 0
