@@ -109,12 +109,13 @@ class Engine:
         # compile: decode steps run a torch.compile'd `cached_step` at fixed shapes, the batch padded to a power
         # of two and the cache read to a power-of-two length, so a few graphs serve every step (each new shape
         # compiles once, ~20-30 s on a laptop CPU); prefill stays eager
-        self._step_fn, self._mtp_fn = model.cached_step, None
+        self._step_fn, self._mtp_fn, self._spec_fn = model.cached_step, None, None
         if compile:
             shapes = (max_batch_size.bit_length() + 1) * (self.max_len.bit_length() + 1) * 4  # rows x cache x T x mode
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
             self._step_fn = torch.compile(model.cached_step, dynamic=False)
             self._mtp_fn = torch.compile(model.mtp_cached_step, dynamic=False) if speculative else None
+            self._spec_fn = torch.compile(model.speculative_greedy_step, dynamic=False) if speculative else None
         self.compiled = compile
         self._compiled_shapes: set[tuple] = set()  # (function, input shapes and ints) already compiled
 
@@ -245,7 +246,7 @@ class Engine:
         only the input shapes, ints and the thread count tell the cached graphs apart, so evaluate just those guards. Unsafe only if
         the model's parameters are replaced or change dtype/device after the engine is built (in-place updates,
         as in GRPO, are fine)."""
-        if not self.compiled or (fn is not self._step_fn and fn is not self._mtp_fn):
+        if not self.compiled or fn not in (self._step_fn, self._mtp_fn, self._spec_fn):
             return fn(*args)
         key = (fn, torch.get_num_threads(), *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
         if key in self._compiled_shapes:
@@ -294,6 +295,10 @@ class Engine:
 
     def _decode_speculative(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Verify [last token, draft] for every sequence in one forward; accept, extend, redraft."""
+        if self._spec_fn is not None and self.sampler.plain_greedy.issuperset(s.slot for s in seqs):
+            slots = [s.slot for s in seqs]
+            if _pow2(max(slots) + 1) <= 2 * _pow2(len(seqs)):
+                return self._decode_speculative_greedy(seqs)
         start = torch.tensor([self.cache.lengths[s.slot] for s in seqs], device=self.device)
         drafts = torch.tensor([s.draft for s in seqs], device=self.device)
         logits, hidden, slots = self._forward(seqs, [[s.output_ids[-1], s.draft] for s in seqs])  # [N, 2, V]
@@ -338,6 +343,39 @@ class Engine:
                 s.draft, s.draft_probs = d.token(j), None if d.probs is None else d.probs[j]
         for i, s in enumerate(seqs):
             results.append((s, emitted[i]))
+        return results
+
+    def _decode_speculative_greedy(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """Compiled, all rows plain greedy: verify and redraft in one call (`Transformer.speculative_greedy_step`)
+        over the cache rows 0..R-1 read in place (idle rows fed dummy tokens, their results dropped)."""
+        slots = [s.slot for s in seqs]
+        start = [self.cache.lengths[s] for s in slots]
+        cache_len = min(max(16, _pow2(max(start))), self.max_len)
+        R = min(_pow2(max(slots) + 1), self.cache.n_slots)
+        by_slot = {s.slot: s for s in seqs}
+        ids = [[by_slot[r].output_ids[-1], by_slot[r].draft] if r in by_slot else [0, 0] for r in range(R)]
+        row_start = [self.cache.lengths[r] if r in by_slot else 0 for r in range(R)]
+        ids_t, start_t = torch.tensor(ids, device=self.device), torch.tensor(row_start, device=self.device)
+        mtp_kv = self.mtp_cache.kv[0]
+        tokens, accepted, draft, new, mtp_new = self._call(
+            self._spec_fn, ids_t, self.cache.kv, mtp_kv, None, start_t, cache_len
+        )
+        slots_t = torch.tensor(slots, device=self.device)
+        write_latents(self.cache.kv, slots_t, start_t[slots_t], new[:, slots_t])
+        write_latents(mtp_kv, slots_t, start_t[slots_t], mtp_new[slots_t])
+        out0, out1 = SampleOutput(tokens=tokens[:, 0]), SampleOutput(tokens=tokens[:, 1])
+        acc, drafts = accepted.tolist(), draft.tolist()
+        results = []
+        for s in seqs:
+            emitted = self._append(s, out0, s.slot)
+            if acc[s.slot] and not s.done:
+                emitted += self._append(s, out1, s.slot)
+            self.cache.lengths[s.slot] += 2 if acc[s.slot] else 1
+            self.mtp_cache.lengths[s.slot] = self.cache.lengths[s.slot]
+            s.draft, s.draft_probs = drafts[s.slot], None
+            results.append((s, emitted))
+        self.stats["drafted"] += len(seqs)
+        self.stats["accepted"] += sum(acc[s] for s in slots)
         return results
 
     # ----------------------------------------------------------------------------------- bookkeeping

@@ -154,6 +154,28 @@ class Transformer(nn.Module):
         x, new = module.block.forward_cached(x, cos, sin, kv_cache, slots, start, cache_len)
         return self.lm_head(module.shared_head.norm(x)), new
 
+    def speculative_greedy_step(
+        self,
+        ids: torch.Tensor,
+        kv_cache: torch.Tensor,
+        mtp_cache: torch.Tensor,
+        slots: torch.Tensor | None,
+        start: torch.Tensor,
+        cache_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One greedy self-speculative step as a single pure function (what the engine compiles): verify ids
+        [N, 2] = [last token, MTP's draft] with the main model, then draft the next token with MTP from the
+        positions that were kept. Returns (greedy tokens [N, 2], accepted [N] = draft was the argmax, next draft
+        [N], new main-cache entries [L, N, 2, W], new MTP-cache entries [N, 2, W])."""
+        logits, h, new = self.cached_step(ids, kv_cache, slots, start, cache_len)
+        tokens = logits.argmax(dim=-1)  # [N, 2]
+        accepted = tokens[:, 0] == ids[:, 1]
+        # MTP position start sees (h_start, token start+1) = t0; position start+1 (used only if accepted): t1
+        nxt = torch.stack((tokens[:, 0], torch.where(accepted, tokens[:, 1], tokens[:, 0])), dim=1)
+        mtp_logits, mtp_new = self.mtp_cached_step(h, nxt, mtp_cache, slots, start, cache_len)
+        draft = torch.where(accepted, mtp_logits[:, 1].argmax(dim=-1), mtp_logits[:, 0].argmax(dim=-1))
+        return tokens, accepted, draft, new, mtp_new
+
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp: bool = True) -> Losses:
         """Next-token loss, MTP loss and balance loss. targets[b, t] = input_ids[b, t+1] (IGNORE_INDEX to skip).
 
