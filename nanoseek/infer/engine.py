@@ -12,6 +12,7 @@ the standard rule, so greedy output is identical to plain greedy and sampled out
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
 from collections.abc import Iterator
@@ -115,9 +116,12 @@ class Engine:
         if compile:
             shapes = (max_batch_size.bit_length() + 1) * (self.max_len.bit_length() + 1) * 4  # rows x cache x T x mode
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
-            self._step_fn = torch.compile(model.cached_step, dynamic=False)
-            self._mtp_fn = torch.compile(model.mtp_cached_step, dynamic=False) if speculative else None
-            self._spec_fn = torch.compile(model.speculative_greedy_step, dynamic=False) if speculative else None
+            # the C++ wrapper: the compiled graph's buffer bookkeeping in C++ rather than Python, measured
+            # alternately 3.9 -> 3.2 ms per step at batch 16, 1.15 -> 0.79 ms at batch 1 (longer first compiles)
+            compiled = functools.partial(torch.compile, dynamic=False, options={"cpp_wrapper": True})
+            self._step_fn = compiled(model.cached_step)
+            self._mtp_fn = compiled(model.mtp_cached_step) if speculative else None
+            self._spec_fn = compiled(model.speculative_greedy_step) if speculative else None
         self.compiled = compile
         self._compiled_shapes: set[tuple] = set()  # (function, input shapes and ints) already compiled
 
@@ -233,7 +237,8 @@ class Engine:
             ids = torch.tensor([tokens[0] if i is None else tokens[i] for i in rows], device=self.device)
             row_start = torch.tensor([0 if i is None else start[i] for i in rows], device=self.device)
             logits, hidden, new = self._call(self._step_fn, ids, self.cache.kv, None, row_start, cache_len)
-            logits, hidden, new = logits[slots_t], hidden[slots_t], new[:, slots_t]
+            if slots != list(range(in_place)):  # else every row is a running sequence, in order
+                logits, hidden, new = logits[slots_t], hidden[slots_t], new[:, slots_t]
         else:
             pad = _pow2(N) - N
             padded = (torch.cat((t, t[-1:].expand(pad, *t.shape[1:]))) for t in (slots_t, start_t))
