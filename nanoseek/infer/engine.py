@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from nanoseek.infer.cache import LatentCache
 from nanoseek.infer.sampling import SampleOutput, Sampler, SamplingParams
@@ -287,19 +288,21 @@ class Engine:
 
     def _mtp(self, h: torch.Tensor, next_tokens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor):
         """MTP logits for hidden states h [N, T, d] and the tokens after them; extends the MTP cache."""
-        N, kv = h.shape[0], self.mtp_cache.kv[0]
+        (N, T), kv = h.shape[:2], self.mtp_cache.kv[0]
         cache_len = int(start.max())
         fn = self.model.mtp_cached_step
-        if self.compiled and h.shape[1] <= 2:  # decode-time drafts (the prompt's MTP prefill stays eager)
-            pad = _pow2(N) - N
-            h, next_tokens, slots, start = (
-                torch.cat((t, t[-1:].expand(pad, *t.shape[1:]))) for t in (h, next_tokens, slots, start)
-            )
+        if self.compiled and (T <= 2 or cache_len == 0):
+            # decode-time drafts: rows padded to a power of two; a prompt's prefill (no past): its length padded
+            # to a power of two (causal, so the padding changes no real position; its entries are not stored)
+            rows, length = (_pow2(N), T) if T <= 2 else (N, min(max(16, _pow2(T)), self.max_len))
+            h = F.pad(h, (0, 0, 0, length - T, 0, rows - N))
+            next_tokens = F.pad(next_tokens, (0, length - T, 0, rows - N))
+            slots, start = (torch.cat((t, t[-1:].expand(rows - N))) for t in (slots, start))
             cache_len = min(max(16, _pow2(cache_len)), self.max_len)
             fn = self._mtp_fn
         logits, new = self._call(fn, h, next_tokens, kv, slots, start, cache_len)
-        write_latents(kv, slots[:N], start[:N], new[:N])
-        return logits[:N]
+        write_latents(kv, slots[:N], start[:N], new[:N, :T])
+        return logits[:N, :T]
 
     def _decode_speculative(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Verify [last token, draft] for every sequence in one forward; accept, extend, redraft."""
