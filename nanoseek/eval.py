@@ -30,7 +30,6 @@ from nanoseek.infer.sampling import SamplingParams
 FORMATS = ("pretrain", "chat")
 NO_LEVEL = "-"  # level name for problems that carry none (e.g. a user's .jsonl)
 # A well-formed completion: a think block, then a non-empty answer (R1's format reward, without the EOS check).
-_FORMAT = re.compile(rf"\s*{re.escape(THINK_START)}.*?{re.escape(THINK_END)}\s*\S.*", re.DOTALL)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -73,8 +72,12 @@ def is_correct(item: Item, completion: str) -> bool:
 
 
 def has_format(completion: str) -> bool:
-    """True iff the completion is `<think>...</think>` followed by a non-empty answer."""
-    return _FORMAT.fullmatch(completion) is not None
+    """True iff the completion is exactly one `<think>...</think>` block (possibly empty) followed by a non-empty
+    answer. The one rule for the format rate here and GRPO's format reward."""
+    text = completion.strip()
+    if not text.startswith(THINK_START) or text.count(THINK_START) != 1 or text.count(THINK_END) != 1:
+        return False
+    return bool(text.split(THINK_END, 1)[1].strip())
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -83,6 +83,7 @@ def test_format_rate_needs_a_closed_think_block_and_an_answer():
     assert not has_format("<think>79*9=711")  # never closed
     assert not has_format("<think>1+2=3</think>  ")  # no answer after it
     assert not has_format("so <think>x</think> 3")  # does not open with the think block
+    assert not has_format("<think>a</think> 3 <think>b</think> 4")  # one think block only (as GRPO's reward)
 
 
 def test_answers_are_checked_numerically_or_as_countdown_expressions():

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from nanoseek.checkpoint import load_model
 from nanoseek.config import atomic_write_text
 from nanoseek.data.tasks import LEVELS, THINK_END, THINK_START, countdown_value, extract_answer, generate, verify
-from nanoseek.eval import read_prompt_file
+from nanoseek.eval import has_format, read_prompt_file
 from nanoseek.infer.engine import Completion, Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import Transformer
@@ -152,10 +152,7 @@ def format_reward(prompt: str, completion: str, example: dict) -> float:
     The think block may be empty: `<think></think> 653` is our answer-only format (R1 also leaves it empty
     for trivial questions). A think-only reward would be hackable with junk (recipe sec. 8); use accuracy.
     """
-    text = completion.strip()
-    if not text.startswith(THINK_START) or text.count(THINK_START) != 1 or text.count(THINK_END) != 1:
-        return 0.0
-    return 1.0 if text.split(THINK_END, 1)[1].strip() else 0.0
+    return float(has_format(completion))
 
 
 def has_reasoning(completion: str) -> bool:
