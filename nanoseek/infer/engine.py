@@ -227,18 +227,13 @@ class Engine:
             logits, hidden, new = self._step_fn(ids, self.cache.kv, slots_t, start_t, max(start))
             write_latents(self.cache.kv, slots_t, start_t, new)
             return logits, hidden, slots_t
-        # compiled: fixed shapes. The cache read is rounded up to a power of two; the rows are either the cache
-        # rows 0..R-1 themselves (read in place, idle rows fed a dummy token) or, when the running slots are
-        # scattered, the sequences padded to a power of two (their cache rows gathered)
-        cache_len = min(max(16, _pow2(max(start))), self.max_len)
-        in_place = min(_pow2(max(slots) + 1), self.cache.n_slots)
-        if in_place <= 2 * _pow2(N):
-            row_of = dict(zip(slots, range(N)))
-            rows = [row_of.get(r) for r in range(in_place)]
-            ids = torch.tensor([tokens[0] if i is None else tokens[i] for i in rows], device=self.device)
-            row_start = torch.tensor([0 if i is None else start[i] for i in rows], device=self.device)
-            logits, hidden, new = self._call(self._step_fn, ids, self.cache.kv, None, row_start, cache_len)
-            if slots != list(range(in_place)):  # else every row is a running sequence, in order
+        # compiled: fixed shapes. The rows are either the cache rows 0..R-1 themselves (read in place) or, when
+        # the running slots are scattered, the sequences padded to a power of two (their cache rows gathered)
+        cache_len = self._cache_read_len(start)
+        rows = self._in_place_rows(slots, tokens)
+        if rows is not None:
+            logits, hidden, new = self._call(self._step_fn, rows[0], self.cache.kv, None, rows[1], cache_len)
+            if slots != list(range(len(rows[1]))):  # else every row is a running sequence, in order
                 logits, hidden, new = logits[slots_t], hidden[slots_t], new[:, slots_t]
         else:
             pad = _pow2(N) - N
@@ -248,6 +243,23 @@ class Engine:
             logits, hidden, new = logits[:N], hidden[:N], new[:, :N]
         write_latents(self.cache.kv, slots_t, start_t, new)
         return logits, hidden, slots_t
+
+    def _cache_read_len(self, start: list[int]) -> int:
+        """Compiled steps read the cache up to a power of two (>= 16) past the longest sequence (masked)."""
+        return min(max(16, _pow2(max(start))), self.max_len)
+
+    def _in_place_rows(self, slots: list[int], tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rows for a compiled step over the cache rows 0..R-1 read in place (R a power of two): (ids [R, T],
+        start [R]); idle rows are fed tokens[0] at position 0 and their results dropped. None when the running
+        slots are too scattered for it (R > twice the padded batch): then gather the rows instead."""
+        R = min(_pow2(max(slots) + 1), self.cache.n_slots)
+        if R > 2 * _pow2(len(slots)):
+            return None
+        row_of = dict(zip(slots, range(len(slots))))
+        rows = [row_of.get(r) for r in range(R)]
+        ids = torch.tensor([tokens[0] if i is None else tokens[i] for i in rows], device=self.device)
+        start = [0 if i is None else self.cache.lengths[slots[i]] for i in rows]
+        return ids, torch.tensor(start, device=self.device)
 
     def _call(self, fn, *args):
         """fn(*args). Dynamo re-checks ~1k guards (every parameter's identity, dtype, shape, ...) before each call
@@ -298,7 +310,7 @@ class Engine:
             h = F.pad(h, (0, 0, 0, length - T, 0, rows - N))
             next_tokens = F.pad(next_tokens, (0, length - T, 0, rows - N))
             slots, start = (torch.cat((t, t[-1:].expand(rows - N))) for t in (slots, start))
-            cache_len = min(max(16, _pow2(cache_len)), self.max_len)
+            cache_len = self._cache_read_len([cache_len])
             fn = self._mtp_fn
         logits, new = self._call(fn, h, next_tokens, kv, slots, start, cache_len)
         write_latents(kv, slots[:N], start[:N], new[:N, :T])
@@ -307,9 +319,9 @@ class Engine:
     def _decode_speculative(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Verify [last token, draft] for every sequence in one forward; accept, extend, redraft."""
         if self._spec_fn is not None and self.sampler.plain_greedy.issuperset(s.slot for s in seqs):
-            slots = [s.slot for s in seqs]
-            if _pow2(max(slots) + 1) <= 2 * _pow2(len(seqs)):
-                return self._decode_speculative_greedy(seqs)
+            rows = self._in_place_rows([s.slot for s in seqs], [[s.output_ids[-1], s.draft] for s in seqs])
+            if rows is not None:
+                return self._decode_speculative_greedy(seqs, *rows)
         start = torch.tensor([self.cache.lengths[s.slot] for s in seqs], device=self.device)
         drafts = torch.tensor([s.draft for s in seqs], device=self.device)
         logits, hidden, slots = self._forward(seqs, [[s.output_ids[-1], s.draft] for s in seqs])  # [N, 2, V]
@@ -356,24 +368,20 @@ class Engine:
             results.append((s, emitted[i]))
         return results
 
-    def _decode_speculative_greedy(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+    def _decode_speculative_greedy(
+        self, seqs: list[Sequence], ids: torch.Tensor, row_start: torch.Tensor
+    ) -> list[tuple[Sequence, list[int]]]:
         """Compiled, all rows plain greedy: verify and redraft in one call (`Transformer.speculative_greedy_step`)
-        over the cache rows 0..R-1 read in place (idle rows fed dummy tokens, their results dropped)."""
+        over the cache rows read in place (`_in_place_rows`: ids [R, 2] = [last token, draft], row_start [R])."""
         slots = [s.slot for s in seqs]
-        start = [self.cache.lengths[s] for s in slots]
-        cache_len = min(max(16, _pow2(max(start))), self.max_len)
-        R = min(_pow2(max(slots) + 1), self.cache.n_slots)
-        by_slot = {s.slot: s for s in seqs}
-        ids = [[by_slot[r].output_ids[-1], by_slot[r].draft] if r in by_slot else [0, 0] for r in range(R)]
-        row_start = [self.cache.lengths[r] if r in by_slot else 0 for r in range(R)]
-        ids_t, start_t = torch.tensor(ids, device=self.device), torch.tensor(row_start, device=self.device)
+        cache_len = self._cache_read_len([self.cache.lengths[s] for s in slots])
         mtp_kv = self.mtp_cache.kv[0]
         tokens, accepted, draft, new, mtp_new = self._call(
-            self._spec_fn, ids_t, self.cache.kv, mtp_kv, None, start_t, cache_len
+            self._spec_fn, ids, self.cache.kv, mtp_kv, None, row_start, cache_len
         )
         slots_t = torch.tensor(slots, device=self.device)
-        write_latents(self.cache.kv, slots_t, start_t[slots_t], new[:, slots_t])
-        write_latents(mtp_kv, slots_t, start_t[slots_t], mtp_new[slots_t])
+        write_latents(self.cache.kv, slots_t, row_start[slots_t], new[:, slots_t])
+        write_latents(mtp_kv, slots_t, row_start[slots_t], mtp_new[slots_t])
         out0, out1 = SampleOutput(tokens=tokens[:, 0]), SampleOutput(tokens=tokens[:, 1])
         acc, drafts = accepted.tolist(), draft.tolist()
         results = []
