@@ -5,8 +5,8 @@
 
 Greedy, float32. Decode tokens/s excludes prefill (time(N new tokens) - time(1 new token)); EOS is ignored by
 both so every sequence runs N tokens. Prefill tokens/s is one 256-token prompt. KV-cache bytes per token are read
-off each cache after generation. With a trained model, MTP self-speculation's acceptance rate and speedup at
-batch 1 on built-in arithmetic prompts. After a warm-up (which compiles every shape with --compile), the two
+off each cache after generation. With a trained model, MTP self-speculation at batch 1 on built-in arithmetic
+prompts: acceptance, speedup, and its factors (tokens per step, step-cost ratio, the step's anatomy). After a warm-up (which compiles every shape with --compile), the two
 sides are timed alternately, --reps rounds, and medians reported: this VM's speed drifts over minutes, and
 alternating keeps each ratio a same-moment comparison. One JSON line.
 """
@@ -23,7 +23,7 @@ import time
 import torch
 
 from nanoseek import ModelConfig, Transformer, load_model, save_model
-from nanoseek.infer.engine import Engine
+from nanoseek.infer.engine import Engine, single_thread
 from nanoseek.infer.sampling import SamplingParams
 
 
@@ -45,6 +45,119 @@ def _timed(fn) -> float:
 def _ratio(times: dict[str, list[float]], slow: str, fast: str) -> float:
     """Median over rounds of time[slow] / time[fast]."""
     return round(statistics.median(a / b for a, b in zip(times[slow], times[fast])), 2)
+
+
+def _request(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[float, float, int]:
+    """One request through `engine.step()`: (admission seconds, decode seconds, decode steps)."""
+    engine.add_request(prompt, params)
+    t0 = time.perf_counter()
+    engine.step()  # admission: prefill, first token (and, speculative, the MTP prefill + first draft)
+    t1 = time.perf_counter()
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    return t1 - t0, time.perf_counter() - t1, steps
+
+
+def routed_union(model: Transformer, seqs: list[list[int]]) -> float:
+    """Mean number of distinct routed experts per MoE layer for two consecutive tokens (what a 2-token verify
+    reads), over the main model's MoE layers; a single token reads num_experts_per_tok."""
+    picks: list[torch.Tensor] = []
+    layers = [layer.mlp for layer in model.layers if hasattr(layer.mlp, "gate")]
+    hooks = [m.gate.register_forward_hook(lambda mod, inp, out: picks.append(out[1])) for m in layers]
+    counts = []
+    with torch.inference_mode():
+        for ids in seqs:
+            picks.clear()
+            model(torch.tensor([ids]))
+            for idx in picks:  # [T, K] per layer
+                pairs = torch.cat((idx[:-1], idx[1:]), dim=1).sort(dim=1).values
+                counts.append(1 + (pairs.diff(dim=1) != 0).sum(dim=1).float())
+    for h in hooks:
+        h.remove()
+    return round(torch.cat(counts).mean().item(), 2)
+
+
+def speculation(ours: Transformer, args) -> dict:
+    """MTP self-speculation vs plain decoding at batch 1 on built-in arithmetic prompts (a trained model).
+
+    decode_speedup = tokens_per_step / step_cost_ratio exactly: with greedy output identical, plain decoding
+    takes one step per token and speculation one step per 1 + (accepted drafts) tokens, each step costing
+    step_cost_ratio plain steps. step_anatomy_us says where a speculative step's cost comes from."""
+    from nanoseek.data.tasks import generate as make_problems
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(args.model)
+    problems = make_problems("arithmetic", 16, seed=1, split="test", level="3x12")
+    prompts = [tok.encode(pr.pretrain_text().split("<think>")[0] + "<think>", bos=True) for pr in problems]
+    params = SamplingParams(max_tokens=48, temperature=0)
+    plain = Engine(ours, tok, max_batch_size=1, compile=args.compile)
+    spec = Engine(ours, tok, max_batch_size=1, speculative=True, compile=args.compile)
+    engines = {"plain": plain, "spec": spec}
+    for p in prompts:  # warm-up: compiles every shape either engine meets
+        plain.generate([p], params), spec.generate([p], params)
+    spec.stats = dict.fromkeys(spec.stats, 0)
+    runs: dict[str, list[tuple[float, float, int]]] = {"plain": [], "spec": []}
+    for _ in range(args.reps):
+        for p in prompts:
+            for name, engine in engines.items():
+                runs[name].append(_request(engine, p, params))
+    total = {name: [a + d for a, d, _ in r] for name, r in runs.items()}
+    decode = {name: sum(d for _, d, _ in r) for name, r in runs.items()}
+    steps = {name: sum(n for _, _, n in r) for name, r in runs.items()}
+    rounds = len(prompts)  # per-round ratios of decode time per step: same-moment comparisons
+    per_step = {
+        name: [
+            sum(d for _, d, _ in r[i : i + rounds]) / max(1, sum(n for _, _, n in r[i : i + rounds]))
+            for i in range(0, len(r), rounds)
+        ]
+        for name, r in runs.items()
+    }
+    outputs = {name: [e.generate([p], params)[0].token_ids for p in prompts] for name, e in engines.items()}
+    return {
+        "acceptance_rate": round(spec.stats["accepted"] / max(spec.stats["drafted"], 1), 3),
+        "tokens_per_step": round(steps["plain"] / steps["spec"], 2),
+        "step_cost_ratio": round(statistics.median(s / p for s, p in zip(per_step["spec"], per_step["plain"])), 2),
+        "decode_speedup": round(decode["plain"] / decode["spec"], 2),
+        "speedup": round(sum(total["plain"]) / sum(total["spec"]), 2),
+        "admission_ms": {name: round(1e3 * statistics.median(a for a, _, _ in r), 2) for name, r in runs.items()},
+        "step_anatomy_us": step_anatomy(spec, args.reps),
+        "routed_experts_per_layer": {
+            "one_token": ours.config.num_experts_per_tok,
+            "two_consecutive_tokens": routed_union(ours, [p + o for p, o in zip(prompts, outputs["plain"])]),
+        },
+        "greedy_output_identical": outputs["plain"] == outputs["spec"],
+    }
+
+
+def step_anatomy(spec: Engine, reps: int) -> dict[str, float]:
+    """Median microseconds per call of the pure step functions behind one decode step at batch 1 (compiled when
+    the engine is), at position 20 reading 32 cached positions: a plain step (1 token), the main model verifying
+    2 tokens, the MTP block on 2 positions, and the fused speculative step (verify + MTP redraft)."""
+    model, kv, mtp_kv = spec.model, spec.cache.kv, spec.mtp_cache.kv[0]
+    mtp = model.mtp_cached_step if spec._mtp_fn is None else spec._mtp_fn
+
+    def timed(fn, *args) -> float:
+        t = time.perf_counter()
+        for _ in range(50):
+            spec._call(fn, *args)
+        return (time.perf_counter() - t) / 50
+
+    # tensors made under inference_mode, like the engine's (a compiled graph's guards tell the two kinds apart)
+    with torch.inference_mode(), single_thread():
+        start, slots, one, two = torch.tensor([20]), torch.tensor([0]), torch.tensor([[5]]), torch.tensor([[5, 6]])
+        calls = {
+            "step_1_token": (spec._step_fn, one, kv, None, start, 32),
+            "verify_2_tokens": (spec._step_fn, two, kv, None, start, 32),
+            "mtp_2_positions": (mtp, torch.zeros(1, 2, model.config.hidden_size), two, mtp_kv, slots, start, 32),
+        }
+        if spec._spec_fn is not None:
+            calls["speculative_step"] = (spec._spec_fn, two, kv, mtp_kv, None, start, 32)
+        for call in calls.values():  # compiles what generation did not
+            spec._call(*call), spec._call(*call)
+        times = alternate({name: (lambda c=call: timed(*c)) for name, call in calls.items()}, 4 * reps)
+    return {name: round(1e6 * statistics.median(t), 1) for name, t in times.items()}
 
 
 def main() -> None:
@@ -119,37 +232,7 @@ def main() -> None:
     }
 
     if args.model and ours.mtp:
-        from nanoseek.data.tasks import generate as make_problems
-        from nanoseek.tokenizer import Tokenizer
-
-        tok = Tokenizer.from_pretrained(args.model)
-        problems = make_problems("arithmetic", 16, seed=1, split="test", level="3x12")
-        prompts = [tok.encode(pr.pretrain_text().split("<think>")[0] + "<think>", bos=True) for pr in problems]
-        params = SamplingParams(max_tokens=48, temperature=0)
-        plain = Engine(ours, tok, max_batch_size=1, compile=args.compile)
-        spec = Engine(ours, tok, max_batch_size=1, speculative=True, compile=args.compile)
-        for p in prompts:  # warm-up: compiles every shape either engine meets
-            plain.generate([p], params), spec.generate([p], params)
-        t_plain, t_spec = [], []
-        for p in prompts:
-            t = alternate(
-                {
-                    "plain": lambda p=p: _timed(lambda: plain.generate([p], params)),
-                    "spec": lambda p=p: _timed(lambda: spec.generate([p], params)),
-                },
-                args.reps,
-            )
-            t_plain.append(statistics.median(t["plain"]))
-            t_spec.append(statistics.median(t["spec"]))
-        spec.stats = dict.fromkeys(spec.stats, 0)
-        for p in prompts:
-            spec.generate([p], params)
-        same = all(plain.generate([p], params)[0].token_ids == spec.generate([p], params)[0].token_ids for p in prompts)
-        result["mtp_speculation_batch1"] = {
-            "acceptance_rate": round(spec.stats["accepted"] / max(spec.stats["drafted"], 1), 3),
-            "speedup": round(sum(t_plain) / sum(t_spec), 2),
-            "greedy_output_identical": same,
-        }
+        result["mtp_speculation_batch1"] = speculation(ours, args)
     result.update(
         torch=torch.__version__,
         transformers=transformers.__version__,
