@@ -24,18 +24,27 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from nanoseek.data.tasks import LEVELS, THINK_END, THINK_START, Problem, extract_answer, generate, verify
+from nanoseek.data.tasks import (
+    LEVELS,
+    THINK_END,
+    THINK_START,
+    Problem,
+    countdown_value,
+    extract_answer,
+    generate,
+    verify,
+)
 from nanoseek.infer.sampling import SamplingParams
 
 FORMATS = ("pretrain", "chat")
 NO_LEVEL = "-"  # level name for problems that carry none (e.g. a user's .jsonl)
-# A well-formed completion: a think block, then a non-empty answer (R1's format reward, without the EOS check).
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+EXACT = "exact"  # the task of `{prompt, answer}` data without one: see `answer_matches`
 
 
 @dataclass(frozen=True)
 class Item:
-    """One problem as the evaluator sees it. task: arithmetic | countdown | number (a plain numeric answer)."""
+    """One problem as the evaluator sees it. task: arithmetic | countdown (the built-in verifiers) | exact."""
 
     prompt: str
     answer: str
@@ -43,32 +52,59 @@ class Item:
     level: str = NO_LEVEL
 
 
-def _is_number(text: str) -> bool:
-    return _NUMBER.fullmatch(text.strip()) is not None
-
-
 def to_item(problem: Problem | dict | Item) -> Item:
-    """Normalise a Problem or a `{prompt, answer[, task, level]}` dict; without a task, a numeric answer is
-    checked as a number and anything else as a countdown-style expression."""
+    """Normalise a Problem or a `{prompt, answer[, task, level]}` dict; without a task, the answer is checked by
+    `answer_matches` (exact value, or exact text)."""
     if isinstance(problem, Item):
         return problem
     if isinstance(problem, Problem):
         return Item(problem.prompt, problem.answer, problem.task, str(problem.meta.get("level") or NO_LEVEL))
     if not isinstance(problem, dict) or "prompt" not in problem or "answer" not in problem:
         raise ValueError(f"a problem needs 'prompt' and 'answer', got {problem!r:.200}")
-    answer = str(problem["answer"]).strip()
-    task = problem.get("task") or ("number" if _is_number(answer) else "countdown")
+    task = problem.get("task") or EXACT
+    if task != EXACT and task not in LEVELS:
+        raise ValueError(f"unknown task {task!r}: choose one of {sorted(LEVELS)}, or leave it out")
     level = problem.get("level")
-    return Item(str(problem["prompt"]), answer, task, NO_LEVEL if level is None else str(level))
+    return Item(str(problem["prompt"]), str(problem["answer"]).strip(), task, NO_LEVEL if level is None else str(level))
 
 
 def is_correct(item: Item, completion: str) -> bool:
-    """Check a completion's final answer (see `nanoseek.data.tasks` for the answer rule)."""
-    if item.task != "number":
+    """Check a completion's final answer: the task's verifier (see `nanoseek.data.tasks`), else `answer_matches`.
+    GRPO's accuracy reward is this same check."""
+    if item.task in LEVELS:
         return verify(item.task, completion, item.answer)
-    answer = extract_answer(completion)
-    numbers = _NUMBER.findall(answer[-200:]) if answer else []
-    return bool(numbers) and Fraction(numbers[-1]) == Fraction(item.answer)  # exact: 653.0 == 653, 0.1 != 0.10001
+    return answer_matches(completion, item.answer)
+
+
+def exact_value(text: str) -> Fraction | None:
+    """Exact value of a number (`12`, `-3.5`, `7/2`) or a + - * / ( ) expression (AST whitelist, never eval)."""
+    text = text.strip().replace(",", "").replace("\u2212", "-")
+    if not text:
+        return None
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        pass
+    literals = [int(x) for x in re.findall(r"\d+", text)]
+    return countdown_value(text, literals)  # whitelisted evaluator of tasks.py; literals = its own numbers
+
+
+def answer_matches(completion: str, answer: str) -> bool:
+    """The check for `{prompt, answer}` data: the final answer (text after `</think>`) must have the exact value
+    of a numeric or expression reference (read as one expression, `... = value`, or else its last number:
+    `3.50` matches `7/2`); a reference without a value (text) must equal the final answer up to case and spacing."""
+    pred_text = extract_answer(completion)
+    if pred_text is None:
+        return False
+    gold = exact_value(str(answer))
+    if gold is None:
+        return " ".join(pred_text.split()).casefold() == " ".join(str(answer).split()).casefold()
+    pred_text = pred_text.split("=")[-1] if "=" in pred_text else pred_text  # `3*4 = 12` -> 12
+    pred = exact_value(pred_text)
+    if pred is None:
+        numbers = _NUMBER.findall(pred_text[-200:])
+        pred = exact_value(numbers[-1]) if numbers else None
+    return pred is not None and pred == gold
 
 
 def has_format(completion: str) -> bool:

@@ -24,6 +24,7 @@ from nanoseek.eval import (
 )
 from nanoseek.infer.engine import Completion, Engine
 from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train.grpo import accuracy_reward
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,17 +87,38 @@ def test_format_rate_needs_a_closed_think_block_and_an_answer():
     assert not has_format("<think>a</think> 3 <think>b</think> 4")  # one think block only (as GRPO's reward)
 
 
-def test_answers_are_checked_numerically_or_as_countdown_expressions():
+def test_answers_are_checked_by_task_verifier_or_exactly():
     arith = to_item(generate("arithmetic", 1, seed=0, split="test")[0])
     assert is_correct(arith, f"<think>work</think> {arith.answer}")
     assert not is_correct(arith, f"<think>{arith.answer}")  # think not closed: no answer
     number = to_item({"prompt": "Half of 5?", "answer": 2.5})
-    assert number.task == "number"
+    assert number.task == "exact"
     assert is_correct(number, "<think></think> = 2.50") and not is_correct(number, "<think></think> 2")
-    cd = to_item({"prompt": "Make 16 from 3 5 2.", "answer": "(3+5)*2"})
-    assert cd.task == "countdown"
+    half = to_item({"prompt": "7 halves?", "answer": "7/2"})  # a fraction reference (was a crash)
+    assert is_correct(half, "<think></think> 3.5") and not is_correct(half, "<think></think> 3")
+    text = to_item({"prompt": "Capital of France?", "answer": "Paris"})  # no value: exact text, any case/spacing
+    assert is_correct(text, "<think>France</think>  paris ") and not is_correct(text, "<think></think> Lyon")
+    # without a task an expression reference is a value; with task=countdown its numbers must be the ones used
+    expr = {"prompt": "Make 16 from 3 5 2.", "answer": "(3+5)*2"}
+    assert is_correct(to_item(expr), "<think></think> 16")
+    cd = to_item({**expr, "task": "countdown"})
     assert is_correct(cd, "<think>3+5=8 8*2=16</think> 2*(5+3)")
     assert not is_correct(cd, "<think></think> 16")  # does not use the numbers
+    with pytest.raises(ValueError, match="unknown task 'algebra'"):
+        to_item({**expr, "task": "algebra"})
+
+
+def test_eval_and_grpo_reward_use_one_answer_rule():
+    cases = [
+        ({"answer": "653", "task": "arithmetic"}, ["<think></think> 653", "<think></think> 652", "653"]),
+        ({"answer": "(3+5)*2", "task": "countdown"}, ["<think></think> 2*(5+3)", "<think></think> 16"]),
+        ({"answer": "(3+5)*2"}, ["<think></think> 16", "<think></think> 2**4"]),
+        ({"answer": "7/2"}, ["<think></think> 3.50", "<think></think> 7 / 2", "<think></think> 4"]),
+        ({"answer": "Paris"}, ["<think></think> PARIS", "<think></think> Paris, France"]),
+    ]
+    for example, completions in cases:
+        for c in completions:
+            assert accuracy_reward("q", c, example) == float(is_correct(to_item({"prompt": "q", **example}), c))
 
 
 def test_oracle_engine_scores_accuracy_and_format_one(tok):
@@ -153,7 +175,7 @@ def test_load_problems_builtin_and_jsonl(tmp_path):
     assert len(problems) == 8 and {p.meta["level"] for p in problems} == {"3", "4"}
     f = tmp_path / "probs.jsonl"
     f.write_text('{"prompt": "What is 2+3?", "answer": 5, "level": "easy"}\n\n{"prompt": "Make 6", "answer": "1+5"}\n')
-    assert load_problems(str(f)) == [Item("What is 2+3?", "5", "number", "easy"), Item("Make 6", "1+5", "countdown")]
+    assert load_problems(str(f)) == [Item("What is 2+3?", "5", "exact", "easy"), Item("Make 6", "1+5", "exact")]
     f.write_text('{"prompt": "x"}\n')
     with pytest.raises(ValueError, match="probs.jsonl:1"):
         load_problems(str(f))

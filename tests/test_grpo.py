@@ -11,6 +11,7 @@ import torch
 from nanoseek import ModelConfig, Transformer, load_model, save_model
 from nanoseek.cli import main
 from nanoseek.data.tasks import builtin_corpus
+from nanoseek.eval import answer_matches
 from nanoseek.report import read_metrics
 from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train.checkpointing import checkpoint_dirs
@@ -20,7 +21,6 @@ from nanoseek.train.grpo import (
     Rollout,
     TaskPrompts,
     accuracy_reward,
-    answer_matches,
     format_reward,
     group_advantages,
     grpo,

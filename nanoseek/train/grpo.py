@@ -32,12 +32,10 @@ import copy
 import json
 import math
 import random
-import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +46,8 @@ from tqdm import tqdm
 
 from nanoseek.checkpoint import load_model
 from nanoseek.config import atomic_write_text
-from nanoseek.data.tasks import LEVELS, THINK_END, THINK_START, countdown_value, extract_answer, generate, verify
-from nanoseek.eval import has_format, read_prompt_file
+from nanoseek.data.tasks import LEVELS, THINK_END, THINK_START, generate
+from nanoseek.eval import has_format, is_correct, read_prompt_file, to_item
 from nanoseek.infer.engine import Completion, Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import Transformer
@@ -163,43 +161,12 @@ def has_reasoning(completion: str) -> bool:
     return bool(inner.strip())
 
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
-
-
-def exact_value(text: str) -> Fraction | None:
-    """Exact value of a number (`12`, `-3.5`, `7/2`) or a + - * / ( ) expression (AST whitelist, never eval)."""
-    text = text.strip().replace(",", "").replace("\u2212", "-")
-    if not text:
-        return None
-    try:
-        return Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        pass
-    literals = [int(x) for x in re.findall(r"\d+", text)]
-    return countdown_value(text, literals)  # whitelisted evaluator of tasks.py; literals = its own numbers
-
-
-def answer_matches(completion: str, answer: str) -> bool:
-    """Numeric / expression check for `{prompt, answer}` data: the final answer (text after `</think>`), read as
-    one expression or else as its last number, must have the exact value of the reference answer."""
-    gold = exact_value(str(answer))
-    pred_text = extract_answer(completion)
-    if gold is None or pred_text is None:
-        return False
-    pred_text = pred_text.split("=")[-1] if "=" in pred_text else pred_text  # `3*4 = 12` -> 12
-    pred = exact_value(pred_text)
-    if pred is None:
-        numbers = _NUMBER.findall(pred_text[-200:])
-        pred = exact_value(numbers[-1]) if numbers else None
-    return pred is not None and pred == gold
-
-
 def accuracy_reward(prompt: str, completion: str, example: dict) -> float:
-    """1.0 if the completion's answer is right: the task verifier for built-in tasks, else `answer_matches`."""
-    task = example.get("task")
-    if task in LEVELS:
-        return float(verify(task, completion, example))
-    return float(answer_matches(completion, example["answer"])) if "answer" in example else 0.0
+    """1.0 if the completion's answer is right, by the check `nanoseek eval` scores with (`eval.is_correct`):
+    the task's verifier for built-in tasks, else `eval.answer_matches`."""
+    if "answer" not in example:
+        return 0.0
+    return float(is_correct(to_item({"prompt": prompt, **example}), completion))
 
 
 def scaled(fn: RewardFn, weight: float) -> RewardFn:
