@@ -233,6 +233,10 @@ def read_prompt_file(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}): each line is {{prompt, answer}}") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or "answer" not in obj:
             raise ValueError(f"{path}:{lineno}: each line needs a string 'prompt' and an 'answer'")
+        try:
+            to_item(obj)  # a bad 'task' fails here, not mid-run
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
         out.append(obj)
     return out
 
@@ -247,13 +251,7 @@ def load_problems(
         path = Path(task)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file (tasks: {', '.join(LEVELS)}, or a .jsonl file)")
-        problems = []
-        for lineno, obj in enumerate(read_prompt_file(path), 1):
-            try:
-                problems.append(to_item(obj))
-            except ValueError as e:
-                raise ValueError(f"{path}: record {lineno}: {e}") from None
-        return problems
+        return [to_item(obj) for obj in read_prompt_file(path)]  # each line checked there (errors name it)
     return [p for level in levels or list(LEVELS[task]) for p in generate(task, n, seed, split, level)]
 
 

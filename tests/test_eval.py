@@ -176,6 +176,9 @@ def test_load_problems_builtin_and_jsonl(tmp_path):
     f = tmp_path / "probs.jsonl"
     f.write_text('{"prompt": "What is 2+3?", "answer": 5, "level": "easy"}\n\n{"prompt": "Make 6", "answer": "1+5"}\n')
     assert load_problems(str(f)) == [Item("What is 2+3?", "5", "exact", "easy"), Item("Make 6", "1+5", "exact")]
+    f.write_text('{"prompt": "x", "answer": 1}\n{"prompt": "y", "answer": 2, "task": "algebra"}\n')
+    with pytest.raises(ValueError, match="probs.jsonl:2: unknown task 'algebra'"):
+        load_problems(str(f))
     f.write_text('{"prompt": "x"}\n')
     with pytest.raises(ValueError, match="probs.jsonl:1"):
         load_problems(str(f))
