@@ -116,7 +116,7 @@ def speculation(ours: Transformer, args) -> dict:
     }
     outputs = {name: [e.generate([p], params)[0].token_ids for p in prompts] for name, e in engines.items()}
     return {
-        "acceptance_rate": round(spec.stats["accepted"] / max(spec.stats["drafted"], 1), 3),
+        "acceptance_rate": round(spec.acceptance_rate or 0.0, 3),
         "tokens_per_step": round(steps["plain"] / steps["spec"], 2),
         "step_cost_ratio": round(statistics.median(s / p for s, p in zip(per_step["spec"], per_step["plain"])), 2),
         "decode_speedup": round(decode["plain"] / decode["spec"], 2),

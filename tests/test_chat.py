@@ -36,6 +36,17 @@ def test_generate_json_prints_text_and_token_ids(model_dir, capsys):
         assert len(r["token_ids"]) <= 6 and r["text"] == tok.decode(r["token_ids"])
 
 
+def test_generate_speculative_reports_the_acceptance_rate(model_dir, capsys):
+    d, _ = model_dir
+    args = ["generate", "--model", str(d), "--prompt", "What is", "--max-tokens", "8", "--json"]
+    assert main(args) == 0
+    plain = capsys.readouterr()
+    assert main([*args, "--speculative"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out  # greedy: the same completion, stdout stays one JSON object per prompt
+    assert "MTP speculation:" in spec.err and "drafts accepted" in spec.err and "MTP" not in plain.err
+
+
 def test_generate_is_deterministic_with_a_seed(model_dir, capsys):
     d, _ = model_dir
     args = ["generate", "--model", str(d), "--prompt", "hello", "--temperature", "1", "--seed", "5", "--json"]

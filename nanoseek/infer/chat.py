@@ -91,6 +91,9 @@ def run_generate(args: argparse.Namespace) -> int:
             print(json.dumps(record, ensure_ascii=False))
         else:
             print(out.text)
+    if engine.acceptance_rate is not None:
+        drafted, accepted = engine.stats["drafted"], engine.stats["accepted"]
+        print(f"MTP speculation: {accepted}/{drafted} drafts accepted ({engine.acceptance_rate:.1%})", file=sys.stderr)
     return 0
 
 

@@ -164,6 +164,12 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of MTP drafts the main model accepted so far (speculative engines; None before any draft). Each
+        accepted draft is a token without a decode step of its own."""
+        return self.stats["accepted"] / self.stats["drafted"] if self.stats["drafted"] else None
+
     # ---------------------------------------------------------------------------------------- step
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, list[int]]]:
