@@ -36,9 +36,16 @@ def alternate(fns: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(fn) -> float:
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t
 
 
@@ -70,7 +77,7 @@ def routed_union(model: Transformer, seqs: list[list[int]]) -> float:
     with torch.inference_mode():
         for ids in seqs:
             picks.clear()
-            model(torch.tensor([ids]))
+            model(torch.tensor([ids], device=next(model.parameters()).device))
             for idx in picks:  # [T, K] per layer
                 pairs = torch.cat((idx[:-1], idx[1:]), dim=1).sort(dim=1).values
                 counts.append(1 + (pairs.diff(dim=1) != 0).sum(dim=1).float())
@@ -139,18 +146,20 @@ def step_anatomy(spec: Engine, reps: int) -> dict[str, float]:
     mtp = model.mtp_cached_step if spec._mtp_fn is None else spec._mtp_fn
 
     def timed(fn, *args) -> float:
+        _sync()
         t = time.perf_counter()
         for _ in range(50):
             spec._call(fn, *args)
+        _sync()
         return (time.perf_counter() - t) / 50
 
     # tensors made under inference_mode, like the engine's (a compiled graph's guards tell the two kinds apart)
     with torch.inference_mode(), single_thread():
-        start, slots, one, two = torch.tensor([20]), torch.tensor([0]), torch.tensor([[5]]), torch.tensor([[5, 6]])
+        start, slots, one, two = (torch.tensor(x, device=spec.device) for x in ([20], [0], [[5]], [[5, 6]]))
         calls = {
             "step_1_token": (spec._step_fn, one, kv, None, start, 32),
             "verify_2_tokens": (spec._step_fn, two, kv, None, start, 32),
-            "mtp_2_positions": (mtp, torch.zeros(1, 2, model.config.hidden_size), two, mtp_kv, slots, start, 32),
+            "mtp_2_positions": (mtp, kv.new_zeros(1, 2, model.config.hidden_size), two, mtp_kv, slots, start, 32),
         }
         if spec._spec_fn is not None:
             calls["speculative_step"] = (spec._spec_fn, two, kv, mtp_kv, None, start, 32)
@@ -168,19 +177,20 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--reps", type=int, default=5, help="alternating timing rounds")
     p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd step (Engine(compile=True))")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     import transformers
 
     torch.manual_seed(0)
     if args.model:
-        ours = load_model(args.model, dtype=torch.float32)
+        ours = load_model(args.model, dtype=torch.float32, device=args.device)
     else:
-        ours = Transformer(ModelConfig.from_preset(args.preset)).eval()
+        ours = Transformer(ModelConfig.from_preset(args.preset)).to(args.device).eval()
     config = ours.config
     with tempfile.TemporaryDirectory() as d:
         save_model(ours, d)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    prompt = torch.randint(3, config.vocab_size, (1, args.prompt_len))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(args.device).eval()
+    prompt = torch.randint(3, config.vocab_size, (1, args.prompt_len), device=args.device)
     N = args.new_tokens
     result: dict = {"bench": "decode", "preset": args.model or args.preset, "new_tokens": N, "compile": args.compile}
 
@@ -207,8 +217,8 @@ def main() -> None:
         row["ratio"] = _ratio(times, "transformers", "nanoseek")
         result[f"decode_tokens_per_s_batch{bs}"] = row
 
-    long_prompt = torch.randint(3, config.vocab_size, (1, 256))
-    slot, zero = torch.tensor([0]), torch.tensor([0])
+    long_prompt = torch.randint(3, config.vocab_size, (1, 256), device=args.device)
+    slot, zero = torch.tensor([0], device=args.device), torch.tensor([0], device=args.device)
     with torch.inference_mode():
         prefill = {
             "nanoseek": lambda: _timed(
@@ -236,7 +246,9 @@ def main() -> None:
     result.update(
         torch=torch.__version__,
         transformers=transformers.__version__,
-        machine=f"{platform.machine()} {torch.get_num_threads()} threads",
+        machine=torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"{platform.machine()} {torch.get_num_threads()} threads",
         date=time.strftime("%Y-%m-%d"),
     )
     print(json.dumps(result))

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One call on a lent GPU (the `device` tool): correctness checks first, then the benchmarks, nanoseek vs
+# transformers on the same weights. JSON lines on stdout and appended to $OUT/gpu.jsonl (./gpu.jsonl without OUT).
+# No installs: the GPU image has torch, transformers, safetensors and tokenizers. Each step is bounded by
+# `timeout`, so a hang costs its own slot only; at most 9 minutes in all (device run: timeout_s=600).
+#   bash benchmarks/gpu.sh                                     # on the GPU machine
+#   DEVICE=cpu DTYPE=float32 PRESET=cpu-small QUICK=1 bash benchmarks/gpu.sh   # smoke test of the script here
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-bfloat16} PRESET=${PRESET:-gpu-small}
+out="${OUT:-.}/gpu.jsonl"
+if [ -n "${QUICK:-}" ]; then seq=128 iters=2 reps=1; else seq=1024 iters=10 reps=3; fi
+
+step() {  # step SECONDS ARGS...: python3 ARGS under a timeout; a failure is recorded as a JSON line
+    local limit=$1
+    shift
+    echo "# $*" >&2
+    timeout "$limit" python3 "$@" | tee -a "$out"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || echo "{\"failed\": \"$*\", \"rc\": $rc}" | tee -a "$out"
+}
+
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2
+step 150 -m benchmarks.gpu_check --device "$DEVICE"
+step 120 -m benchmarks.model_throughput --preset "$PRESET" --device "$DEVICE" --dtype "$DTYPE" \
+    --batch-size 8 --seq-len "$seq" --iters "$iters" --rounds 3
+step 120 -m benchmarks.decode --preset "$PRESET" --device "$DEVICE" --reps "$reps"
+step 150 -m benchmarks.decode --preset "$PRESET" --device "$DEVICE" --reps "$reps" --compile
