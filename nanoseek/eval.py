@@ -64,8 +64,12 @@ def to_item(problem: Problem | dict | Item) -> Item:
     task = problem.get("task") or EXACT
     if task != EXACT and task not in LEVELS:
         raise ValueError(f"unknown task {task!r}: choose one of {sorted(LEVELS)}, or leave it out")
-    level = problem.get("level")
-    return Item(str(problem["prompt"]), str(problem["answer"]).strip(), task, NO_LEVEL if level is None else str(level))
+    answer, level = str(problem["answer"]).strip(), problem.get("level")
+    if task == "arithmetic" and not re.fullmatch(r"-?\d+", answer):
+        raise ValueError(f"an arithmetic answer is an integer, got {answer!r}")
+    if task == "countdown":
+        verify(task, "", answer)  # raises on a reference that is not an integer-valued expression
+    return Item(str(problem["prompt"]), answer, task, NO_LEVEL if level is None else str(level))
 
 
 def is_correct(item: Item, completion: str) -> bool:

@@ -106,6 +106,10 @@ def test_answers_are_checked_by_task_verifier_or_exactly():
     assert not is_correct(cd, "<think></think> 16")  # does not use the numbers
     with pytest.raises(ValueError, match="unknown task 'algebra'"):
         to_item({**expr, "task": "algebra"})
+    with pytest.raises(ValueError, match="an arithmetic answer is an integer"):
+        to_item({"prompt": "q", "answer": "seven", "task": "arithmetic"})
+    with pytest.raises(ValueError, match="not a valid integer expression"):
+        to_item({"prompt": "q", "answer": "7/2", "task": "countdown"})
 
 
 def test_eval_and_grpo_reward_use_one_answer_rule():
