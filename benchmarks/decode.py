@@ -141,7 +141,8 @@ def speculation(ours: Transformer, args) -> dict:
 def step_anatomy(spec: Engine, reps: int) -> dict[str, float]:
     """Median microseconds per call of the pure step functions behind one decode step at batch 1 (compiled when
     the engine is), at position 20 reading 32 cached positions: a plain step (1 token), the main model verifying
-    2 tokens, the MTP block on 2 positions, and the fused speculative step (verify + MTP redraft)."""
+    2 tokens, the MTP block on 2 positions (their cache entries, then attention, MoE and head for the last, as
+    a redraft after an accepted draft), and the fused speculative step (verify + MTP redraft)."""
     model, kv, mtp_kv = spec.model, spec.cache.kv, spec.mtp_cache.kv[0]
     mtp = model.mtp_cached_step if spec._mtp_fn is None else spec._mtp_fn
 
@@ -155,11 +156,11 @@ def step_anatomy(spec: Engine, reps: int) -> dict[str, float]:
 
     # tensors made under inference_mode, like the engine's (a compiled graph's guards tell the two kinds apart)
     with torch.inference_mode(), single_thread():
-        start, slots, one, two = (torch.tensor(x, device=spec.device) for x in ([20], [0], [[5]], [[5, 6]]))
+        start, slots, one, two, last = (torch.tensor(x, device=spec.device) for x in ([20], [0], [[5]], [[5, 6]], [1]))
         calls = {
             "step_1_token": (spec._step_fn, one, kv, None, start, 32),
             "verify_2_tokens": (spec._step_fn, two, kv, None, start, 32),
-            "mtp_2_positions": (mtp, kv.new_zeros(1, 2, model.config.hidden_size), two, mtp_kv, slots, start, 32),
+            "mtp_2_positions": (mtp, kv.new_zeros(1, 2, model.config.hidden_size), two, mtp_kv, slots, start, 32, last),
         }
         if spec._spec_fn is not None:
             calls["speculative_step"] = (spec._spec_fn, two, kv, mtp_kv, None, start, 32)

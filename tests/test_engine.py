@@ -177,6 +177,23 @@ def test_speculative_greedy_is_identical_to_plain_greedy_and_accepts_drafts(trai
     assert stats["steps"] < sum(len(p.token_ids) for p in plain)  # fewer model steps than tokens
 
 
+@pytest.mark.parametrize("T, start, cache_len", [(2, [4, 0, 9], 16), (6, [0, 0, 0], 0)])
+def test_mtp_step_for_one_position_matches_every_position(trained, T, start, cache_len):
+    """query_rows: attention, MoE and head of the MTP block for one position per row (a redraft needs only the last
+    kept position, a prompt's first draft only its last) = that position of the full computation; every
+    position's cache entry is still made."""
+    torch.manual_seed(0)
+    kv = LatentCache(trained.config, n_slots=3, max_len=32, n_layers=1).kv[0].normal_()
+    h, nxt = torch.randn(3, T, trained.config.hidden_size), torch.randint(2, 100, (3, T))
+    slots, start, rows = torch.arange(3), torch.tensor(start), torch.tensor([T - 1, 0, T // 2])
+    with torch.inference_mode():
+        full, new_full = trained.mtp_cached_step(h, nxt, kv, slots, start, cache_len)
+        one, new_one = trained.mtp_cached_step(h, nxt, kv, slots, start, cache_len, query_rows=rows)
+    assert one.shape == (3, 1, trained.config.vocab_size)
+    torch.testing.assert_close(one[:, 0], full[slots, rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new_one, new_full)
+
+
 def test_speculative_sampling_is_seeded_and_reproducible(trained):
     prompts = [[5, 9, 17], [42, 8, 77]]
     e = Engine(trained, max_batch_size=2, speculative=True)

@@ -299,28 +299,32 @@ class Engine:
         if h is None:  # prefill kept only the last position: recompute the prompt's hidden states once
             h = self.model.hidden(torch.tensor([seq.prompt_ids], device=self.device))[0]
         slot_t = torch.tensor([seq.slot], device=self.device)
-        logits = self._mtp(h, nxt, slot_t, torch.zeros(1, dtype=torch.long, device=self.device))
+        last = torch.tensor([P - 1], device=self.device)
+        logits = self._mtp(h, nxt, slot_t, torch.zeros(1, dtype=torch.long, device=self.device), last)
         self.mtp_cache.lengths[seq.slot] = P
-        d = self.sampler.sample(slot_t, logits[:, -1], return_probs=True)
+        d = self.sampler.sample(slot_t, logits[:, 0], return_probs=True)
         seq.draft, seq.draft_probs = d.token(0), None if d.probs is None else d.probs[0]
 
-    def _mtp(self, h: torch.Tensor, next_tokens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor):
-        """MTP logits for hidden states h [N, T, d] and the tokens after them; extends the MTP cache."""
+    def _mtp(
+        self, h: torch.Tensor, next_tokens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """MTP logits [N, 1, V] at position rows[n] of each row, for hidden states h [N, T, d] and the tokens
+        after them; extends the MTP cache by all T positions."""
         (N, T), kv = h.shape[:2], self.mtp_cache.kv[0]
         cache_len = int(start.max())
         fn = self.model.mtp_cached_step
         if self.compiled and (T <= 2 or cache_len == 0):
             # decode-time drafts: rows padded to a power of two; a prompt's prefill (no past): its length padded
             # to a power of two (causal, so the padding changes no real position; its entries are not stored)
-            rows, length = (_pow2(N), T) if T <= 2 else (N, min(max(16, _pow2(T)), self.max_len))
-            h = F.pad(h, (0, 0, 0, length - T, 0, rows - N))
-            next_tokens = F.pad(next_tokens, (0, length - T, 0, rows - N))
-            slots, start = (torch.cat((t, t[-1:].expand(rows - N))) for t in (slots, start))
+            n_pad, length = (_pow2(N), T) if T <= 2 else (N, min(max(16, _pow2(T)), self.max_len))
+            h = F.pad(h, (0, 0, 0, length - T, 0, n_pad - N))
+            next_tokens = F.pad(next_tokens, (0, length - T, 0, n_pad - N))
+            slots, start, rows = (torch.cat((t, t[-1:].expand(n_pad - N))) for t in (slots, start, rows))
             cache_len = self._cache_read_len([cache_len])
             fn = self._mtp_fn
-        logits, new = self._call(fn, h, next_tokens, kv, slots, start, cache_len)
+        logits, new = self._call(fn, h, next_tokens, kv, slots, start, cache_len, rows)
         write_latents(kv, slots[:N], start[:N], new[:N, :T])
-        return logits[:N, :T]
+        return logits[:N]
 
     def _decode_speculative(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Verify [last token, draft] for every sequence in one forward; accept, extend, redraft."""
@@ -362,10 +366,10 @@ class Engine:
                 tok1 = s.output_ids[-2] if acc[i] and len(emitted[i]) == 2 else s.output_ids[-1]
                 tok2 = s.output_ids[-1]
                 nxt.append([tok1, tok2])
-            mtp_logits = self._mtp(hidden[idx], torch.tensor(nxt, device=self.device), slots[idx], start[idx])
-            pick = torch.tensor([1 if acc[i] else 0 for i in live], device=self.device)
-            last = mtp_logits[torch.arange(len(live), device=self.device), pick]
-            d = self.sampler.sample(slots[idx], last, return_probs=True)
+            pick = torch.tensor([1 if acc[i] else 0 for i in live], device=self.device)  # the last kept position
+            nxt_t = torch.tensor(nxt, device=self.device)
+            mtp_logits = self._mtp(hidden[idx], nxt_t, slots[idx], start[idx], pick)
+            d = self.sampler.sample(slots[idx], mtp_logits[:, 0], return_probs=True)
             for j, i in enumerate(live):
                 s = seqs[i]
                 self.mtp_cache.lengths[s.slot] = self.cache.lengths[s.slot]

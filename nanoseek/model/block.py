@@ -24,9 +24,15 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_cached(self, x, cos, sin, kv_cache, slots, start, cache_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_cached(
+        self, x, cos, sin, kv_cache, slots, start, cache_len: int, query_rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """As forward, attending through this layer's latent cache, which is only read: returns (x, new cache
-        entries) (see MLA.forward_cached)."""
-        a, new = self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, kv_cache, slots, start, cache_len)
+        entries) (see MLA.forward_cached; with query_rows, x comes back for those positions only: [N, 1, d])."""
+        a, new = self.self_attn.forward_cached(
+            self.input_layernorm(x), cos, sin, kv_cache, slots, start, cache_len, query_rows=query_rows
+        )
+        if query_rows is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), query_rows].unsqueeze(1)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), new

@@ -89,6 +89,7 @@ class MLA(nn.Module):
         start: torch.Tensor,
         cache_len: int,
         absorb: bool | None = None,
+        query_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention for new tokens x [N, T, d] of N sequences whose past sits in rows `slots` of this layer's cache
         (None: rows 0..N-1, read in place without a gather).
@@ -97,32 +98,41 @@ class MLA(nn.Module):
         positions start[n] .. start[n] + T - 1; they attend to cached positions < start[n] among the first
         cache_len (a fixed bound, so shapes never depend on tensor values: compiled decoding) and causally to
         each other. The cache is only read: returns (output [N, T, d], the new tokens' entries [N, T, d_c + d_R])
-        for the caller to store (see `write_latents`). absorb (default: T <= 4) picks the absorbed form, cheaper
-        when few queries read a long prefix.
+        for the caller to store (see `write_latents`). absorb (default: T <= 4 queries) picks the absorbed form,
+        cheaper when few queries read a long prefix. query_rows [N] (absorbed form): every new token's entry is
+        made but only new token query_rows[n] of row n is attended from; output [N, 1, d] (MTP drafting from
+        the last kept position, or from a prompt's last token).
         """
         N, T, _ = x.shape
-        q_nope, q_pe = self.query(x, cos, sin)  # [N, T, H, *]
         new = torch.cat(self.latent(x, cos, sin), dim=-1)  # [N, T, d_c + d_R]
+        if query_rows is not None:
+            cos, sin = (c.expand(N, *c.shape[-3:]) for c in (cos, sin))  # [T, 1, d_R/2] -> [N, T, 1, d_R/2]
+            x, cos, sin = (_pick_rows(t, query_rows) for t in (x, cos, sin))
+        Tq = x.shape[1]  # queries per row
+        q_nope, q_pe = self.query(x, cos, sin)  # [N, Tq, H, *]
         if slots is None:  # rows are cache rows 0..N-1: read the cache in place
             past = kv_cache[:N, :cache_len].to(x.dtype)
         else:
             past = kv_cache[:, :cache_len].index_select(0, slots).to(x.dtype)  # [N, cache_len, d_c + d_R]
         H, dn, dv, dc = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
-        if absorb if absorb is not None else T <= 4:
+        if absorb if absorb is not None else Tq <= 4:
             # k and v of every head come from the same latent (MQA over c_KV): fold heads into query rows.
             # Past and new keys are scored separately (no copy of the past), then share one softmax.
             w = self.kv_b_proj.weight.view(H, dn + dv, dc)
-            q_lat = torch.bmm(q_nope.reshape(N * T, H, dn).transpose(0, 1), w[:, :dn])  # [H, N*T, d_c]: W_UK
-            q_lat = q_lat.transpose(0, 1).reshape(N, T * H, dc)
-            q = torch.cat((q_lat, q_pe.reshape(N, T * H, -1)), dim=-1)  # [N, T*H, d_c + d_R]
-            scores = torch.cat((torch.bmm(q, past.mT), torch.bmm(q, new.mT)), dim=-1)  # [N, T*H, cache_len + T]
-            scores = scores.mul_(self.softmax_scale).view(N, T, H, cache_len + T)
-            scores = scores.masked_fill_(~_visible(start, cache_len, T).unsqueeze(2), float("-inf"))
-            p = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype).view(N, T * H, cache_len + T)
+            q_lat = torch.bmm(q_nope.reshape(N * Tq, H, dn).transpose(0, 1), w[:, :dn])  # [H, N*Tq, d_c]: W_UK
+            q_lat = q_lat.transpose(0, 1).reshape(N, Tq * H, dc)
+            q = torch.cat((q_lat, q_pe.reshape(N, Tq * H, -1)), dim=-1)  # [N, Tq*H, d_c + d_R]
+            scores = torch.cat((torch.bmm(q, past.mT), torch.bmm(q, new.mT)), dim=-1)  # [N, Tq*H, cache_len + T]
+            scores = scores.mul_(self.softmax_scale).view(N, Tq, H, cache_len + T)
+            visible = _visible(start, cache_len, T, query_rows).unsqueeze(2)  # [N, Tq, 1, cache_len + T]
+            scores = scores.masked_fill_(~visible, float("-inf"))
+            p = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype).view(N, Tq * H, cache_len + T)
             o_lat = torch.bmm(p[..., :cache_len], past[..., :dc]) + torch.bmm(p[..., cache_len:], new[..., :dc])
-            o_lat = o_lat.view(N * T, H, dc).transpose(0, 1)  # [H, N*T, d_c]
-            o = torch.bmm(o_lat, w[:, dn:].mT).transpose(0, 1)  # [N*T, H, d_v]: W_UV folded into the output
-            return self.o_proj(o.reshape(N, T, H * dv)), new
+            o_lat = o_lat.view(N * Tq, H, dc).transpose(0, 1)  # [H, N*Tq, d_c]
+            o = torch.bmm(o_lat, w[:, dn:].mT).transpose(0, 1)  # [N*Tq, H, d_v]: W_UV folded into the output
+            return self.o_proj(o.reshape(N, Tq, H * dv)), new
+        if query_rows is not None:
+            raise ValueError("query_rows needs the absorbed form (absorb=None or True)")
         kv = torch.cat((past, new), dim=1)  # [N, S, *]
         S = cache_len + T
         k_nope, v = self.kv_b_proj(kv[..., :dc]).view(N, S, H, dn + dv).split([dn, dv], dim=-1)
@@ -144,12 +154,20 @@ class MLA(nn.Module):
         return self.o_proj(o[..., :dv].transpose(1, 2).reshape(N, T, H * dv)), new
 
 
-def _visible(start: torch.Tensor, cache_len: int, T: int) -> torch.Tensor:
-    """[N, T, cache_len + T]: which keys each new token sees: cached positions j < start[n], new tokens causally."""
+def _visible(start: torch.Tensor, cache_len: int, T: int, query_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, Tq, cache_len + T]: which keys each query sees: cached positions j < start[n], new tokens causally
+    (query t sees new tokens <= t; with query_rows, row n's one query is new token query_rows[n])."""
     N = start.shape[0]
     past = torch.arange(cache_len, device=start.device) < start[:, None]  # [N, cache_len]
-    new = torch.ones(T, T, dtype=torch.bool, device=start.device).tril()
-    return torch.cat((past.unsqueeze(1).expand(N, T, cache_len), new.expand(N, T, T)), dim=-1)
+    t = torch.arange(T, device=start.device)
+    queries = t.expand(N, T) if query_rows is None else query_rows[:, None]  # [N, Tq]
+    new = t <= queries.unsqueeze(-1)  # [N, Tq, T]
+    return torch.cat((past.unsqueeze(1).expand(N, queries.shape[1], cache_len), new), dim=-1)
+
+
+def _pick_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t [N, T, ...] -> [N, 1, ...]: position rows[n] of row n."""
+    return t[torch.arange(t.shape[0], device=t.device), rows].unsqueeze(1)
 
 
 def write_latents(kv_cache: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, new: torch.Tensor) -> None:

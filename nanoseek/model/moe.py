@@ -8,7 +8,7 @@
 Routed experts run as one grouped GEMM over tokens sorted by expert (decoding a few tokens: their experts'
 weights gathered into one batched GEMM; compiled decoding: every expert densely, fixed shapes). The bias is
 balanced without an auxiliary loss (eq. 16): after each step b += gamma * sign(mean_load - load); `last_load`
-holds the counts.
+holds the counts (every forward but compiled inference).
 """
 
 from __future__ import annotations
@@ -143,8 +143,12 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)
         weights, indices, scores = self.gate(flat)  # [N, K]
         expert_of = indices.flatten()  # [N*K]
-        self.last_load = expert_of.new_zeros(self.n_experts).index_add_(0, expert_of, torch.ones_like(expert_of))
         inference = not torch.is_grad_enabled()
+        load = None  # tokens per expert; compiled decoding never reads them: no scatter there
+        if not (inference and torch.compiler.is_compiling()):
+            load = self.last_load = expert_of.new_zeros(self.n_experts).index_add_(
+                0, expert_of, torch.ones_like(expert_of)
+            )
         if inference and flat.shape[0] <= self.gather_max_tokens:
             y = self.experts.gathered(flat, indices)  # [N, K, d]
         elif inference and torch.compiler.is_compiling() and flat.dtype == torch.float32:
@@ -156,7 +160,8 @@ class MoE(nn.Module):
             return y.view(B, T, d)
         else:
             order = expert_of.argsort(stable=True)
-            y_sorted = self.experts(flat.index_select(0, order // self.top_k), self.last_load)  # grouped by expert
+            counts = load if load is not None else expert_of.bincount(minlength=self.n_experts)
+            y_sorted = self.experts(flat.index_select(0, order // self.top_k), counts)  # grouped by expert
             y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(-1, self.top_k, d)  # (token, k)
         y = (y * weights.to(x.dtype).unsqueeze(-1)).sum(1).view(B, T, d)
         if self.shared_experts is not None:

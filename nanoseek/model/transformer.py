@@ -143,15 +143,18 @@ class Transformer(nn.Module):
         slots: torch.Tensor,
         start: torch.Tensor,
         cache_len: int,
+        query_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first MTP module over its own latent cache [n_slots, max_len, d_c + d_R], without writing it: from
         final-normed hidden states h [N, T, d] and the tokens after them [N, T], returns (logits of the tokens
-        after those [N, T, V], new entries [N, T, d_c + d_R]). Pure, like cached_step (speculative decoding)."""
+        after those [N, T, V], new entries [N, T, d_c + d_R]). Pure, like cached_step (speculative decoding).
+        query_rows [N]: logits for position query_rows[n] of row n only ([N, 1, V]); every position's entry is
+        still made, but attention, MoE and head run for one position (a draft needs only the last kept one)."""
         module = self.mtp[0]
         positions = start.unsqueeze(1) + torch.arange(h.shape[1], device=h.device)
         cos, sin = self.rope(positions, h.dtype)
         x = module.combine(h, self.embed_tokens(next_tokens))
-        x, new = module.block.forward_cached(x, cos, sin, kv_cache, slots, start, cache_len)
+        x, new = module.block.forward_cached(x, cos, sin, kv_cache, slots, start, cache_len, query_rows=query_rows)
         return self.lm_head(module.shared_head.norm(x)), new
 
     def speculative_greedy_step(
@@ -172,9 +175,9 @@ class Transformer(nn.Module):
         accepted = tokens[:, 0] == ids[:, 1]
         # MTP position start sees (h_start, token start+1) = t0; position start+1 (used only if accepted): t1
         nxt = torch.stack((tokens[:, 0], torch.where(accepted, tokens[:, 1], tokens[:, 0])), dim=1)
-        mtp_logits, mtp_new = self.mtp_cached_step(h, nxt, mtp_cache, slots, start, cache_len)
-        draft = torch.where(accepted, mtp_logits[:, 1].argmax(dim=-1), mtp_logits[:, 0].argmax(dim=-1))
-        return tokens, accepted, draft, new, mtp_new
+        kept = accepted.long()  # the last kept position: the draft comes from there (both get MTP-cache entries)
+        mtp_logits, mtp_new = self.mtp_cached_step(h, nxt, mtp_cache, slots, start, cache_len, query_rows=kept)
+        return tokens, accepted, mtp_logits[:, 0].argmax(dim=-1), new, mtp_new
 
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp: bool = True) -> Losses:
         """Next-token loss, MTP loss and balance loss. targets[b, t] = input_ids[b, t+1] (IGNORE_INDEX to skip).
