@@ -146,6 +146,27 @@ def test_resume_after_interruption_is_exact(data, tmp_path, monkeypatch):
     assert any(n.endswith("e_score_correction_bias") and a[n].abs().sum() > 0 for n in a)
 
 
+def test_set_overrides_preset_fields_and_names_bad_ones(data, tmp_path, capsys):
+    run = tmp_path / "deeper"
+    sets = ["--set", "num_hidden_layers=3", "--set", "q_lora_rank=None", "--set", "norm_topk_prob=false"]
+    assert run_train(data, run, "--steps", "2", *sets) == 0
+    c = ModelConfig.from_json(run / "checkpoints" / "step_2")
+    assert (c.num_hidden_layers, c.q_lora_rank, c.norm_topk_prob) == (3, None, False)
+    assert json.loads((run / "args.json").read_text())["set"] == sets[1::2]
+    assert ModelConfig.parse_overrides(["routed_scaling_factor=2.5", 'rope_scaling={"type": "yarn", "factor": 4}']) == {
+        "routed_scaling_factor": 2.5,
+        "rope_scaling": {"type": "yarn", "factor": 4},
+    }
+    for bad, message in [
+        ("num_layers=3", "unknown field 'num_layers'"),
+        ("num_hidden_layers=three", "num_hidden_layers takes a value of type int"),
+        ("vocab_size=99", "decided by the data's tokenizer"),
+        ("hidden_size", "expected KEY=VALUE"),
+    ]:
+        assert run_train(data, tmp_path / "bad", "--steps", "1", "--set", bad) == 1
+        assert message in capsys.readouterr().err
+
+
 def test_resume_refuses_changed_hyperparameters(data, tmp_path):
     assert run_train(data, tmp_path / "run", "--steps", "2") == 0
     assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--lr", "5e-3"]) == 1

@@ -436,6 +436,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ckpt, saved = resume_point(run_dir, args.resume)
     cfg = train_config_from_args(args, saved)
     cfg.validate()
+    overrides = ModelConfig.parse_overrides(args.set)
+    fixed = {"vocab_size", "bos_token_id", "eos_token_id"} & set(overrides)
+    if fixed:
+        raise ValueError(f"--set {', '.join(sorted(fixed))}: decided by the data's tokenizer, not settable")
+    if overrides and ckpt is not None:
+        raise ValueError("--set changes a new model's config; a resumed run keeps its checkpoint's config")
     data = args.data or (saved or {}).get("data")
     if not data:
         raise ValueError("pass --data DATA_DIR (a directory made by `nanoseek prepare`)")
@@ -455,8 +461,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         tokenizer = find_tokenizer(data, manifest, args.tokenizer)
         seed_everything(cfg.seed)
         if args.init_from:
-            if args.preset:
-                raise ValueError("pass --preset (new model) or --init-from MODEL_DIR, not both")
+            if args.preset or args.set:
+                raise ValueError("pass --preset [--set KEY=VALUE] (new model) or --init-from MODEL_DIR, not both")
             model = load_model(args.init_from, device=device, dtype=torch.float32)
             if model.config.vocab_size < manifest["vocab_size"]:
                 raise ValueError(
@@ -471,6 +477,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 raise ValueError("pass --preset NAME (e.g. cpu-small) or --init-from MODEL_DIR")
             config = ModelConfig.from_preset(
                 args.preset,
+                **overrides,
                 vocab_size=manifest["vocab_size"],  # the data's tokenizer decides the vocabulary
                 bos_token_id=manifest["bos_id"],
                 eos_token_id=manifest["eos_id"],
@@ -498,6 +505,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     run_args = {
         "preset": (saved or {}).get("preset", args.preset),
+        "set": (saved or {}).get("set", args.set),
         "init_from": (saved or {}).get("init_from", args.init_from),
         "data": str(data),
         "tokenizer": args.tokenizer,
@@ -520,6 +528,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="pretrain a model on token shards (resumable)")
     p.add_argument("--preset", help="model preset for a new model: tiny, cpu-small, gpu-small, ...")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset's config field, e.g. --set num_hidden_layers=12 (repeatable; config.json names)",
+    )
     p.add_argument("--init-from", help="start from this HF model dir instead of a preset (fresh optimizer)")
     p.add_argument("--data", help="data dir from `nanoseek prepare` (on --resume: the run's)")
     p.add_argument("--tokenizer", help="tokenizer dir, if the manifest's recorded path is not reachable")
