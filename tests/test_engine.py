@@ -114,8 +114,8 @@ def test_cached_step_reads_rows_in_place_as_if_gathered(model):
 
 @pytest.mark.slow
 def test_compiled_engine_matches_eager_engine(trained):
-    """Engine(compile=True): rows read in place or gathered and padded, rounded cache reads, dense experts; same
-    greedy tokens (and the speculative path too)."""
+    """Engine(compile=True): rows read in place or gathered and padded, rounded cache reads, dense experts, prompts
+    padded to a power of two; same greedy tokens (and the speculative path too)."""
     prompts = [[5, 9, 17, 3], [42, 8, 77], [6, 5, 9, 17, 3, 42], [7, 7], [9, 1, 2], [3, 4, 5, 6]]
     # the last sequence outlives the others in slot 5: its late steps gather it (1 row), not 8 cache rows
     params = [SamplingParams(max_tokens=4, temperature=0)] * 5 + [SamplingParams(max_tokens=12, temperature=0)]
@@ -127,9 +127,18 @@ def test_compiled_engine_matches_eager_engine(trained):
             m.gather_max_tokens = 0
         engine, modes = Engine(trained, max_batch_size=8, compile=True), []
         step_fn = engine._step_fn
-        engine._step_fn = lambda ids, kv, slots, *a: modes.append(slots is None) or step_fn(ids, kv, slots, *a)
+        engine._step_fn = lambda ids, kv, slots, *a: (
+            modes.append((ids.shape[1], slots is None)) or step_fn(ids, kv, slots, *a)
+        )
         compiled = engine.generate(prompts, params)
-        assert True in modes and False in modes  # both the in-place and the gathered rows ran
+        assert (1, True) in modes and (1, False) in modes  # decoding: both the in-place and the gathered rows ran
+        assert (16, False) in modes  # prefill: prompts padded to 16
+        with torch.inference_mode():  # compiled prefill = eager prefill: logits, hidden states, cache entries
+            got = engine._prefill([5, 9, 17, 3, 42], torch.tensor([2])), engine.cache.kv[:, 2, :5].clone()
+            engine.compiled = False
+            want = engine._prefill([5, 9, 17, 3, 42], torch.tensor([2])), engine.cache.kv[:, 2, :5].clone()
+            engine.compiled = True
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         spec = Engine(trained, max_batch_size=8, speculative=True, compile=True)
         speculative = spec.generate(prompts, params)
         kv = LatentCache(trained.config, n_slots=4, max_len=32).kv.normal_()  # logits too, not only argmaxes

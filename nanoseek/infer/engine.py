@@ -112,7 +112,8 @@ class Engine:
         self.single_thread_below = 8  # rows
         # compile: decode steps run a torch.compile'd `cached_step` at fixed shapes, the batch padded to a power
         # of two and the cache read to a power-of-two length, so a few graphs serve every step (each new shape
-        # compiles once, ~20-30 s on a laptop CPU); prefill stays eager
+        # compiles once, ~20-30 s on a laptop CPU); prompts of up to `compiled_prefill_max` tokens go through the
+        # same compiled step, padded to a power of two (`_prefill`: 15 tokens 10.2 -> 4.7 ms, 256 20.3 -> 17.1 ms)
         self._step_fn, self._mtp_fn, self._spec_fn = model.cached_step, None, None
         if compile:
             shapes = (max_batch_size.bit_length() + 1) * (self.max_len.bit_length() + 1) * 4  # rows x cache x T x mode
@@ -124,6 +125,7 @@ class Engine:
             self._mtp_fn = compiled(model.mtp_cached_step) if speculative else None
             self._spec_fn = compiled(model.speculative_greedy_step) if speculative else None
         self.compiled = compile
+        self.compiled_prefill_max = 256  # prompt tokens; each power-of-two length from 16 compiles once
         self._compiled_shapes: set[tuple] = set()  # (function, input shapes and ints) already compiled
 
     @classmethod
@@ -207,10 +209,7 @@ class Engine:
                 src, logits, hidden = prefilled[key]
                 self.cache.copy_slot(src, seq.slot)
             else:
-                ids = torch.tensor([seq.prompt_ids], device=self.device)
-                logits, hidden = self.model.forward_cached(
-                    ids, self.cache.kv, slot_t, torch.zeros(1, dtype=torch.long, device=self.device), last_only=True
-                )
+                logits, hidden = self._prefill(seq.prompt_ids, slot_t)
                 self.cache.lengths[seq.slot] = len(seq.prompt_ids)
                 prefilled[key] = (seq.slot, logits, hidden)
             out = self.sampler.sample(slot_t, logits[:, -1], return_probs=False)
@@ -218,6 +217,20 @@ class Engine:
             if self.speculative and not seq.done:
                 self._draft(seq, hidden)
         return new
+
+    def _prefill(self, prompt: list[int], slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a prompt's latents into cache row `slot` from position 0. Returns (logits of its last position
+        [1, 1, V], hidden states [1, P, d]). Compiled engines run prompts of up to `compiled_prefill_max` tokens
+        through the compiled step, padded to a power of two (causal attention: padding changes no real position,
+        and its entries are not stored); longer prompts stay eager, where padding would cost more than it saves."""
+        P, zero = len(prompt), torch.zeros(1, dtype=torch.long, device=self.device)
+        ids = torch.tensor([prompt], device=self.device)
+        if not (self.compiled and P <= self.compiled_prefill_max):
+            return self.model.forward_cached(ids, self.cache.kv, slot, zero, last_only=True)
+        L = min(max(16, _pow2(P)), self.max_len)
+        logits, hidden, new = self._call(self._step_fn, F.pad(ids, (0, L - P)), self.cache.kv, slot, zero, 0)
+        write_latents(self.cache.kv, slot, zero, new[:, :, :P])
+        return logits[:, P - 1 : P], hidden[:, :P]
 
     def _forward(
         self, seqs: list[Sequence], tokens: list[list[int]]
