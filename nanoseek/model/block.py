@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.mla import MLA
+from nanoseek.model.mla import MLA, pick_rows
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
 
@@ -33,6 +33,6 @@ class Block(nn.Module):
             self.input_layernorm(x), cos, sin, kv_cache, slots, start, cache_len, query_rows=query_rows
         )
         if query_rows is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), query_rows].unsqueeze(1)
+            x = pick_rows(x, query_rows)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), new

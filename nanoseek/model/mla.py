@@ -107,7 +107,7 @@ class MLA(nn.Module):
         new = torch.cat(self.latent(x, cos, sin), dim=-1)  # [N, T, d_c + d_R]
         if query_rows is not None:
             cos, sin = (c.expand(N, *c.shape[-3:]) for c in (cos, sin))  # [T, 1, d_R/2] -> [N, T, 1, d_R/2]
-            x, cos, sin = (_pick_rows(t, query_rows) for t in (x, cos, sin))
+            x, cos, sin = (pick_rows(t, query_rows) for t in (x, cos, sin))
         Tq = x.shape[1]  # queries per row
         q_nope, q_pe = self.query(x, cos, sin)  # [N, Tq, H, *]
         if slots is None:  # rows are cache rows 0..N-1: read the cache in place
@@ -165,7 +165,7 @@ def _visible(start: torch.Tensor, cache_len: int, T: int, query_rows: torch.Tens
     return torch.cat((past.unsqueeze(1).expand(N, queries.shape[1], cache_len), new), dim=-1)
 
 
-def _pick_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def pick_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """t [N, T, ...] -> [N, 1, ...]: position rows[n] of row n."""
     return t[torch.arange(t.shape[0], device=t.device), rows].unsqueeze(1)
 
