@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import re
 import shutil
 import tempfile
@@ -197,6 +198,22 @@ def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     rows, cols = q.shape
     s = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
     return q.float() * s
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory, or a run folder's latest complete checkpoint (named on stderr, so users know which)."""
+    from nanoseek.train.checkpointing import latest_checkpoint
+
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is not None:
+        print(f"nanoseek: using {latest}, the latest checkpoint of run {p}", file=sys.stderr)
+        return latest
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist: pass a model directory or a run folder with checkpoints/")
+    raise FileNotFoundError(f"{p} is neither a model directory (no config.json) nor a run folder with checkpoints")
 
 
 def load_model(

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "eval": "nanoseek.eval",
     "generate": "nanoseek.infer.chat",
     "chat": "nanoseek.infer.chat",
+    "serve": "nanoseek.infer.server",
     "speedrun": "nanoseek.speedrun",
 }
 

@@ -100,6 +100,9 @@ def _byte_level_chars() -> dict[str, int]:
     return chars
 
 
+_BYTE_OF = _byte_level_chars()
+
+
 def multi_digit_tokens(tokenizer: Tokenizer) -> list[str]:
     """Vocabulary entries (not special tokens) whose text holds two or more numeric characters."""
     byte_of = _byte_level_chars()
@@ -222,6 +225,14 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tk.id_to_token(i)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for (byte-level pieces mapped back; added tokens as their UTF-8 text)."""
+        piece = self._tk.id_to_token(int(i)) or ""
+        byte_of = _BYTE_OF
+        if all(ch in byte_of for ch in piece):
+            return bytes(byte_of[ch] for ch in piece)
+        return piece.encode("utf-8")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """Render messages ({"role": "system"|"user"|"assistant", "content": str}) as one string."""

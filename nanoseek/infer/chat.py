@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from nanoseek.infer.engine import Engine
+from nanoseek.infer.reasoning import partial_suffix
 from nanoseek.infer.sampling import SamplingParams
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -154,7 +155,7 @@ class ThinkPrinter:
             tag = "</think>" if self.in_think else "<think>"
             i = self.pending.find(tag)
             if i < 0:
-                keep = _partial_suffix(self.pending, tag)  # a tag may arrive split over two pieces
+                keep = partial_suffix(self.pending, tag)  # a tag may arrive split over two pieces
                 self._emit(self.pending[: len(self.pending) - keep])
                 self.pending = self.pending[len(self.pending) - keep :]
                 return
@@ -174,10 +175,3 @@ class ThinkPrinter:
         self.out.write((RESET if self.in_think else "") + "\n")
         self.out.flush()
 
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of tag."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0

@@ -48,7 +48,7 @@ class Completion:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens or context full)
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_tokens or context full) or "abort"
     prompt_tokens: int
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
@@ -162,6 +162,20 @@ class Engine:
         seq = Sequence(next(self._ids), ids, params)
         self.waiting.append(seq)
         return seq.id
+
+    def abort(self, seq_id: int) -> bool:
+        """Drop a request now, waiting or running (its cache slot is free for the next step). Returns whether it
+        was still there; its finish_reason becomes "abort"."""
+        seq = next((s for s in self.waiting if s.id == seq_id), None)
+        if seq is not None:
+            self.waiting.remove(seq)
+        else:
+            seq = next((s for s in self.running.values() if s.id == seq_id), None)
+            if seq is None:
+                return False
+            self._free(seq)
+        seq.finish_reason = "abort"
+        return True
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -429,7 +443,7 @@ class Engine:
         if seq.slot in self.sampler.penalised:  # counts feed only the penalties
             self.sampler.observe(torch.tensor([seq.slot]), torch.tensor([token]))
         self.stats["tokens"] += 1
-        if token in self.eos_ids:
+        if token in self.eos_ids and not seq.params.ignore_eos:
             seq.finish_reason = "stop"
             return []
         seq.output_ids.append(token)
@@ -486,9 +500,10 @@ class Engine:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
         done: dict[int, Sequence] = {}
-        while len(done) < len(ids):
+        wanted = set(ids)  # other queued requests may finish too
+        while len(done) < len(wanted):
             for seq, _ in self.step():
-                if seq.done:
+                if seq.done and seq.id in wanted:
                     done[seq.id] = seq
         return [self._completion(done[i]) for i in ids]
 

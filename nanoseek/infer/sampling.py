@@ -46,6 +46,7 @@ class SamplingParams:
     top_logprobs: int = 0  # and the n most likely alternatives (implies logprobs)
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)  # stop strings, checked by the engine on decoded text
+    ignore_eos: bool = False  # keep going past EOS (vLLM's option: fixed-length benchmarks)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # the OpenAI API accepts a bare string
