@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path

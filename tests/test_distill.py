@@ -282,3 +282,21 @@ def test_bad_options_fail_clearly_before_generating(teacher_dir, tmp_path, capsy
         assert main(argv) == 1, argv
         assert message in capsys.readouterr().err, argv
     assert not (tmp_path / "out").exists()
+
+
+def test_distill_from_a_running_nanoseek_serve(teacher_dir, tmp_path):
+    """End to end over HTTP: `nanoseek serve` answers with reasoning_content, distill puts the think block back,
+    verifies, keeps, and fine-tunes the student."""
+    from serve_util import ServeProcess
+
+    prompts = [{"prompt": p, "answer": a.split()[-1]} for p, a in KNOWN.items()]
+    task = write_prompts(tmp_path / "p.jsonl", prompts)
+    out = tmp_path / "out"
+    with ServeProcess(teacher_dir, "--served-model-name", "teacher", "--max-batch", "8") as server:
+        args = ["distill", "--teacher-url", server.base_url, "--teacher-model", "teacher", "--task", task]
+        args += ["--samples", "2", "--temperature", "0", "--max-tokens", "16", "--student", str(teacher_dir)]
+        assert main([*args, "--steps", "2", "--batch-size", "2", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
+    assert rows == [trace(p, a) for p, a in KNOWN.items()]  # greedy teacher: both memorised answers, verified
+    assert json.loads((out / "distill.json").read_text())["kept"] == 2
+    assert checkpoint_dirs(out / "sft")[-1].name == "step_2"

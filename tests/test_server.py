@@ -12,6 +12,8 @@ import time
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from serve_util import KNOWN, ServeProcess, memorised_model
 
 from nanoseek import Engine
@@ -78,7 +80,9 @@ def test_chat_puts_the_thinking_in_reasoning_content(client):
         msg = r.choices[0].message
         assert (msg.content, msg.reasoning_content, msg.reasoning) == (content, reasoning, reasoning)
         assert r.choices[0].finish_reason == "stop" and r.object == "chat.completion" and r.id.startswith("chatcmpl-")
-        assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        assert (
+            r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        )
 
 
 def test_streaming_chat_reasoning_content_and_usage(client):
@@ -152,7 +156,9 @@ def test_stop_strings_cut_the_text_in_full_and_streamed_replies(client, engine):
     full = greedy(engine, "hello world", 24).text
     assert len(full) > 6
     stop = full[3:6]
-    r = client.completions.create(model="tiny-r1", prompt="hello world", max_tokens=24, temperature=0, stop=[stop, "zzz"])
+    r = client.completions.create(
+        model="tiny-r1", prompt="hello world", max_tokens=24, temperature=0, stop=[stop, "zzz"]
+    )
     cut = full[: full.find(stop)]
     assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
     stream = client.completions.create(
@@ -358,3 +364,58 @@ def engine_params():
     from nanoseek.infer.sampling import SamplingParams
 
     return SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+
+# -------------------------------------------------------------------------------------------------- fuzzing
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = [
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+    "n", "stop", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs",
+    "stream", "stream_options", "echo", "ignore_eos",
+]  # fmt: skip
+ODD = st.sampled_from(
+    [-1, 0, 10**12, -(10**12), 2**64, 1e308, -1e308, 0.5, "", "x" * 5000, [], {}, [[[[[]]]]], True, None, "\ud800"]
+)
+BASE = {
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+    "/v1/completions": {"prompt": "hi", "max_tokens": 3},
+}
+
+
+@st.composite
+def bodies(draw) -> bytes:
+    kind = draw(st.sampled_from(["mutated", "mutated", "json", "bytes", "nested"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=200))
+    if kind == "nested":
+        depth = draw(st.integers(1, 200000))
+        return b'{"messages": ' + b"[" * depth + b"]" * depth + b"}"
+    if kind == "json":
+        return json.dumps(draw(JSON)).encode()
+    body = dict(BASE[draw(st.sampled_from(sorted(BASE)))])
+    for name in draw(st.lists(st.sampled_from(FIELDS), min_size=1, max_size=4)):
+        body[name] = draw(ODD | JSON)
+    try:
+        return json.dumps(body).encode("utf-8", "surrogatepass")
+    except ValueError:
+        return json.dumps(body, allow_nan=True).encode()
+
+
+@settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from([*BASE, "/v1/models"]), body=bodies())
+def test_fuzzed_bodies_never_break_the_server(server, path, body):
+    r = httpx.post(server.url + path, content=body, timeout=60)
+    assert r.status_code < 500, (r.status_code, r.text[:300], body[:200])
+    if r.status_code != 200:
+        error_of(r, r.status_code)
+
+
+def test_a_normal_request_succeeds_after_fuzzing(client):
+    r = client.chat.completions.create(
+        model="tiny-r1", messages=[{"role": "user", "content": "What is 9-7?"}], temperature=0, max_tokens=30
+    )
+    assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == ("9-7=2", "2")

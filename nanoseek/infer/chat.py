@@ -174,4 +174,3 @@ class ThinkPrinter:
         self._emit(self.pending)
         self.out.write((RESET if self.in_think else "") + "\n")
         self.out.flush()
-

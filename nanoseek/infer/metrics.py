@@ -6,7 +6,26 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # seconds; the same spirit as vLLM's buckets: fine below 100 ms, coarse up to minutes
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
@@ -16,7 +35,9 @@ class ServerMetrics:
         label = ["model_name"]
         self.running = Gauge("vllm:num_requests_running", "Sequences in the running batch.", label, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Sequences waiting for a slot.", label, registry=r)
-        self.cache_usage = Gauge("vllm:kv_cache_usage_perc", "Share of latent-cache slots in use (0-1).", label, registry=r)
+        self.cache_usage = Gauge(
+            "vllm:kv_cache_usage_perc", "Share of latent-cache slots in use (0-1).", label, registry=r
+        )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", label, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", label, registry=r)
         self.success = Counter(

@@ -111,9 +111,12 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] | Annotated[
-        list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)
-    ]
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+    )
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: bool | None = False
 
@@ -152,4 +155,6 @@ def validate(model: type[_Strict], body: dict) -> _Strict:
 
 def _is_union_branch(part) -> bool:
     """Pydantic names union branches in error locations (`str`, `list[str]`, ...); the client's field does not."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part.startswith("function"))
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool") or "[" in part or part.startswith("function")
+    )

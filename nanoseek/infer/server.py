@@ -74,7 +74,9 @@ class Job:
     def __init__(self, server: Server, prompts: list[list[int]], params: list[SamplingParams]) -> None:
         self.server, self.queue = server, asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self.keys = server.loop.submit(prompts, params, lambda k, u: loop.call_soon_threadsafe(self.queue.put_nowait, (k, u)))
+        self.keys = server.loop.submit(
+            prompts, params, lambda k, u: loop.call_soon_threadsafe(self.queue.put_nowait, (k, u))
+        )
         self.index = {k: i for i, k in enumerate(self.keys)}
         self.pending = set(self.keys)
 
@@ -138,7 +140,10 @@ class Server:
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise APIError(
-                404, f"model {name!r} does not exist; this server serves {self.model_name!r}", "model", "model_not_found"
+                404,
+                f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                "model",
+                "model_not_found",
             )
 
     async def read_body(self, request) -> dict:
@@ -469,7 +474,9 @@ async def _stream_chat(server, job, choices, timing, meta, prompt_tokens, req) -
         else:
             timing.on_finish(choices)
             if req.include_usage:
-                yield _sse({**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(prompt_tokens, choices)})
+                yield _sse(
+                    {**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(prompt_tokens, choices)}
+                )
         yield _sse("[DONE]")
     finally:
         job.close()
@@ -503,7 +510,9 @@ async def _stream_completion(server, job, choices, timing, meta, prompt_tokens, 
         else:
             timing.on_finish(choices)
             if req.include_usage:
-                yield _sse({**meta, "object": "text_completion", "choices": [], "usage": _usage(prompt_tokens, choices)})
+                yield _sse(
+                    {**meta, "object": "text_completion", "choices": [], "usage": _usage(prompt_tokens, choices)}
+                )
         yield _sse("[DONE]")
     finally:
         job.close()
@@ -538,7 +547,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-len", type=int, default=None, help="context length (default: the model's)")
     s.add_argument("--compile", action="store_true", help="compiled decode steps (warmed up before /health is 200)")
     s.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
-    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: the directory name)")
+    s.add_argument(
+        "--served-model-name", default=None, help="the model name clients send (default: the directory name)"
+    )
     s.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     s.set_defaults(func=run_serve)
 
