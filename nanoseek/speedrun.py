@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     final = _checkpoint(grpo)
     print(f"Chat with it:  nanoseek chat --model {final}")
     print(f"Evaluate it:   nanoseek eval --model {final} --task arithmetic --format chat")
+    print(f"Serve it:      nanoseek serve --model {grpo}   # OpenAI API at http://127.0.0.1:8000/v1, chat page at /")
     return 0
 
 

@@ -419,3 +419,25 @@ def test_a_normal_request_succeeds_after_fuzzing(client):
         model="tiny-r1", messages=[{"role": "user", "content": "What is 9-7?"}], temperature=0, max_tokens=30
     )
     assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == ("9-7=2", "2")
+
+
+# ---------------------------------------------------------------------------------- --speculative, --compile
+def same_answers(base_url: str, client) -> None:
+    other = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    for question in [*KNOWN, "hello world"]:
+        kw = dict(messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24)
+        a = other.chat.completions.create(model="tiny-r1", **kw).choices[0].message
+        b = client.chat.completions.create(model="tiny-r1", **kw).choices[0].message
+        assert (a.reasoning_content, a.content) == (b.reasoning_content, b.content)
+
+
+def test_speculative_server_answers_as_the_plain_one(model_dir, client):
+    with ServeProcess(model_dir, "--speculative", "--max-batch", "4") as s:
+        same_answers(s.base_url, client)
+
+
+@pytest.mark.slow
+def test_compiled_server_is_healthy_after_warm_up_and_answers_the_same(model_dir, client):
+    with ServeProcess(model_dir, "--compile", "--max-batch", "2", timeout=900) as s:
+        assert "ready" in s.log.read_text()
+        same_answers(s.base_url, client)

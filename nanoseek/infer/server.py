@@ -572,7 +572,7 @@ def run_serve(args: argparse.Namespace) -> int:
         speculative=args.speculative,
         compile=args.compile,
     )
-    name = args.served_model_name or model_dir.name
+    name = args.served_model_name or Path(args.model).resolve().name  # the run folder's name, not step_N
     server = Server(engine, name, api_key=args.api_key, max_queue=args.max_queue)
     server.loop.start(warmup=warm_up)
     url = f"http://{args.host}:{args.port}"

@@ -1,0 +1,228 @@
+"""Serving: `nanoseek serve` vs `transformers serve` (transformers 5.x) on the same checkpoint, same prompts, same
+lengths, streaming clients over HTTP on 127.0.0.1.
+
+    python -m benchmarks.serve                       # a cpu-small model with random weights and the built-in tokenizer
+    python -m benchmarks.serve --model runs/speedrun/grpo --clients 1 8 32
+
+Both servers run side by side for the whole benchmark, each loaded and warmed once; for every client count the
+two are measured alternately (--rounds times), so each ratio is a same-moment comparison on a VM whose speed
+drifts. Each client sends --requests streaming chat requests one after another; every request asks for
+--max-tokens tokens with `ignore_eos` (transformers ignores the field: its lengths are whatever the model
+stops at, counted from the stream). Reported per server and client count: requests/s, output tokens/s, time to
+first token p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks). One JSON line per client count
+and a summary line with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def make_model(out: Path) -> Path:
+    """A cpu-small model with random weights and the built-in-corpus tokenizer (what the speedrun trains)."""
+    from nanoseek import ModelConfig, Transformer, save_model
+    from nanoseek.data.tasks import builtin_corpus
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(builtin_corpus(2000, seed=0), vocab_size=512)
+    torch.manual_seed(0)
+    c = ModelConfig.from_preset("cpu-small", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    save_model(Transformer(c), out, tokenizer=tok)
+    return out
+
+
+class Server:
+    def __init__(self, name: str, cmd: list[str], port: int, log: Path, health: str = "/health") -> None:
+        self.name, self.url = name, f"http://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self._log = open(log, "w")
+        self.log = log
+        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        self.health = health
+
+    def wait(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + self.health, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not ready after {timeout} s")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+async def one_request(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, extra: dict
+) -> dict:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
+    t0 = time.perf_counter()
+    first, stamps, chunks, usage = None, [], 0, None
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or []:
+                d = choice.get("delta") or {}
+                if d.get("content") or d.get("reasoning_content") or d.get("reasoning"):
+                    now = time.perf_counter()
+                    first = first or now
+                    stamps.append(now)
+                    chunks += 1
+    end = time.perf_counter()
+    tokens = usage["completion_tokens"] if usage else chunks
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": (first or end) - t0, "gaps": gaps, "tokens": tokens, "latency": end - t0}
+
+
+async def load(
+    url: str, model: str, clients: int, requests: int, prompts: list[str], max_tokens: int, extra: dict
+) -> dict:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+
+        async def worker(i: int) -> list[dict]:
+            return [
+                await one_request(client, url, model, prompts[(i * requests + j) % len(prompts)], max_tokens, extra)
+                for j in range(requests)
+            ]
+
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
+        wall = time.perf_counter() - t0
+    ttft = [r["ttft"] for r in results]
+    gaps = [g for r in results for g in r["gaps"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "requests_per_s": round(len(results) / wall, 3),
+        "output_tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": round(1e3 * percentile(ttft, 50), 1),
+        "ttft_p99_ms": round(1e3 * percentile(ttft, 99), 1),
+        "itl_p50_ms": round(1e3 * percentile(gaps, 50), 2),
+        "itl_p99_ms": round(1e3 * percentile(gaps, 99), 2),
+        "output_tokens": tokens,
+        "wall_s": round(wall, 2),
+    }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model dir (default: a random-weight cpu-small model)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds per client count")
+    ap.add_argument("--nanoseek-args", default="", help="extra `nanoseek serve` flags, e.g. '--compile'")
+    ap.add_argument(
+        "--transformers-args",
+        default="",
+        help="extra `transformers serve` flags (its --continuous-batching fails on MLA in 5.24: index_copy_ shape error)",
+    )
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    model = Path(args.model).resolve() if args.model else make_model(work / "cpu-small")
+    from nanoseek.data.tasks import builtin_corpus
+
+    prompts = [line.split("<think>")[0].strip()[:120] for line in builtin_corpus(200, seed=1)]
+    servers = {
+        "nanoseek": Server(
+            "nanoseek",
+            [sys.executable, "-m", "nanoseek", "serve", "--model", str(model), "--port", "8811",
+             "--served-model-name", "m", *args.nanoseek_args.split()],
+            8811,
+            work / "nanoseek.log",
+        ),
+    }  # fmt: skip
+    if not args.skip_transformers:
+        exe = shutil.which("transformers") or "transformers"
+        cmd = [exe, "serve", str(model), "--port", "8812", "--device", "cpu", *args.transformers_args.split()]
+        servers["transformers"] = Server("transformers", cmd, 8812, work / "transformers.log")
+    names = {"nanoseek": "m", "transformers": str(model)}
+    extra = {"nanoseek": {"ignore_eos": True}, "transformers": {}}  # transformers refuses unknown fields
+    try:
+        for s in servers.values():
+            s.wait()
+        for s in servers.values():  # warm-up: first-call costs (and compiles) out of the measurement
+            asyncio.run(load(s.url, names[s.name], 2, 1, prompts, 8, extra[s.name]))
+        summary = {}
+        for clients in args.clients:
+            rows: dict[str, list[dict]] = {name: [] for name in servers}
+            for _ in range(args.rounds):
+                for name, s in servers.items():
+                    rows[name].append(
+                        asyncio.run(load(s.url, names[name], clients, args.requests, prompts, args.max_tokens, extra[name]))
+                    )
+            line = {"bench": "serve", "clients": clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens}
+            for name, rs in rows.items():
+                line[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            if "transformers" in rows:
+                ratio = line["nanoseek"]["output_tokens_per_s"] / max(1e-9, line["transformers"]["output_tokens_per_s"])
+                line["tokens_per_s_ratio"] = round(ratio, 2)
+                summary[clients] = line["tokens_per_s_ratio"]
+            line["machine"] = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
+            print(json.dumps(line), flush=True)
+        print(json.dumps({"bench": "serve-summary", "nanoseek_over_transformers_tokens_per_s": summary}), flush=True)
+    finally:
+        for s in servers.values():
+            s.close()
+
+
+if __name__ == "__main__":
+    main()
