@@ -49,7 +49,9 @@ def make_model(out: Path) -> Path:
 
     tok = train_tokenizer(builtin_corpus(2000, seed=0), vocab_size=512)
     torch.manual_seed(0)
-    c = ModelConfig.from_preset("cpu-small", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    c = ModelConfig.from_preset(
+        "cpu-small", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id
+    )
     save_model(Transformer(c), out, tokenizer=tok)
     return out
 
@@ -207,9 +209,16 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name, s in servers.items():
                     rows[name].append(
-                        asyncio.run(load(s.url, names[name], clients, args.requests, prompts, args.max_tokens, extra[name]))
+                        asyncio.run(
+                            load(s.url, names[name], clients, args.requests, prompts, args.max_tokens, extra[name])
+                        )
                     )
-            line = {"bench": "serve", "clients": clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens}
+            line = {
+                "bench": "serve",
+                "clients": clients,
+                "requests_per_client": args.requests,
+                "max_tokens": args.max_tokens,
+            }
             for name, rs in rows.items():
                 line[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
             if "transformers" in rows:
