@@ -180,14 +180,21 @@ class EngineLoop:
         if seq.done:
             self._finish(req, update)
         else:
-            req.sink(req.key, update)
+            self._send(req, update)
 
     def _finish(self, req: _Request, update: Update) -> None:
         self._by_seq.pop(req.seq_id, None)
         if self._by_key.pop(req.key, None) is not None or req.seq_id < 0:
             with self._lock:
                 self._outstanding -= 1
-        req.sink(req.key, update)
+        self._send(req, update)
+
+    @staticmethod
+    def _send(req: _Request, update: Update) -> None:
+        try:
+            req.sink(req.key, update)
+        except Exception:  # a caller that went away (its event loop closed) must not stop the loop
+            pass
 
     def _fail_all(self, message: str) -> None:
         pending = list(self._by_key.values())

@@ -54,7 +54,8 @@ class Choice:
         """Record an update; return the newly released text. Text that may still become a stop string, or is
         half a multi-byte character, is held back until the next update decides it."""
         self.tokens += len(up.token_ids)
-        self.logprobs += [(t, lp, top) for t, lp, top in zip(up.token_ids, up.logprobs, up.top_logprobs or [{}] * 99)]
+        tops = up.top_logprobs or [{}] * len(up.token_ids)
+        self.logprobs += list(zip(up.token_ids, up.logprobs, tops))
         self.finish_reason, self.error = up.finish_reason, up.error
         if up.finish_reason in ("abort", "error"):
             return ""
@@ -81,18 +82,24 @@ class Job:
         self.pending = set(self.keys)
 
     async def updates(self, request=None) -> AsyncIterator[tuple[int, Update]]:
-        """(choice index, update) until every sequence finished. With `request`, a client that disconnects
-        (non-streaming requests) ends it early."""
+        """(choice index, update) until every sequence finished. With `request` (non-streaming requests), a client
+        that disconnects ends it early: checked every half second. Streams need no check: Starlette cancels them."""
+        next_check = time.monotonic() + 0.5
         while self.pending:
             if request is None:
-                key, up = await self.queue.get()
+                item = await self.queue.get()
             else:
                 try:
-                    key, up = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                    item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    item = None
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 0.5
                     if await request.is_disconnected():
                         return
-                    continue
+            if item is None:
+                continue
+            key, up = item
             if up.finish_reason is not None:
                 self.pending.discard(key)
             yield self.index[key], up
@@ -206,14 +213,17 @@ class Timing:
         m, now, n = self.m, time.perf_counter(), len(up.token_ids)
         if up.queue_time is not None:
             m.of(m.queue_time).observe(up.queue_time)
-        if n:
-            m.of(m.generation_tokens).inc(n)
-            if self.last is None:
-                m.of(m.ttft).observe(now - self.start)
-                n -= 1
-            for _ in range(n):
-                m.of(m.itl).observe((now - (self.last or self.start)) / max(1, len(up.token_ids)))
-            self.last = now
+        if not n:
+            return
+        m.of(m.generation_tokens).inc(n)
+        if self.last is None:
+            m.of(m.ttft).observe(now - self.start)
+            gaps, gap = n - 1, 0.0  # tokens that came with the first (an accepted MTP draft)
+        else:
+            gaps, gap = n, (now - self.last) / n
+        for _ in range(gaps):
+            m.of(m.itl).observe(gap)
+        self.last = now
 
     def on_finish(self, choices: list[Choice]) -> None:
         m = self.m
@@ -316,6 +326,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        timing = Timing(server.metrics)  # from arrival: time to first token includes validation and queueing
         server.check_auth(request)
         req: ChatRequest = validate(ChatRequest, await server.read_body(request))
         server.check_model(req.model)
@@ -341,7 +352,6 @@ def build_app(server: Server) -> FastAPI:
             Choice(i, ReasoningSplitter(opens_think) if server.reasoning else None, params[i].stop)
             for i in range(req.n)
         ]
-        timing = Timing(server.metrics)
         job = server.start_job([ids] * req.n, params)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
         if req.stream:
@@ -377,6 +387,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        timing = Timing(server.metrics)
         server.check_auth(request)
         req: CompletionRequest = validate(CompletionRequest, await server.read_body(request))
         server.check_model(req.model)
@@ -413,7 +424,6 @@ def build_app(server: Server) -> FastAPI:
         echo = [server.tok.decode(ids) if req.echo and isinstance(x, str) else "" for ids, x in zip(ids_list, prompts)]
         echo = [e[len(server.tok.bos_token) :] if e.startswith(server.tok.bos_token) else e for e in echo]
         choices = [Choice(k, None, params[k].stop) for k in range(len(seqs))]
-        timing = Timing(server.metrics)
         job = server.start_job(seqs, params)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
         prompt_tokens = sum(len(ids) for ids in ids_list)
