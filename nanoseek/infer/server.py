@@ -265,10 +265,22 @@ def _sse(obj: dict | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
-def _raise_if_failed(choices: list[Choice]) -> None:
+async def _collect(job: Job, choices: list[Choice], timing: Timing, request) -> None:
+    """Run a non-streaming request to the end (or until its client leaves); 500 if generation failed."""
+    try:
+        async for i, up in job.updates(request):
+            choices[i].advance(up)
+            timing.on_update(up)
+    finally:
+        job.close()
     for c in choices:
         if c.finish_reason == "error":
             raise APIError(500, c.error or "generation failed")
+    timing.on_finish(choices)
+
+
+def _event_stream(stream: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 # ================================================================================================== the app
@@ -356,15 +368,8 @@ def build_app(server: Server) -> FastAPI:
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
         if req.stream:
             stream = _stream_chat(server, job, choices, timing, meta, len(ids), req)
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            async for i, up in job.updates(request):
-                choices[i].advance(up)
-                timing.on_update(up)
-        finally:
-            job.close()
-        _raise_if_failed(choices)
-        timing.on_finish(choices)
+            return _event_stream(stream)
+        await _collect(job, choices, timing, request)
         out = []
         for c in choices:
             if c.splitter is not None:
@@ -429,15 +434,8 @@ def build_app(server: Server) -> FastAPI:
         prompt_tokens = sum(len(ids) for ids in ids_list)
         if req.stream:
             stream = _stream_completion(server, job, choices, timing, meta, prompt_tokens, req, echo)
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            async for i, up in job.updates(request):
-                choices[i].advance(up)
-                timing.on_update(up)
-        finally:
-            job.close()
-        _raise_if_failed(choices)
-        timing.on_finish(choices)
+            return _event_stream(stream)
+        await _collect(job, choices, timing, request)
         out = []
         for c in choices:
             head = echo[c.index // req.n]
