@@ -1,0 +1,141 @@
+"""Scale-out on gloo/CPU: 2-process DDP and FSDP2 runs equal a 1-process run with the same global batch, the MoE
+bias stays identical on every rank, distributed checkpoints resume on 1 or 2 processes, a failing rank ends the
+job. Each torchrun launch costs a few seconds, so one module-scoped set of runs feeds several tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+from nanoseek.data.shards import prepare
+from nanoseek.data.tasks import builtin_corpus
+from nanoseek.dist.checkpoint import is_distributed_checkpoint, model_from_checkpoint
+from nanoseek.report import read_metrics
+from nanoseek.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = Path(__file__).with_name("dist_launch.py")
+STEPS = 6
+COMMON = ["--preset", "tiny", "--seq-len", "32", "--lr", "1e-2", "--warmup", "2", "--eval-every", "0"]
+COMMON += ["--grad-accum", "2", "--bias-gamma", "1e-2", "--save-every", "3"]
+
+
+def torchrun(*argv: str, nproc: int = 2, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node nproc tests/dist_launch.py ARGV` from the repo root."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(LAUNCH)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([*cmd, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metric(run: Path, key: str) -> list[float]:
+    return [r[key] for r in read_metrics(run / "metrics.jsonl")]
+
+
+def weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    return model_from_checkpoint(step_dir).state_dict()
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The same 6 steps (global batch 8 = 2 micro-batches x 2 sequences x 2 ranks, or 2 x 4 x 1 rank) three ways."""
+    root = tmp_path_factory.mktemp("dist")
+    tok = train_tokenizer(builtin_corpus(200, seed=0), vocab_size=320)
+    tok.save(root / "tok")
+    prepare(tok, root / "data", builtin=["arithmetic"], n=300, seed=0, tokenizer_path=str(root / "tok"))
+    data = ["--data", str(root / "data"), "--steps", str(STEPS)]
+    out = {"data": root / "data"}
+    out["one"] = root / "one"
+    assert main(["train", *COMMON, *data, "--batch-size", "4", "--out", str(out["one"])]) == 0
+    for dp in ("ddp", "fsdp"):
+        out[dp] = root / dp
+        probe = root / f"probe-{dp}"
+        probe.mkdir()
+        argv = ["train", *COMMON, *data, "--batch-size", "2", "--dp", dp, "--out", str(out[dp])]
+        proc = torchrun(*argv, NANOSEEK_TEST_PROBE=str(probe))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[f"probe-{dp}"] = probe
+    return out
+
+
+@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_the_same_global_batch(runs, dp):
+    one, two = runs["one"], runs[dp]
+    assert metric(two, "step") == list(range(1, STEPS + 1))  # rank 0 alone writes metrics
+    assert metric(two, "loss") == pytest.approx(metric(one, "loss"), abs=1e-5)
+    # gradients are averaged over ranks, not summed: a sum would double the (pre-clipping) norm
+    assert metric(two, "grad_norm") == pytest.approx(metric(one, "grad_norm"), rel=1e-4)
+    assert metric(two, "tokens")[-1] == metric(one, "tokens")[-1] == STEPS * 8 * 32
+    assert_same_weights(one / "checkpoints" / f"step_{STEPS}", two / "checkpoints" / f"step_{STEPS}")
+    assert is_distributed_checkpoint(two / "checkpoints" / f"step_{STEPS}") == (dp == "fsdp")
+
+
+@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+def test_expert_bias_is_identical_on_every_rank_and_equals_one_process(runs, dp):
+    r0, r1 = (torch.load(runs[f"probe-{dp}"] / f"rank{r}.pt") for r in (0, 1))
+    ref = model_from_checkpoint(runs["one"] / "checkpoints" / f"step_{STEPS}")
+    for b0, b1, m in zip(r0["biases"], r1["biases"], ref.moe_layers(), strict=True):
+        assert b0.abs().sum() > 0, "the bias never moved"
+        assert torch.equal(b0, b1)
+        assert torch.equal(b0, m.gate.e_score_correction_bias)
+
+
+def _resume(src: Path, dst: Path, at: int) -> Path:
+    shutil.copytree(src, dst)
+    for d in (dst / "checkpoints").iterdir():
+        if d.name != f"step_{at}":
+            shutil.rmtree(d)
+    return dst
+
+
+def test_fsdp_checkpoint_resumes_exactly_on_one_and_on_two_processes(runs, tmp_path):
+    full = runs["fsdp"] / "checkpoints" / f"step_{STEPS}"
+    one = _resume(runs["fsdp"], tmp_path / "on1", at=3)
+    assert main(["train", "--out", str(one), "--resume"]) == 0  # batch size 2 x 2 ranks -> 4 on one process
+    assert not is_distributed_checkpoint(one / "checkpoints" / f"step_{STEPS}")  # one process writes an HF dir
+    two = _resume(runs["fsdp"], tmp_path / "on2", at=3)
+    proc = torchrun("train", "--out", str(two), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in (one, two):
+        assert metric(run, "loss") == pytest.approx(metric(runs["fsdp"], "loss"), abs=1e-6)
+        assert_same_weights(full, run / "checkpoints" / f"step_{STEPS}", atol=1e-6)
+
+
+def test_one_process_checkpoint_resumes_on_two_fsdp_processes(runs, tmp_path):
+    run = _resume(runs["one"], tmp_path / "grow", at=3)
+    proc = torchrun("train", "--out", str(run), "--resume", "--dp", "fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert metric(run, "loss") == pytest.approx(metric(runs["one"], "loss"), abs=1e-5)
+    assert_same_weights(runs["one"] / "checkpoints" / f"step_{STEPS}", run / "checkpoints" / f"step_{STEPS}")
+
+
+def test_export_writes_an_hf_dir_that_eval_reads(runs, tmp_path, capsys):
+    out = tmp_path / "model"
+    assert main(["export", "--checkpoint", str(runs["fsdp"] / "checkpoints" / f"step_{STEPS}"), "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert_same_weights(runs["fsdp"] / "checkpoints" / f"step_{STEPS}", out, atol=0)
+    assert main(["eval", "--model", str(out), "--task", "arithmetic", "--n", "2", "--max-tokens", "4", "--json"]) == 0
+    assert '"accuracy"' in capsys.readouterr().out
+
+
+def test_a_failing_rank_ends_every_rank_with_the_error_named(runs, tmp_path):
+    argv = ["train", *COMMON, "--data", str(runs["data"]), "--steps", "50", "--batch-size", "2"]
+    t0 = time.monotonic()
+    proc = torchrun(*argv, "--out", str(tmp_path / "run"), NANOSEEK_TEST_FAIL_RANK="1", timeout=90)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 60, "the surviving rank hung"
+    assert "injected failure on rank 1" in proc.stderr
