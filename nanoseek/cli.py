@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "chat": "nanoseek.infer.chat",
     "speedrun": "nanoseek.speedrun",
     "export": "nanoseek.dist.checkpoint",
+    "plan": "nanoseek.dist.plan",
 }
 
 

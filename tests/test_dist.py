@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanoseek import ModelConfig
 from nanoseek.cli import main
 from nanoseek.data.shards import prepare
 from nanoseek.data.tasks import builtin_corpus
 from nanoseek.dist.checkpoint import is_distributed_checkpoint, model_from_checkpoint
+from nanoseek.dist.plan import count_parameters, make_plan, state_bytes
+from nanoseek.flops import flops_per_token
 from nanoseek.report import read_metrics
 from nanoseek.tokenizer import train_tokenizer
 
@@ -139,3 +142,32 @@ def test_a_failing_rank_ends_every_rank_with_the_error_named(runs, tmp_path):
     assert proc.returncode != 0
     assert time.monotonic() - t0 < 60, "the surviving rank hung"
     assert "injected failure on rank 1" in proc.stderr
+
+
+def test_plan_predicts_fsdp2_state_bytes_per_rank_within_10_percent(runs):
+    """The planner's weights + gradients + AdamW bytes per rank under FSDP2 on 2 ranks vs what each rank held."""
+    config = ModelConfig.from_json(runs["fsdp"] / "checkpoints" / f"step_{STEPS}")
+    predicted = state_bytes(count_parameters(config), "fsdp", world=2)
+    for rank in (0, 1):
+        measured = torch.load(runs["probe-fsdp"] / f"rank{rank}.pt")["bytes"]
+        assert measured.keys() == predicted.keys()
+        for part in predicted:
+            assert measured[part] == pytest.approx(predicted[part], rel=0.10), (rank, part)
+    ddp = torch.load(runs["probe-ddp"] / "rank0.pt")["bytes"]  # DDP replicates: the whole model on each rank
+    assert sum(ddp.values()) == sum(state_bytes(count_parameters(config), "ddp", world=2).values())
+
+
+def test_plan_counts_v3_and_picks_a_layout_that_fits():
+    v3 = ModelConfig.from_preset("deepseek-v3")
+    p = make_plan(v3, gpus=2048, gpu="h800", tokens=14.8e12, seq_len=1024, gpu_hours=2.664e6, price_per_hour=2.0)
+    assert p["params_activated"] / 1e9 == pytest.approx(37.6, abs=0.1)
+    assert p["flops_per_token"] == flops_per_token(v3, 1024)
+    layouts = {lay["layout"]: lay for lay in p["layouts"]}
+    assert not layouts["ddp"]["fits"] and not layouts["fsdp"]["fits"]  # all 256 experts of a layer gathered
+    assert p["best"] and p["best"].startswith("fsdp+ep") and layouts[p["best"]]["fits"]
+    assert 0.2 < p["implied_mfu"] < 0.6
+    assert p["cost"] == pytest.approx(p["gpu_hours"] * 2.0)
+    small = make_plan(ModelConfig.from_preset("gpu-small"), gpus=8, gpu="h100", tokens=1e10)
+    assert small["best"] == "ddp"  # everything fits; replication moves the fewest bytes
+    with pytest.raises(ValueError, match="unknown --gpu"):
+        make_plan(v3, gpus=8, gpu="h9000")
