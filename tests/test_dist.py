@@ -4,6 +4,7 @@ job. Each torchrun launch costs a few seconds, so one module-scoped set of runs 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -26,14 +27,15 @@ from nanoseek.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(__file__).with_name("dist_launch.py")
+LAYOUTS = {"ddp": ["--dp", "ddp"], "fsdp": ["--dp", "fsdp"], "ep": ["--dp", "ddp", "--ep", "2"]}
 STEPS = 6
 COMMON = ["--preset", "tiny", "--seq-len", "32", "--lr", "1e-2", "--warmup", "2", "--eval-every", "0"]
 COMMON += ["--grad-accum", "2", "--bias-gamma", "1e-2", "--save-every", "3"]
 
 
-def torchrun(*argv: str, nproc: int = 2, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node nproc tests/dist_launch.py ARGV` from the repo root."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(LAUNCH)]
+def torchrun(*argv: str, script: Path = LAUNCH, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 SCRIPT ARGV` from the repo root."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([*cmd, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -64,18 +66,18 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {"data": root / "data"}
     out["one"] = root / "one"
     assert main(["train", *COMMON, *data, "--batch-size", "4", "--out", str(out["one"])]) == 0
-    for dp in ("ddp", "fsdp"):
+    for dp, layout in LAYOUTS.items():
         out[dp] = root / dp
         probe = root / f"probe-{dp}"
         probe.mkdir()
-        argv = ["train", *COMMON, *data, "--batch-size", "2", "--dp", dp, "--out", str(out[dp])]
+        argv = ["train", *COMMON, *data, "--batch-size", "2", *layout, "--out", str(out[dp])]
         proc = torchrun(*argv, NANOSEEK_TEST_PROBE=str(probe))
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[f"probe-{dp}"] = probe
     return out
 
 
-@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+@pytest.mark.parametrize("dp", list(LAYOUTS))
 def test_two_processes_match_one_process_with_the_same_global_batch(runs, dp):
     one, two = runs["one"], runs[dp]
     assert metric(two, "step") == list(range(1, STEPS + 1))  # rank 0 alone writes metrics
@@ -84,10 +86,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs, dp):
     assert metric(two, "grad_norm") == pytest.approx(metric(one, "grad_norm"), rel=1e-4)
     assert metric(two, "tokens")[-1] == metric(one, "tokens")[-1] == STEPS * 8 * 32
     assert_same_weights(one / "checkpoints" / f"step_{STEPS}", two / "checkpoints" / f"step_{STEPS}")
-    assert is_distributed_checkpoint(two / "checkpoints" / f"step_{STEPS}") == (dp == "fsdp")
+    assert is_distributed_checkpoint(two / "checkpoints" / f"step_{STEPS}") == (dp != "ddp")  # sharded: DCP
 
 
-@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+@pytest.mark.parametrize("dp", list(LAYOUTS))
 def test_expert_bias_is_identical_on_every_rank_and_equals_one_process(runs, dp):
     r0, r1 = (torch.load(runs[f"probe-{dp}"] / f"rank{r}.pt") for r in (0, 1))
     ref = model_from_checkpoint(runs["one"] / "checkpoints" / f"step_{STEPS}")
@@ -171,3 +173,20 @@ def test_plan_counts_v3_and_picks_a_layout_that_fits():
     assert small["best"] == "ddp"  # everything fits; replication moves the fewest bytes
     with pytest.raises(ValueError, match="unknown --gpu"):
         make_plan(v3, gpus=8, gpu="h9000")
+
+
+def test_expert_parallel_forward_and_gradients_equal_one_process(tmp_path):
+    proc = torchrun(str(tmp_path), script=Path(__file__).with_name("dist_ep_check.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        errors = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert errors["local_experts"] == [4, 4]  # 8 experts of the MoE layer and of the MTP block, split in two
+        for key in ("loss", "logits", "grads", "expert_grads"):
+            assert errors[key] <= 1e-5, (rank, key, errors[key])
+
+
+def test_expert_parallel_checkpoint_resumes_on_one_process(runs, tmp_path):
+    run = _resume(runs["ep"], tmp_path / "on1", at=3)
+    assert main(["train", "--out", str(run), "--resume"]) == 0  # saved with --ep 2: one process runs all experts
+    assert metric(run, "loss") == pytest.approx(metric(runs["ep"], "loss"), abs=1e-6)
+    assert_same_weights(runs["ep"] / "checkpoints" / f"step_{STEPS}", run / "checkpoints" / f"step_{STEPS}", atol=1e-6)

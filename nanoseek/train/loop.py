@@ -71,7 +71,7 @@ DEFAULT_GPU_PEAK_FLOPS = 989e12
 # Options a --resume may change; every other one must match the run's saved arguments.
 RESUME_OVERRIDABLE = frozenset(
     {"steps", "time_budget", "save_every", "keep_last", "eval_every", "eval_batches", "log_every", "compile"}
-    | {"device", "peak_flops", "data", "tokenizer", "dp"}
+    | {"device", "peak_flops", "data", "tokenizer", "dp", "ep"}
 )
 
 
@@ -114,6 +114,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     peak_flops: float | None = None  # for MFU; None: by device
     dp: str = "ddp"  # data parallel under torchrun: ddp | fsdp (ignored in one process)
+    ep: int = 1  # expert parallel degree under torchrun (routed experts split over ep processes)
 
     def validate(self) -> None:
         if self.steps is None and self.time_budget is None:
@@ -131,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be cpu, cuda or auto, got {self.device!r}")
+        if self.ep < 1:
+            raise ValueError(f"--ep must be >= 1, got {self.ep}")
         if self.dp not in DP_MODES:
             raise ValueError(f"--dp must be one of {', '.join(DP_MODES)}, got {self.dp!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -218,14 +221,14 @@ def train(
     model.to(device).train()
     if cfg.aux_alpha is not None:
         set_aux_alpha(model, cfg.aux_alpha)
-    par = Parallel(model, env, cfg.dp, mtp=cfg.mtp_weight > 0)
+    par = Parallel(model, env, cfg.dp, mtp=cfg.mtp_weight > 0, ep=cfg.ep if env.distributed else 1)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     step, elapsed0 = 0, 0.0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
         if is_distributed_checkpoint(resume_from):  # weights and optimizer, resharded to this layout
             load_distributed_checkpoint(resume_from, model, optimizer)
-        elif par.dp == "fsdp":
+        elif par.sharded:
             load_full_optimizer_state(model, optimizer, state["optimizer"])
         else:
             optimizer.load_state_dict(state["optimizer"])
@@ -269,7 +272,7 @@ def train(
             "schedule": {"kind": cfg.schedule, "next_step": step, "progress": progress(step)},
             "args": run_args,
         }
-        if par.dp == "fsdp":  # sharded: every rank writes its shards
+        if par.sharded:  # every rank writes its shards
             return save_distributed_checkpoint(run_dir, model, optimizer, state, env, tokenizer, cfg.keep_last)
         if env.is_main:  # one process or DDP: rank 0 holds the whole model and optimizer state
             save_checkpoint(run_dir, model, {**state, "optimizer": optimizer.state_dict()}, tokenizer, cfg.keep_last)
@@ -302,6 +305,7 @@ def train(
                 loads = step_loads if loads is None else loads + step_loads
             if loads is not None:  # the same counts, hence the same bias update, on every rank
                 loads = all_reduce(loads, env)
+            par.reduce_gradients()
             gnorm = par.clip_grad_norm(cfg.clip)
             main, mtp, aux = all_reduce(sums, env, op="mean").tolist()
             total = main + cfg.mtp_weight * mtp + aux
@@ -429,6 +433,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the loss computation")
     g.add_argument("--device", help="cpu, cuda or auto (default)")
     g.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: 205e9 on CPU, 989e12 on H100)")
+    g.add_argument("--ep", type=int, help="under torchrun: split routed experts over this many processes (default 1)")
     g.add_argument(
         "--dp", choices=DP_MODES, help="under torchrun: ddp (default; replicated) or fsdp (FSDP2, sharded weights)"
     )
@@ -510,6 +515,8 @@ def _train_command(args: argparse.Namespace, env: DistEnv) -> int:
     ckpt, saved = resume_point(run_dir, args.resume)
     cfg = train_config_from_args(args, saved, env.world_size)
     cfg.validate()
+    if (args.ep or 1) > 1 and not env.distributed:
+        raise ValueError(f"--ep {args.ep} needs several processes: launch with torchrun --nproc-per-node N")
     overrides = ModelConfig.parse_overrides(args.set)
     fixed = {"vocab_size", "bos_token_id", "eos_token_id"} & set(overrides)
     if fixed:
