@@ -205,9 +205,9 @@ def train(
 ) -> dict[str, Any]:
     """Train `model` in place; metrics, plots and checkpoints go to run_dir. Returns a summary dict.
 
-    resume_from: a checkpoint dir whose weights `model` already holds (a distributed checkpoint: loaded here
-    into the wrapped model); the optimizer, step, elapsed time,
-    RNG states and loader cursor are restored from its trainer_state. make_val_loader builds a fresh val
+    resume_from: a checkpoint dir whose weights `model` already holds (a distributed checkpoint's are loaded
+    here, into the wrapped model); the optimizer, step, elapsed time, RNG states and loader cursor are restored
+    from its trainer_state. make_val_loader builds a fresh val
     loader for each evaluation (the same batches every time). run_args are stored with each checkpoint.
     env: the torchrun process group (None: one process); `loader` then serves this rank's batches, the
     model is wrapped per cfg.dp, and rank 0 alone logs, plots and writes checkpoints.
@@ -350,7 +350,7 @@ def train(
                     record["val_loss"] = val_loss
                 if logger is not None:
                     logger.log(record)
-            if is_eval:
+            if is_eval and env.is_main:  # tqdm.write prints even with the bar disabled
                 bar.write(f"step {step}: loss {main:.4f}, val {val_loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tok/s")
             bar.set_postfix(loss=f"{main:.4f}", tok_s=f"{tokens_per_s:,.0f}", step=step, refresh=False)
             bar.update(1 if not cfg.time_budget else int(min(elapsed(), cfg.time_budget)) - bar.n)
