@@ -190,3 +190,17 @@ def test_expert_parallel_checkpoint_resumes_on_one_process(runs, tmp_path):
     assert main(["train", "--out", str(run), "--resume"]) == 0  # saved with --ep 2: one process runs all experts
     assert metric(run, "loss") == pytest.approx(metric(runs["ep"], "loss"), abs=1e-6)
     assert_same_weights(runs["ep"] / "checkpoints" / f"step_{STEPS}", run / "checkpoints" / f"step_{STEPS}", atol=1e-6)
+
+
+def test_grpo_under_ddp_equals_one_process_update_and_keeps_ranks_in_step(runs, tmp_path):
+    tok = runs["data"].parent / "tok"
+    proc = torchrun(str(tok), str(tmp_path), script=Path(__file__).with_name("dist_grpo_check.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["update_max_diff"] <= 1e-5  # each rank's own rollouts, averaged = one process over all of them
+        assert r["tokens"][0] == r["tokens"][1]  # normalised by every rank's completion tokens
+        assert r["loss"][0] == pytest.approx(r["loss"][1], abs=1e-6)
+        assert r["grad_norm"][0] == pytest.approx(r["grad_norm"][1], rel=1e-5)
+        assert r["ranks_differ_by"] == 0.0  # after a grpo() run both ranks hold the same policy
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]  # rank 0 logs
