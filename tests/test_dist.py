@@ -33,9 +33,11 @@ COMMON = ["--preset", "tiny", "--seq-len", "32", "--lr", "1e-2", "--warmup", "2"
 COMMON += ["--grad-accum", "2", "--bias-gamma", "1e-2", "--save-every", "3"]
 
 
-def torchrun(*argv: str, script: Path = LAUNCH, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node 2 SCRIPT ARGV` from the repo root."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+def torchrun(
+    *argv: str, script: Path = LAUNCH, nproc: int = 2, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node NPROC SCRIPT ARGV` from the repo root."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([*cmd, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -204,3 +206,16 @@ def test_grpo_under_ddp_equals_one_process_update_and_keeps_ranks_in_step(runs, 
         assert r["grad_norm"][0] == pytest.approx(r["grad_norm"][1], rel=1e-5)
         assert r["ranks_differ_by"] == 0.0  # after a grpo() run both ranks hold the same policy
     assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]  # rank 0 logs
+
+
+@pytest.mark.slow
+def test_fsdp2_with_expert_parallel_on_a_2d_mesh_matches_one_process(runs, tmp_path):
+    """4 processes, EP 2 x 2 FSDP2 shards of each expert slice: the replicas' reduction and the 2-D sharding."""
+    argv = ["train", *COMMON, "--data", str(runs["data"]), "--steps", str(STEPS), "--batch-size", "1"]
+    proc = torchrun(*argv, "--dp", "fsdp", "--ep", "2", "--out", str(tmp_path / "run"), nproc=4, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert metric(tmp_path / "run", "loss") == pytest.approx(metric(runs["one"], "loss"), abs=1e-5)
+    assert metric(tmp_path / "run", "grad_norm") == pytest.approx(metric(runs["one"], "grad_norm"), rel=1e-4)
+    assert_same_weights(
+        runs["one"] / "checkpoints" / f"step_{STEPS}", tmp_path / "run" / "checkpoints" / f"step_{STEPS}"
+    )

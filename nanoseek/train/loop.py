@@ -586,7 +586,8 @@ def _train_command(args: argparse.Namespace, env: DistEnv) -> int:
         except ValueError as e:
             log(f"warning: no validation: {e}", file=sys.stderr)
     n_params = model.num_parameters(include_mtp=True)
-    procs = f", {env.world_size} processes ({cfg.dp})" if env.distributed else ""
+    layout = cfg.dp + (f" + ep {cfg.ep}" if cfg.ep > 1 else "")
+    procs = f", {env.world_size} processes ({layout})" if env.distributed else ""
     log(
         f"model: {n_params / 1e6:.2f}M params ({model.num_parameters(activated=True) / 1e6:.2f}M activated, "
         f"main), vocab {model.config.vocab_size}, device {device}{procs}; data {data}"
