@@ -778,10 +778,12 @@ RESUME_OVERRIDABLE = {"steps", "time_budget", "save_every", "keep_last", "eval_e
 def _cmd_grpo(args: argparse.Namespace) -> int:
     """`nanoseek grpo`, in one process or under torchrun (one call per rank)."""
     env = init_distributed(args.device or "auto")
+    rc = 1
     try:
-        return _grpo_command(args, env)
+        rc = _grpo_command(args, env)
+        return rc
     finally:
-        shutdown()
+        shutdown(clean=rc == 0)
 
 
 def _grpo_command(args: argparse.Namespace, env: DistEnv) -> int:

@@ -503,10 +503,12 @@ def find_tokenizer(data_dir: Path, manifest: dict, path: str | Path | None = Non
 def _cmd_train(args: argparse.Namespace) -> int:
     """`nanoseek train`, in one process or under torchrun (one call per rank)."""
     env = init_distributed(args.device or "auto")
+    rc = 1
     try:
-        return _train_command(args, env)
+        rc = _train_command(args, env)
+        return rc
     finally:
-        shutdown()
+        shutdown(clean=rc == 0)
 
 
 def _train_command(args: argparse.Namespace, env: DistEnv) -> int:

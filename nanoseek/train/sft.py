@@ -238,10 +238,12 @@ def load_conversations(args: dict[str, Any], split: str) -> list[list[dict]]:
 def _cmd_sft(args: argparse.Namespace) -> int:
     """`nanoseek sft`, in one process or under torchrun (one call per rank)."""
     env = init_distributed(args.device or "auto")
+    rc = 1
     try:
-        return _sft_command(args, env)
+        rc = _sft_command(args, env)
+        return rc
     finally:
-        shutdown()
+        shutdown(clean=rc == 0)
 
 
 def _sft_command(args: argparse.Namespace, env: DistEnv) -> int:
