@@ -3,9 +3,11 @@
 NANOSEEK_TEST_PROBE=DIR   after training, each rank writes DIR/rank{R}.pt: its MoE biases, and the bytes of its
                           parameters, gradients and AdamW state measured right after the first optimizer step
 NANOSEEK_TEST_FAIL_RANK=R rank R raises RuntimeError on its third batch
+NANOSEEK_TEST_KILL_IN_SAVE=R  rank R kills itself (SIGKILL) as its second distributed checkpoint save begins
 """
 
 import os
+import signal
 import sys
 
 import torch
@@ -58,5 +60,18 @@ if int(os.environ.get("NANOSEEK_TEST_FAIL_RANK", "-1")) == rank:
         return next_batch(self)
 
     TokenLoader.next_batch = failing_next_batch
+
+if int(os.environ.get("NANOSEEK_TEST_KILL_IN_SAVE", "-1")) == rank:
+    import torch.distributed.checkpoint as dcp
+
+    save, saves = dcp.save, []
+
+    def dying_save(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # the other rank may already be writing its shards into the temp dir
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(*args, **kwargs)
+
+    dcp.save = dying_save
 
 sys.exit(main(sys.argv[1:]))

@@ -24,6 +24,7 @@ from nanoseek.dist.plan import count_parameters, make_plan, state_bytes
 from nanoseek.flops import flops_per_token
 from nanoseek.report import read_metrics
 from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train.checkpointing import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(__file__).with_name("dist_launch.py")
@@ -120,6 +121,19 @@ def test_fsdp_checkpoint_resumes_exactly_on_one_and_on_two_processes(runs, tmp_p
     for run in (one, two):
         assert metric(run, "loss") == pytest.approx(metric(runs["fsdp"], "loss"), abs=1e-6)
         assert_same_weights(full, run / "checkpoints" / f"step_{STEPS}", atol=1e-6)
+
+
+def test_a_rank_killed_during_a_distributed_save_leaves_the_previous_checkpoint(runs, tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", *COMMON, "--data", str(runs["data"]), "--steps", str(STEPS), "--batch-size", "2", *LAYOUTS["fsdp"]]
+    proc = torchrun(*argv, "--out", str(run), NANOSEEK_TEST_KILL_IN_SAVE="1")
+    assert proc.returncode != 0
+    root = run / "checkpoints"
+    assert latest_checkpoint(run) == root / "step_3" and not (root / f"step_{STEPS}").exists()
+    assert any(d.name.startswith(".tmp-step_6") for d in root.iterdir())  # the half-written save, never picked
+    assert main(["train", "--out", str(run), "--resume"]) == 0  # loadable: continue on one process
+    assert not any(d.name.startswith(".tmp-") for d in root.iterdir())
+    assert_same_weights(runs["fsdp"] / "checkpoints" / f"step_{STEPS}", root / f"step_{STEPS}", atol=1e-6)
 
 
 def test_one_process_checkpoint_resumes_on_two_fsdp_processes(runs, tmp_path):
