@@ -78,8 +78,8 @@ class _A2ATimer:
 def worker(args: argparse.Namespace) -> None:
     """One process of a layout: time args.steps steps after a warm-up step; rank 0 prints one JSON line."""
     from nanoseek import ModelConfig, Transformer
-    from nanoseek.dist.data_parallel import Parallel
-    from nanoseek.dist.process_group import all_reduce, init_distributed, shutdown
+    from nanoseek.distributed.data_parallel import Parallel
+    from nanoseek.distributed.process_group import all_reduce, init_distributed, shutdown
     from nanoseek.flops import flops_per_token
     from nanoseek.train.optim import build_optimizer, expert_bias_step
 

@@ -22,8 +22,8 @@ COMMANDS: dict[str, str] = {
     "generate": "nanoseek.infer.chat",
     "chat": "nanoseek.infer.chat",
     "speedrun": "nanoseek.speedrun",
-    "export": "nanoseek.dist.checkpoint",
-    "plan": "nanoseek.dist.plan",
+    "export": "nanoseek.distributed.checkpoint",
+    "plan": "nanoseek.distributed.plan",
 }
 
 

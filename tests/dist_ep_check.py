@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.dist.expert_parallel import ExpertParallel, apply_expert_parallel
+from nanoseek.distributed.expert_parallel import ExpertParallel, apply_expert_parallel
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

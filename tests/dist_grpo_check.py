@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.dist.data_parallel import Parallel
-from nanoseek.dist.process_group import all_reduce, init_distributed, shutdown
+from nanoseek.distributed.data_parallel import Parallel
+from nanoseek.distributed.process_group import all_reduce, init_distributed, shutdown
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.grpo import GRPOConfig, ListPrompts, Rollout, grpo, policy_update
 from nanoseek.train.optim import build_optimizer

@@ -19,8 +19,8 @@ from nanoseek import ModelConfig
 from nanoseek.cli import main
 from nanoseek.data.shards import prepare
 from nanoseek.data.tasks import builtin_corpus
-from nanoseek.dist.checkpoint import is_distributed_checkpoint, model_from_checkpoint
-from nanoseek.dist.plan import count_parameters, make_plan, state_bytes
+from nanoseek.distributed.checkpoint import is_distributed_checkpoint, model_from_checkpoint
+from nanoseek.distributed.plan import count_parameters, make_plan, state_bytes
 from nanoseek.flops import flops_per_token
 from nanoseek.report import read_metrics
 from nanoseek.tokenizer import train_tokenizer

@@ -9,7 +9,7 @@ Routed experts run as one grouped GEMM over tokens sorted by expert (decoding a 
 weights gathered into one batched GEMM; compiled decoding: every expert densely, fixed shapes). The bias is
 balanced without an auxiliary loss (eq. 16): after each step b += gamma * sign(mean_load - load); `last_load`
 holds the counts (every forward but compiled inference). `MoE.experts` is the seam for expert parallelism:
-nanoseek/dist/expert_parallel.py swaps in a module with the same call that sends rows to the ranks owning
+nanoseek/distributed/expert_parallel.py swaps in a module with the same call that sends rows to the ranks owning
 their experts; this file knows nothing of torch.distributed.
 """
 

@@ -52,8 +52,8 @@ from tqdm import tqdm
 from nanoseek.checkpoint import load_model
 from nanoseek.config import atomic_write_text
 from nanoseek.data.tasks import LEVELS, THINK_END, THINK_START, generate
-from nanoseek.dist.data_parallel import Parallel
-from nanoseek.dist.process_group import DistEnv, all_reduce, any_rank, barrier, init_distributed, shutdown
+from nanoseek.distributed.data_parallel import Parallel
+from nanoseek.distributed.process_group import DistEnv, all_reduce, any_rank, barrier, init_distributed, shutdown
 from nanoseek.eval import has_format, is_correct, read_prompt_file, to_item
 from nanoseek.infer.engine import Completion, Engine
 from nanoseek.infer.sampling import SamplingParams

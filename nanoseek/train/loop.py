@@ -37,14 +37,14 @@ from tqdm import tqdm
 from nanoseek.checkpoint import load_model
 from nanoseek.config import ModelConfig, atomic_write_text
 from nanoseek.data.shards import TokenLoader, load_manifest
-from nanoseek.dist.checkpoint import (
+from nanoseek.distributed.checkpoint import (
     is_distributed_checkpoint,
     load_distributed_checkpoint,
     load_full_optimizer_state,
     save_distributed_checkpoint,
 )
-from nanoseek.dist.data_parallel import DP_MODES, Parallel
-from nanoseek.dist.process_group import DistEnv, all_reduce, barrier, init_distributed, shutdown
+from nanoseek.distributed.data_parallel import DP_MODES, Parallel
+from nanoseek.distributed.process_group import DistEnv, all_reduce, barrier, init_distributed, shutdown
 from nanoseek.flops import flops_per_token
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import IGNORE_INDEX

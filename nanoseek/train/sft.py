@@ -36,8 +36,8 @@ from nanoseek.checkpoint import load_model
 from nanoseek.config import ModelConfig
 from nanoseek.data.shards import iter_documents
 from nanoseek.data.tasks import LEVELS, generate
-from nanoseek.dist.checkpoint import is_distributed_checkpoint
-from nanoseek.dist.process_group import DistEnv, init_distributed, shutdown
+from nanoseek.distributed.checkpoint import is_distributed_checkpoint
+from nanoseek.distributed.process_group import DistEnv, init_distributed, shutdown
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from nanoseek.checkpoint import load_model, replace_dir, save_model
 from nanoseek.config import ModelConfig
-from nanoseek.dist.process_group import DistEnv, barrier, broadcast_object
+from nanoseek.distributed.process_group import DistEnv, barrier, broadcast_object
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpointing import _TMP_PREFIX, CHECKPOINTS, STATE_DIR, _write_trainer_state, checkpoint_dirs

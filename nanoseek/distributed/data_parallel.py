@@ -3,9 +3,10 @@
 - compute_loss goes through the wrapper so DDP's reducer / FSDP2's unshard hooks see every forward.
 - accumulate(last=False) skips gradient synchronisation on all but the last micro-batch of a step
   (DDP no_sync, FSDP2 set_requires_gradient_sync(False)): one all-reduce / reduce-scatter per step.
-- The MoE bias must stay identical on every rank, so the per-expert token counts are summed over the
-  data-parallel group (`expert_loads`) before the sign update. DDP runs with forward_sync_buffers=False
-  (torch 2.13's name for broadcast_buffers): its per-forward buffer broadcast would otherwise overwrite every rank's bias and counts with rank 0's.
+- The MoE bias must stay identical on every rank, so the training loop sums the per-expert token counts over
+  all ranks before the sign update. DDP runs with forward_sync_buffers=False (torch 2.13's name for
+  broadcast_buffers): its per-forward buffer broadcast would otherwise overwrite every rank's bias and counts
+  with rank 0's.
 - Gradients are averaged (not summed) over ranks: DDP and FSDP2 both divide by the world size, which
   tests/test_dist.py checks against a one-process run.
 - Expert parallelism (ep > 1, see expert_parallel.py) takes the routed experts out of DDP's hands: their
@@ -19,13 +20,13 @@ import math
 from collections.abc import Iterator
 
 import torch
-from torch import nn
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from nanoseek.dist.expert_parallel import ExpertParallel, apply_expert_parallel, reduce_expert_grads
-from nanoseek.dist.process_group import DistEnv, all_reduce
+from nanoseek.distributed.expert_parallel import ExpertParallel, apply_expert_parallel, reduce_expert_grads
+from nanoseek.distributed.process_group import DistEnv
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import Losses
 
@@ -119,10 +120,6 @@ class Parallel:
             reduce_expert_grads(self.model, None, self.ep)
         elif self.ep > 1:
             reduce_expert_grads(self.model, self._replica_group, self.env.world_size)
-
-    def expert_loads(self) -> torch.Tensor:
-        """Tokens per expert in the last forward, summed over the data-parallel group: [n_moe_layers, E]."""
-        return all_reduce(self.model.expert_loads(), self.env)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip the global gradient norm (sharded gradients included); returns the norm before clipping."""
