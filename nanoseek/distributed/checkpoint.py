@@ -136,7 +136,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    # --format hf only here; other formats (GGUF) join this one `export` command as further choices
     p = subparsers.add_parser("export", help="a training checkpoint (also distributed) -> one HF model dir")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: a Hugging Face model dir (default)")
     p.add_argument("--checkpoint", help="RUN/checkpoints/step_N (from train, sft or grpo; any world size)")
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=_cmd_export)
