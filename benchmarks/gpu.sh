@@ -27,3 +27,10 @@ step 120 -m benchmarks.model_throughput --preset "$PRESET" --device "$DEVICE" --
     --batch-size 8 --seq-len "$seq" --iters "$iters" --rounds 3
 step 120 -m benchmarks.decode --preset "$PRESET" --device "$DEVICE" --reps "$reps"
 step 150 -m benchmarks.decode --preset "$PRESET" --device "$DEVICE" --reps "$reps" --compile
+# Multi-process (issue 13): on a box with 2+ GPUs only, data- and expert-parallel scaling over all of them (nccl;
+# up to 4 more minutes: give such a box timeout_s=600 and QUICK=1, or run this step alone)
+ngpu=$(command -v nvidia-smi >/dev/null && nvidia-smi -L | wc -l || echo 0)
+if [ "$ngpu" -gt 1 ] && [ "$DEVICE" = cuda ]; then
+    step 240 -m benchmarks.scaling --nproc "$ngpu" --device cuda --preset "$PRESET" --batch-size 8 \
+        --seq-len "$seq" --steps "$iters" --peak-flops 989e12
+fi

@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "chat": "nanoseek.infer.chat",
     "serve": "nanoseek.infer.server",
     "speedrun": "nanoseek.speedrun",
+    "export": "nanoseek.distributed.checkpoint",
+    "plan": "nanoseek.distributed.plan",
 }
 
 

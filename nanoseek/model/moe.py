@@ -8,7 +8,9 @@
 Routed experts run as one grouped GEMM over tokens sorted by expert (decoding a few tokens: their experts'
 weights gathered into one batched GEMM; compiled decoding: every expert densely, fixed shapes). The bias is
 balanced without an auxiliary loss (eq. 16): after each step b += gamma * sign(mean_load - load); `last_load`
-holds the counts (every forward but compiled inference).
+holds the counts (every forward but compiled inference). `MoE.experts` is the seam for expert parallelism:
+nanoseek/distributed/expert_parallel.py swaps in a module with the same call that sends rows to the ranks owning
+their experts; this file knows nothing of torch.distributed.
 """
 
 from __future__ import annotations
@@ -104,17 +106,24 @@ class Experts(nn.Module):
         return h.transpose(0, 1).reshape(N, E * I) @ self.w2.view(E * I, -1)  # sum over experts in one GEMM
 
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if _HAS_GROUPED_MM and x_sorted.dtype in (torch.float32, torch.bfloat16):
-            offs = counts.cumsum(0).to(torch.int32)
-            h = F.grouped_mm(x_sorted, self.w13, offs=offs)
-            gate, up = h.split(self.inter_dim, dim=-1)
-            return F.grouped_mm(F.silu(gate) * up, self.w2, offs=offs)
-        out, start = [], 0  # fallback for torch < 2.9 or other dtypes: one GEMM per expert
-        for e, n in enumerate(counts.tolist()):
-            gate, up = (x_sorted[start : start + n] @ self.w13[e]).split(self.inter_dim, dim=-1)
-            out.append((F.silu(gate) * up) @ self.w2[e])
-            start += n
-        return torch.cat(out)
+        return grouped_swiglu(x_sorted, counts, self.w13, self.w2)
+
+
+def grouped_swiglu(x_sorted: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts as one grouped GEMM: x_sorted [M, d] grouped by expert (counts [E] rows each), w13 [E, d, 2I],
+    w2 [E, I, d] -> [M, d]. Shared by the local experts and the expert-parallel shard of them."""
+    inter_dim = w2.shape[1]
+    if _HAS_GROUPED_MM and x_sorted.dtype in (torch.float32, torch.bfloat16):
+        offs = counts.cumsum(0).to(torch.int32)
+        h = F.grouped_mm(x_sorted, w13, offs=offs)
+        gate, up = h.split(inter_dim, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, w2, offs=offs)
+    out, start = [], 0  # fallback for torch < 2.9 or other dtypes: one GEMM per expert
+    for e, n in enumerate(counts.tolist()):
+        gate, up = (x_sorted[start : start + n] @ w13[e]).split(inter_dim, dim=-1)
+        out.append((F.silu(gate) * up) @ w2[e])
+        start += n
+    return torch.cat(out) if out else x_sorted.new_zeros(0, w2.shape[2])
 
 
 @torch.compiler.disable

@@ -21,6 +21,11 @@ need the truncated distribution, recipe sec. 7.3). The policy forward runs in ev
 pass's own forward, detached, so rho is exactly 1 on the first pass. The engine's sampled-token log-probs
 are compared with it each step (`logp_mismatch_max`: absorbed vs expanded MLA, recipe sec. 7.3).
 
+Under torchrun (DDP): every rank samples its own prompt groups (rank r takes slice r of each draw of
+P x world prompts, so the prompt cursor is the same on every rank), scores them and computes advantages within
+its groups; the token-level loss is normalised by the completion tokens of all ranks, so the averaged gradient
+equals one process's over the union of the rollouts. Rank 0 alone evaluates, logs and saves.
+
 MoE: the aux-loss-free bias update is off by default (--bias-gamma 0): changing the bias changes routing,
 so the policy being updated would drift from the one that produced the rollouts. The MTP head is not trained.
 """
@@ -47,6 +52,8 @@ from tqdm import tqdm
 from nanoseek.checkpoint import load_model
 from nanoseek.config import atomic_write_text
 from nanoseek.data.tasks import LEVELS, THINK_END, THINK_START, generate
+from nanoseek.distributed.data_parallel import Parallel
+from nanoseek.distributed.process_group import DistEnv, all_reduce, any_rank, barrier, init_distributed, shutdown
 from nanoseek.eval import has_format, is_correct, read_prompt_file, to_item
 from nanoseek.infer.engine import Completion, Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -90,7 +97,9 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
-def token_logprobs(model: Transformer, ids: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def token_logprobs(
+    model: Transformer | Callable[[Tensor], Tensor], ids: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """log pi(ids[:, t+1] | ids[:, :t+1]) from log_softmax(logits / T), fp32: [B, T-1]; and the entropy [B, T-1]
     of that distribution (detached)."""
     logits = model(ids[:, :-1]).float() / temperature
@@ -385,9 +394,16 @@ def policy_update(
     cfg: GRPOConfig,
     pad_id: int,
     ref_model: Transformer | None = None,
+    par: Parallel | None = None,
 ) -> dict[str, float]:
     """mu passes of the clipped GRPO update over `rollouts` (one optimizer step per pass). Returns metrics;
-    `first_pass_ratio_dev` is max |rho - 1| on the first pass (exactly 0: pi_old is that pass's forward)."""
+    `first_pass_ratio_dev` is max |rho - 1| on the first pass (exactly 0: pi_old is that pass's forward).
+
+    par: the DDP-wrapped policy under torchrun (None: one process). Every rank must call this, with or without
+    rollouts of its own: gradients are averaged and the metrics summed over all ranks.
+    """
+    par = par or Parallel(model, DistEnv())
+    env = par.env
     device = next(model.parameters()).device
     model.eval()  # the mode the rollouts ran in (section note in the module docstring)
     order = sorted(range(len(rollouts)), key=lambda i: len(rollouts[i].completion_ids))  # less padding
@@ -396,7 +412,14 @@ def policy_update(
     for chunk in chunks:
         ids, mask = pad_batch([rollouts[i] for i in chunk], pad_id)
         batches.append((ids.to(device), mask.to(device), torch.tensor([advantages[i] for i in chunk], device=device)))
-    n_tokens = float(sum(m.sum() for _, m, _ in batches))
+    n_tokens = float(all_reduce(torch.tensor(float(sum(m.sum() for _, m, _ in batches))), env).item())
+    # DDP averages over ranks: normalising each rank's token sum by (all tokens / ranks) makes the averaged
+    # gradient that of the token-level loss over every rank's rollouts
+    norm = n_tokens / env.world_size
+    dummy = not batches  # a rank without rollouts still joins every gradient all-reduce, with a zero loss
+    if dummy:
+        ids = torch.full((1, 2), pad_id, device=device)
+        batches, chunks = [(ids, torch.zeros(1, 1, device=device), torch.zeros(1, device=device))], [[]]
     old: list[Tensor] = []
     ref: list[Tensor | None] = []
     totals: dict[str, float] = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "loss": 0.0}
@@ -404,35 +427,32 @@ def policy_update(
     for p in range(cfg.mu):
         loads = None
         for k, (ids, mask, adv) in enumerate(batches):
-            logp, entropy = token_logprobs(model, ids, cfg.temperature)
+            with par.accumulate(last=k == len(batches) - 1):  # one gradient all-reduce per pass
+                loss, st, logp, entropy = _micro_step(par, ref_model, ids, mask, adv, k, p, old, ref, cfg, norm)
             if p == 0:
-                old.append(logp.detach())
-                if ref_model is not None:
-                    with torch.no_grad():
-                        ref.append(token_logprobs(ref_model, ids, cfg.temperature)[0])
-                else:
-                    ref.append(None)
                 totals["entropy"] += float((entropy * mask).sum())
-            loss, st = grpo_loss(
-                logp, old[k], adv, mask, cfg.clip_low, cfg.clip_high, cfg.beta, ref[k], num_tokens=n_tokens
-            )
-            loss.backward()
-            if p == 0:
                 first_dev = max(first_dev, float(st["ratio_dev"]))
                 mismatch += _logp_mismatch([rollouts[i] for i in chunks[k]], logp.detach(), mask)
             if p == cfg.mu - 1:  # report the last pass: clipping only happens once rollouts are reused
                 for key in ("clip_low", "clip_high", "kl"):
                     totals[key] += float(st[key])
                 totals["loss"] += float(loss.detach())
-            step_loads = model.expert_loads()
+            step_loads = model.expert_loads() if not dummy else torch.zeros_like(model.expert_loads())
             loads = step_loads if loads is None else loads + step_loads
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        if loads is not None:
+            loads = all_reduce(loads, env)
+        grad_norm = par.clip_grad_norm(cfg.max_grad_norm)
         if not math.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError("non-finite gradient norm in the GRPO update: lower --lr")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         expert_bias_step(model, loads, cfg.bias_gamma)
+    keys = ("loss", "clip_low", "clip_high", "kl", "entropy")
+    summed = all_reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64), env).tolist()
+    totals = dict(zip(keys, summed))
+    totals["loss"] /= env.world_size  # each rank's loss carried the factor world_size (see norm)
+    worst = all_reduce(torch.tensor([first_dev, max(mismatch) if mismatch else 0.0]), env, op="max").tolist()
     return {
         "loss": totals["loss"],
         "clip_frac_low": totals["clip_low"] / n_tokens,
@@ -440,10 +460,37 @@ def policy_update(
         "kl": totals["kl"] / n_tokens,
         "entropy": totals["entropy"] / n_tokens,
         "grad_norm": grad_norm,
-        "first_pass_ratio_dev": first_dev,
-        "logp_mismatch_max": max(mismatch) if mismatch else 0.0,
+        "first_pass_ratio_dev": worst[0],
+        "logp_mismatch_max": worst[1],
         "tokens": n_tokens,
     }
+
+
+def _micro_step(
+    par: Parallel,
+    ref_model: Transformer | None,
+    ids: Tensor,
+    mask: Tensor,
+    adv: Tensor,
+    k: int,
+    p: int,
+    old: list[Tensor],
+    ref: list[Tensor | None],
+    cfg: GRPOConfig,
+    norm: float,
+) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+    """Forward and backward of micro-batch k on pass p (the first pass records pi_old and the reference)."""
+    logp, entropy = token_logprobs(par, ids, cfg.temperature)
+    if p == 0:
+        old.append(logp.detach())
+        if ref_model is not None:
+            with torch.no_grad():
+                ref.append(token_logprobs(ref_model, ids, cfg.temperature)[0])
+        else:
+            ref.append(None)
+    loss, st = grpo_loss(logp, old[k], adv, mask, cfg.clip_low, cfg.clip_high, cfg.beta, ref[k], num_tokens=norm)
+    loss.backward()
+    return loss, st, logp, entropy
 
 
 def _logp_mismatch(rollouts: list[Rollout], logp: Tensor, mask: Tensor) -> list[float]:
@@ -489,17 +536,21 @@ def grpo(
     resume_from: str | Path | None = None,
     run_args: dict[str, Any] | None = None,
     ref_model: Transformer | None = None,
+    env: DistEnv | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place with GRPO; metrics, plots and checkpoints go to run_dir. Returns a summary.
 
     reward_fns default to [accuracy_reward] (+ format_reward x cfg.format_reward). resume_from: a checkpoint
     whose weights `model` already holds (optimizer, step, prompt cursor and RNG come from its trainer_state).
-    ref_model: the frozen reference for beta > 0 (default: a copy of `model` as given).
+    ref_model: the frozen reference for beta > 0 (default: a copy of `model` as given). env: the torchrun
+    process group (None: one process); the policy is then DDP-wrapped (the engine needs whole weights on each
+    rank, so no FSDP2 or expert parallelism here).
     """
     cfg.validate()
+    env = env or DistEnv(device=resolve_device(cfg.device))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = env.device if env.distributed else resolve_device(cfg.device)
     model.to(device)
     if reward_fns is None:
         reward_fns = [accuracy_reward] + ([scaled(format_reward, cfg.format_reward)] if cfg.format_reward else [])
@@ -508,6 +559,7 @@ def grpo(
         ref_model.eval().requires_grad_(False)
     else:
         ref_model = None  # beta = 0: no reference kept in memory (recipe sec. 0.3)
+    par = Parallel(model, env, "ddp", mtp=False)  # one process: a pass-through
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     step, elapsed0 = 0, 0.0
     if resume_from is not None:
@@ -516,11 +568,13 @@ def grpo(
         prompts.load_state_dict(state["prompts"])
         set_rng_state(state["rng"])
         step, elapsed0 = int(state["step"]), float(state["elapsed_s"])
-    remove_stale_temp_dirs(run_dir)
-    run_args = {**(run_args or {}), **asdict(cfg)}
-    atomic_write_text(run_dir / "args.json", json.dumps(run_args, indent=2) + "\n")
+    run_args = {**(run_args or {}), **asdict(cfg), "world_size": env.world_size}
+    if env.is_main:
+        remove_stale_temp_dirs(run_dir)
+        atomic_write_text(run_dir / "args.json", json.dumps(run_args, indent=2) + "\n")
+    barrier(env)
     engine = Engine(model, tokenizer, max_batch_size=min(cfg.prompts_per_step * cfg.group_size, 256))
-    logger = MetricsLogger(run_dir / "metrics.jsonl", keep_until_step=step)
+    logger = MetricsLogger(run_dir / "metrics.jsonl", keep_until_step=step) if env.is_main else None
     t_start = time.perf_counter()
     last_eval: dict[str, Any] = {}
     last_saved = step if resume_from is not None else -1
@@ -536,7 +590,7 @@ def grpo(
     def run_eval() -> dict[str, Any]:
         return evaluate_policy(engine, eval_examples, cfg.max_new_tokens)
 
-    def save() -> Path:
+    def save() -> None:
         state = {
             "step": step,
             "elapsed_s": elapsed(),
@@ -545,13 +599,22 @@ def grpo(
             "rng": rng_state(),
             "args": run_args,
         }
-        return save_checkpoint(run_dir, model, state, tokenizer=tokenizer, keep_last=cfg.keep_last)
+        if env.is_main:  # DDP: every rank holds the same policy and optimizer state
+            save_checkpoint(run_dir, model, state, tokenizer=tokenizer, keep_last=cfg.keep_last)
+        barrier(env)
 
-    if eval_examples and cfg.eval_every > 0 and resume_from is None:
+    def next_prompts() -> list[dict]:
+        """This rank's prompts: slice `rank` of a draw for all ranks (the cursor stays the same everywhere)."""
+        if not env.distributed:
+            return prompts.next(cfg.prompts_per_step)
+        P = cfg.prompts_per_step
+        return prompts.next(P * env.world_size)[env.rank * P : (env.rank + 1) * P]
+
+    if eval_examples and cfg.eval_every > 0 and resume_from is None and env.is_main:
         last_eval = run_eval()
         logger.log({"step": 0, "elapsed_s": elapsed(), **last_eval})
         print(f"step 0: eval accuracy {last_eval['eval_accuracy']:.3f}", file=sys.stderr)
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="grpo") if cfg.steps else None
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="grpo") if cfg.steps and env.is_main else None
     try:
         while not finished():
             t0 = time.perf_counter()
@@ -562,9 +625,12 @@ def grpo(
             kept_adv: list[Tensor] = []
             sampled: list[Rollout] = []
             groups_sampled = zero_groups = rounds = 0
-            while rounds < (cfg.max_rounds if cfg.dynamic_sampling else 1) and len(kept) < cfg.prompts_per_step:
-                examples = prompts.next(cfg.prompts_per_step)
-                groups = sample_groups(engine, tokenizer, examples, cfg, (cfg.seed, step, rounds))
+            max_rounds = cfg.max_rounds if cfg.dynamic_sampling else 1
+            # every rank draws as many rounds as the neediest one, so the prompt cursors stay equal
+            while rounds < max_rounds and any_rank(len(kept) < cfg.prompts_per_step, env):
+                examples = next_prompts()
+                key = (cfg.seed, step, rounds) if not env.distributed else (cfg.seed, step, rounds, env.rank)
+                groups = sample_groups(engine, tokenizer, examples, cfg, key)
                 rounds += 1
                 for g in groups:
                     score(g, reward_fns, cfg)
@@ -579,39 +645,55 @@ def grpo(
                         kept_adv.append(a)
             t_roll = time.perf_counter() - t0
             record: dict[str, Any] = {"step": step + 1, "lr": lr}
-            if kept:
+            if any_rank(bool(kept), env):
                 flat = [r for g in kept for r in g]
-                advs = torch.cat(kept_adv).tolist()
-                record.update(policy_update(model, optimizer, flat, advs, cfg, tokenizer.pad_id, ref_model))
+                advs = torch.cat(kept_adv).tolist() if kept_adv else []
+                record.update(policy_update(model, optimizer, flat, advs, cfg, tokenizer.pad_id, ref_model, par))
             step += 1
             lengths = [len(r.completion_ids) for r in sampled]
+            rewards = [r.reward for r in sampled]
+            sums = {  # over every rank's rollouts
+                "reward": sum(rewards),
+                "reward_sq": sum(x * x for x in rewards),
+                "accuracy": sum(0.0 if r.truncated else accuracy_reward("", r.text, r.example) for r in sampled),
+                "format": sum(format_reward("", r.text, {}) for r in sampled),
+                "think": sum(float(has_reasoning(r.text)) for r in sampled),
+                "truncated": sum(float(r.truncated) for r in sampled),
+                "length": float(sum(lengths)),
+                "n": float(len(sampled)),
+                "zero_groups": float(zero_groups),
+                "groups": float(groups_sampled),
+                "kept": float(len(kept)),
+            }
+            if env.distributed:
+                reduced = all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64), env).tolist()
+                sums = dict(zip(sums, reduced))
+            n = sums["n"]
             record.update(
                 {
-                    "reward_mean": float(np.mean([r.reward for r in sampled])),
-                    "reward_std": float(np.std([r.reward for r in sampled])),
-                    "accuracy": float(
-                        np.mean([0.0 if r.truncated else accuracy_reward("", r.text, r.example) for r in sampled])
-                    ),
-                    "format_rate": float(np.mean([format_reward("", r.text, {}) for r in sampled])),
-                    "think_rate": float(np.mean([has_reasoning(r.text) for r in sampled])),
-                    "frac_zero_std": zero_groups / groups_sampled,
-                    "groups_kept": len(kept),
+                    "reward_mean": sums["reward"] / n,
+                    "reward_std": math.sqrt(max(sums["reward_sq"] / n - (sums["reward"] / n) ** 2, 0.0)),
+                    "accuracy": sums["accuracy"] / n,
+                    "format_rate": sums["format"] / n,
+                    "think_rate": sums["think"] / n,
+                    "frac_zero_std": sums["zero_groups"] / sums["groups"],
+                    "groups_kept": int(sums["kept"]),
                     "rounds": rounds,
-                    "response_len": float(np.mean(lengths)),
-                    "response_len_max": max(lengths),
-                    "frac_truncated": float(np.mean([r.truncated for r in sampled])),
+                    "response_len": sums["length"] / n,
+                    "response_len_max": int(all_reduce(torch.tensor(max(lengths)), env, op="max").item()),
+                    "frac_truncated": sums["truncated"] / n,
                     "rollout_s": t_roll,
                     "update_s": time.perf_counter() - t0 - t_roll,
                     "elapsed_s": elapsed(),
                 }
             )
             is_eval = eval_examples and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or finished())
-            if is_eval:
+            if is_eval and env.is_main:  # greedy held-out eval on rank 0; the others wait at the next collective
                 last_eval = run_eval()
                 record.update(last_eval)
                 msg = f"step {step}: reward {record['reward_mean']:.3f}, eval accuracy {last_eval['eval_accuracy']:.3f}"
                 (bar.write if bar else print)(msg)
-            if step % cfg.log_every == 0 or is_eval or finished():
+            if logger is not None and (step % cfg.log_every == 0 or is_eval or finished()):
                 logger.log(record)
             if bar:
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kept=len(kept), refresh=False)
@@ -624,8 +706,9 @@ def grpo(
     finally:
         if bar:
             bar.close()
-        logger.close()
-        _plot(run_dir)
+        if logger is not None:
+            logger.close()
+            _plot(run_dir)
     return {"step": step, "elapsed_s": elapsed(), "checkpoint": str(latest_checkpoint(run_dir)), **last_eval}
 
 
@@ -693,6 +776,18 @@ RESUME_OVERRIDABLE = {"steps", "time_budget", "save_every", "keep_last", "eval_e
 
 
 def _cmd_grpo(args: argparse.Namespace) -> int:
+    """`nanoseek grpo`, in one process or under torchrun (one call per rank)."""
+    env = init_distributed(args.device or "auto")
+    rc = 1
+    try:
+        rc = _grpo_command(args, env)
+        return rc
+    finally:
+        shutdown(clean=rc == 0)
+
+
+def _grpo_command(args: argparse.Namespace, env: DistEnv) -> int:
+    log = print if env.is_main else (lambda *a, **k: None)
     run_dir = Path(args.out)
     ckpt, saved = resume_point(run_dir, args.resume)
     values = {}
@@ -712,7 +807,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     eval_split = (saved or {}).get("eval_split") or args.eval_split
     if not model_dir or not task:
         raise ValueError("pass --model MODEL_DIR and --task arithmetic|countdown|FILE.jsonl")
-    device = resolve_device(cfg.device)
+    device = env.device if env.distributed else resolve_device(cfg.device)
     tokenizer = Tokenizer.from_pretrained(ckpt or model_dir)
     if ckpt is None:
         seed_everything(cfg.seed)
@@ -729,17 +824,18 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
         eval_data = None
     run_args = {"model": str(model_dir), "task": task, "levels": levels, "eval_split": eval_split}
     run_args |= {"eval_data": eval_data, "out": str(run_dir)}
-    print(
+    procs = f" x {env.world_size} processes" if env.distributed else ""
+    log(
         f"grpo: {model.num_parameters() / 1e6:.2f}M params, task {task}, {cfg.prompts_per_step} prompts x "
-        f"{cfg.group_size} samples/step, device {device}" + (f"; resuming from {ckpt.name}" if ckpt else "")
+        f"{cfg.group_size} samples/step{procs}, device {device}" + (f"; resuming from {ckpt.name}" if ckpt else "")
     )
     try:
-        summary = grpo(cfg, model, tokenizer, prompts, run_dir, None, eval_examples, ckpt, run_args, ref)
+        summary = grpo(cfg, model, tokenizer, prompts, run_dir, None, eval_examples, ckpt, run_args, ref, env)
     except KeyboardInterrupt:
-        print(f"\nnanoseek grpo: interrupted; continue with `nanoseek grpo --out {run_dir} --resume`", file=sys.stderr)
+        log(f"\nnanoseek grpo: interrupted; continue with `nanoseek grpo --out {run_dir} --resume`", file=sys.stderr)
         return 130
     acc = f", eval accuracy {summary['eval_accuracy']:.3f}" if "eval_accuracy" in summary else ""
-    print(f"done: step {summary['step']} ({summary['elapsed_s']:.1f} s){acc}; checkpoint {summary['checkpoint']}")
+    log(f"done: step {summary['step']} ({summary['elapsed_s']:.1f} s){acc}; checkpoint {summary['checkpoint']}")
     return 0
 
 

@@ -37,6 +37,14 @@ from tqdm import tqdm
 from nanoseek.checkpoint import load_model
 from nanoseek.config import ModelConfig, atomic_write_text
 from nanoseek.data.shards import TokenLoader, load_manifest
+from nanoseek.distributed.checkpoint import (
+    is_distributed_checkpoint,
+    load_distributed_checkpoint,
+    load_full_optimizer_state,
+    save_distributed_checkpoint,
+)
+from nanoseek.distributed.data_parallel import DP_MODES, Parallel
+from nanoseek.distributed.process_group import DistEnv, all_reduce, barrier, init_distributed, shutdown
 from nanoseek.flops import flops_per_token
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import IGNORE_INDEX
@@ -63,7 +71,7 @@ DEFAULT_GPU_PEAK_FLOPS = 989e12
 # Options a --resume may change; every other one must match the run's saved arguments.
 RESUME_OVERRIDABLE = frozenset(
     {"steps", "time_budget", "save_every", "keep_last", "eval_every", "eval_batches", "log_every", "compile"}
-    | {"device", "peak_flops", "data", "tokenizer"}
+    | {"device", "peak_flops", "data", "tokenizer", "dp", "ep"}
 )
 
 
@@ -105,6 +113,8 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
     peak_flops: float | None = None  # for MFU; None: by device
+    dp: str = "ddp"  # data parallel under torchrun: ddp | fsdp (ignored in one process)
+    ep: int = 1  # expert parallel degree under torchrun (routed experts split over ep processes)
 
     def validate(self) -> None:
         if self.steps is None and self.time_budget is None:
@@ -122,6 +132,10 @@ class TrainConfig:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be cpu, cuda or auto, got {self.device!r}")
+        if self.ep < 1:
+            raise ValueError(f"--ep must be >= 1, got {self.ep}")
+        if self.dp not in DP_MODES:
+            raise ValueError(f"--dp must be one of {', '.join(DP_MODES)}, got {self.dp!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda but no CUDA device is available: use --device cpu")
 
@@ -154,8 +168,15 @@ def set_aux_alpha(model: Transformer, alpha: float) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, loader: Loader, batches: int, autocast: contextlib.AbstractContextManager) -> float:
-    """Mean next-token cross-entropy over `batches` batches (eval mode; MTP and aux loss not included)."""
+def evaluate(
+    model: Transformer,
+    loader: Loader,
+    batches: int,
+    autocast: contextlib.AbstractContextManager,
+    env: DistEnv | None = None,
+) -> float:
+    """Mean next-token cross-entropy over `batches` batches (eval mode; MTP and aux loss not included); under
+    torchrun each rank reads its own batches and the mean is over all ranks."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -167,7 +188,7 @@ def evaluate(model: Transformer, loader: Loader, batches: int, autocast: context
             logits = model(x)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
     model.train(was_training)
-    return total.item() / batches
+    return all_reduce(total, env or DistEnv(), op="mean").item() / batches
 
 
 # -------------------------------------------------------------------------------------------- the loop
@@ -180,39 +201,52 @@ def train(
     make_val_loader: Callable[[], Loader] | None = None,
     resume_from: str | Path | None = None,
     run_args: dict[str, Any] | None = None,
+    env: DistEnv | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place; metrics, plots and checkpoints go to run_dir. Returns a summary dict.
 
-    resume_from: a checkpoint dir whose weights `model` already holds; the optimizer, step, elapsed time,
-    RNG states and loader cursor are restored from its trainer_state. make_val_loader builds a fresh val
+    resume_from: a checkpoint dir whose weights `model` already holds (a distributed checkpoint's are loaded
+    here, into the wrapped model); the optimizer, step, elapsed time, RNG states and loader cursor are restored
+    from its trainer_state. make_val_loader builds a fresh val
     loader for each evaluation (the same batches every time). run_args are stored with each checkpoint.
+    env: the torchrun process group (None: one process); `loader` then serves this rank's batches, the
+    model is wrapped per cfg.dp, and rank 0 alone logs, plots and writes checkpoints.
     Raises NonFiniteLoss (nothing saved for that step) when the loss or grad norm is NaN/inf.
     """
     cfg.validate()
+    env = env or DistEnv(device=resolve_device(cfg.device))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = env.device if env.distributed else resolve_device(cfg.device)
     model.to(device).train()
     if cfg.aux_alpha is not None:
         set_aux_alpha(model, cfg.aux_alpha)
+    par = Parallel(model, env, cfg.dp, mtp=cfg.mtp_weight > 0, ep=cfg.ep if env.distributed else 1)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     step, elapsed0 = 0, 0.0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        if is_distributed_checkpoint(resume_from):  # weights and optimizer, resharded to this layout
+            load_distributed_checkpoint(resume_from, model, optimizer)
+        elif par.sharded:
+            load_full_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         step, elapsed0 = int(state["step"]), float(state["elapsed_s"])
-    remove_stale_temp_dirs(run_dir)
-    run_args = {**(run_args or {}), **dataclasses.asdict(cfg)}
-    atomic_write_text(run_dir / "args.json", json.dumps(run_args, indent=2) + "\n")
+    run_args = {**(run_args or {}), **dataclasses.asdict(cfg), "world_size": env.world_size}
+    if env.is_main:
+        remove_stale_temp_dirs(run_dir)
+        atomic_write_text(run_dir / "args.json", json.dumps(run_args, indent=2) + "\n")
+    barrier(env)  # no rank starts saving before stale temp dirs are gone
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    compute_loss = torch.compile(model.compute_loss) if cfg.compile else model.compute_loss
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    compute_loss = torch.compile(par.compute_loss) if cfg.compile else par.compute_loss
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * env.world_size  # all ranks
     flops_tok = flops_per_token(model.config, cfg.seq_len)
-    peak = cfg.peak_flops or default_peak_flops(device)
-    logger = MetricsLogger(run_dir / "metrics.jsonl", keep_until_step=step)
+    peak = (cfg.peak_flops or default_peak_flops(device)) * env.world_size
+    logger = MetricsLogger(run_dir / "metrics.jsonl", keep_until_step=step) if env.is_main else None
     t_start = time.perf_counter()
     first_step, train_time, last_saved = step, 0.0, step if resume_from is not None else -1
     first_loss = last_loss = val_loss = None
@@ -233,18 +267,23 @@ def train(
             "step": step,
             "elapsed_s": elapsed(),
             "tokens": step * tokens_per_step,
-            "optimizer": optimizer.state_dict(),
             "loader": loader.state_dict(),
             "rng": rng_state(),
             "schedule": {"kind": cfg.schedule, "next_step": step, "progress": progress(step)},
             "args": run_args,
         }
-        return save_checkpoint(run_dir, model, state, tokenizer=tokenizer, keep_last=cfg.keep_last)
+        if par.sharded:  # every rank writes its shards
+            return save_distributed_checkpoint(run_dir, model, optimizer, state, env, tokenizer, cfg.keep_last)
+        if env.is_main:  # one process or DDP: rank 0 holds the whole model and optimizer state
+            save_checkpoint(run_dir, model, {**state, "optimizer": optimizer.state_dict()}, tokenizer, cfg.keep_last)
+        barrier(env)
+        return run_dir / "checkpoints" / f"step_{step}"
 
+    quiet = not env.is_main
     if cfg.time_budget:
-        bar = tqdm(total=int(cfg.time_budget), initial=int(min(elapsed0, cfg.time_budget)), unit="s")
+        bar = tqdm(total=int(cfg.time_budget), initial=int(min(elapsed0, cfg.time_budget)), unit="s", disable=quiet)
     else:
-        bar = tqdm(total=cfg.steps, initial=step, unit="step")
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=quiet)
     bar.set_description("train")
     try:
         while not finished():
@@ -254,18 +293,21 @@ def train(
                 group["lr"] = lr
             sums = torch.zeros(3, device=device)  # main, mtp, aux (averaged over micro-batches)
             loads = None
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 x, y = loader.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast:
-                    losses = compute_loss(x, y, mtp=cfg.mtp_weight > 0)
-                (losses.total(cfg.mtp_weight) / cfg.grad_accum).backward()
+                with par.accumulate(last=micro == cfg.grad_accum - 1):  # one gradient sync per step
+                    with autocast:
+                        losses = compute_loss(x, y, mtp=cfg.mtp_weight > 0)
+                    (losses.total(cfg.mtp_weight) / cfg.grad_accum).backward()
                 sums += torch.stack([losses.main, losses.mtp, losses.aux]).detach().float() / cfg.grad_accum
                 step_loads = model.expert_loads()
                 loads = step_loads if loads is None else loads + step_loads
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-            main, mtp, aux = sums.tolist()
-            gnorm = grad_norm.item()
+            if loads is not None:  # the same counts, hence the same bias update, on every rank
+                loads = all_reduce(loads, env)
+            par.reduce_gradients()
+            gnorm = par.clip_grad_norm(cfg.clip)
+            main, mtp, aux = all_reduce(sums, env, op="mean").tolist()
             total = main + cfg.mtp_weight * mtp + aux
             if not (math.isfinite(total) and math.isfinite(gnorm)):
                 good = latest_checkpoint(run_dir)
@@ -289,7 +331,7 @@ def train(
             if is_eval:
                 val_loader = make_val_loader()
                 n = min(cfg.eval_batches, getattr(val_loader, "batches_per_epoch", cfg.eval_batches))
-                val_loss = evaluate(model, val_loader, n, autocast)
+                val_loss = evaluate(model, val_loader, n, autocast, env)
             if step % cfg.log_every == 0 or is_eval or finished():
                 record = {
                     "step": step,
@@ -306,8 +348,9 @@ def train(
                 }
                 if is_eval:
                     record["val_loss"] = val_loss
-                logger.log(record)
-            if is_eval:
+                if logger is not None:
+                    logger.log(record)
+            if is_eval and env.is_main:  # tqdm.write prints even with the bar disabled
                 bar.write(f"step {step}: loss {main:.4f}, val {val_loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tok/s")
             bar.set_postfix(loss=f"{main:.4f}", tok_s=f"{tokens_per_s:,.0f}", step=step, refresh=False)
             bar.update(1 if not cfg.time_budget else int(min(elapsed(), cfg.time_budget)) - bar.n)
@@ -318,12 +361,15 @@ def train(
             save()
             last_saved = step
     except NonFiniteLoss:
-        _plot(run_dir)
+        if env.is_main:
+            _plot(run_dir)
         raise
     finally:
         bar.close()
-        logger.close()
-    _plot(run_dir)
+        if logger is not None:
+            logger.close()
+    if env.is_main:
+        _plot(run_dir)
 
     steps_done = step - first_step
     summary = {
@@ -387,13 +433,22 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the loss computation")
     g.add_argument("--device", help="cpu, cuda or auto (default)")
     g.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: 205e9 on CPU, 989e12 on H100)")
+    g.add_argument("--ep", type=int, help="under torchrun: split routed experts over this many processes (default 1)")
+    g.add_argument(
+        "--dp", choices=DP_MODES, help="under torchrun: ddp (default; replicated) or fsdp (FSDP2, sharded weights)"
+    )
 
 
-def train_config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> TrainConfig:
+def train_config_from_args(
+    args: argparse.Namespace, saved: dict[str, Any] | None = None, world_size: int = 1
+) -> TrainConfig:
     """TrainConfig from parsed options: given options, else the saved run's (on resume), else the defaults.
 
-    On resume an option outside RESUME_OVERRIDABLE that differs from the saved run is an error.
+    On resume an option outside RESUME_OVERRIDABLE that differs from the saved run is an error. --batch-size is
+    per process: a run resumed on another number of processes keeps its global batch (saved batch size x saved
+    world size), so the data order and the schedule continue exactly.
     """
+    saved = _per_rank_batch(saved, world_size) if saved is not None else None
     values = {}
     for f in dataclasses.fields(TrainConfig):
         given = getattr(args, f.name, None)
@@ -407,6 +462,20 @@ def train_config_from_args(args: argparse.Namespace, saved: dict[str, Any] | Non
         elif given is not None:
             values[f.name] = given
     return TrainConfig(**values)
+
+
+def _per_rank_batch(saved: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The saved args with batch_size rescaled to world_size processes (same global batch)."""
+    saved_world = int(saved.get("world_size", 1))
+    if saved_world == world_size or "batch_size" not in saved:
+        return saved
+    global_batch = saved["batch_size"] * saved_world
+    if global_batch % world_size:
+        raise ValueError(
+            f"the run's global batch is {global_batch} sequences ({saved_world} processes x {saved['batch_size']}): "
+            f"it does not split over {world_size} processes; resume on a number of processes that divides it"
+        )
+    return {**saved, "batch_size": global_batch // world_size, "world_size": world_size}
 
 
 def find_tokenizer(data_dir: Path, manifest: dict, path: str | Path | None = None) -> Tokenizer:
@@ -432,10 +501,24 @@ def find_tokenizer(data_dir: Path, manifest: dict, path: str | Path | None = Non
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """`nanoseek train`, in one process or under torchrun (one call per rank)."""
+    env = init_distributed(args.device or "auto")
+    rc = 1
+    try:
+        rc = _train_command(args, env)
+        return rc
+    finally:
+        shutdown(clean=rc == 0)
+
+
+def _train_command(args: argparse.Namespace, env: DistEnv) -> int:
+    log = print if env.is_main else (lambda *a, **k: None)
     run_dir = Path(args.out)
     ckpt, saved = resume_point(run_dir, args.resume)
-    cfg = train_config_from_args(args, saved)
+    cfg = train_config_from_args(args, saved, env.world_size)
     cfg.validate()
+    if (args.ep or 1) > 1 and not env.distributed:
+        raise ValueError(f"--ep {args.ep} needs several processes: launch with torchrun --nproc-per-node N")
     overrides = ModelConfig.parse_overrides(args.set)
     fixed = {"vocab_size", "bos_token_id", "eos_token_id"} & set(overrides)
     if fixed:
@@ -447,16 +530,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("pass --data DATA_DIR (a directory made by `nanoseek prepare`)")
     data = Path(data).resolve()
     manifest = load_manifest(data)
-    device = resolve_device(cfg.device)
+    device = env.device if env.distributed else resolve_device(cfg.device)
 
-    if ckpt is not None:
+    if ckpt is not None and is_distributed_checkpoint(ckpt):  # its weights are loaded by train()
+        with torch.device(device):
+            model = Transformer(ModelConfig.from_json(ckpt))
+        tokenizer = Tokenizer.from_pretrained(ckpt)
+        log(f"resuming {run_dir} from {ckpt.name} (distributed checkpoint)")
+    elif ckpt is not None:
         model = load_model(ckpt, device=device)
         tokenizer = Tokenizer.from_pretrained(ckpt) if (ckpt / "tokenizer.json").is_file() else None
         if tokenizer is not None and tokenizer.hash() != manifest["tokenizer_hash"]:
             raise ValueError(f"{data} was prepared with a different tokenizer than the run in {run_dir}")
         if tokenizer is None:
             tokenizer = find_tokenizer(data, manifest, args.tokenizer)
-        print(f"resuming {run_dir} from {ckpt.name}")
+        log(f"resuming {run_dir} from {ckpt.name}")
     else:
         tokenizer = find_tokenizer(data, manifest, args.tokenizer)
         seed_everything(cfg.seed)
@@ -490,18 +578,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"{model.config.max_position_embeddings}"
         )
 
-    loader = TokenLoader(data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    shard = dict(rank=env.rank, world_size=env.world_size, seed=cfg.seed)  # each rank its own windows
+    loader = TokenLoader(data, "train", cfg.batch_size, cfg.seq_len, **shard)
     make_val = None
     if cfg.eval_every > 0:
         try:
-            TokenLoader(data, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-            make_val = lambda: TokenLoader(data, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed)  # noqa: E731
+            TokenLoader(data, "val", cfg.batch_size, cfg.seq_len, **shard)
+            make_val = lambda: TokenLoader(data, "val", cfg.batch_size, cfg.seq_len, **shard)  # noqa: E731
         except ValueError as e:
-            print(f"warning: no validation: {e}", file=sys.stderr)
+            log(f"warning: no validation: {e}", file=sys.stderr)
     n_params = model.num_parameters(include_mtp=True)
-    print(
+    layout = cfg.dp + (f" + ep {cfg.ep}" if cfg.ep > 1 else "")
+    procs = f", {env.world_size} processes ({layout})" if env.distributed else ""
+    log(
         f"model: {n_params / 1e6:.2f}M params ({model.num_parameters(activated=True) / 1e6:.2f}M activated, "
-        f"main), vocab {model.config.vocab_size}, device {device}; data {data}"
+        f"main), vocab {model.config.vocab_size}, device {device}{procs}; data {data}"
     )
     run_args = {
         "preset": (saved or {}).get("preset", args.preset),
@@ -512,16 +603,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "out": str(run_dir),
     }
     try:
-        summary = train(cfg, model, loader, run_dir, tokenizer, make_val, resume_from=ckpt, run_args=run_args)
+        summary = train(cfg, model, loader, run_dir, tokenizer, make_val, resume_from=ckpt, run_args=run_args, env=env)
     except NonFiniteLoss as e:
-        print(f"nanoseek train: error: {e}", file=sys.stderr)
+        log(f"nanoseek train: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the step in flight is lost; the last checkpoint is complete
         last = latest_checkpoint(run_dir)
         hint = f"continue from {last.name} with `nanoseek train --out {run_dir} --resume`" if last else "no checkpoint"
-        print(f"\nnanoseek train: interrupted; {hint}", file=sys.stderr)
+        log(f"\nnanoseek train: interrupted; {hint}", file=sys.stderr)
         return 130
-    print(format_summary(summary))
+    log(format_summary(summary))
     return 0
 
 

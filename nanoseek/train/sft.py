@@ -33,8 +33,12 @@ import numpy as np
 import torch
 
 from nanoseek.checkpoint import load_model
+from nanoseek.config import ModelConfig
 from nanoseek.data.shards import iter_documents
 from nanoseek.data.tasks import LEVELS, generate
+from nanoseek.distributed.checkpoint import is_distributed_checkpoint
+from nanoseek.distributed.process_group import DistEnv, init_distributed, shutdown
+from nanoseek.model import Transformer
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpointing import resume_point
@@ -148,12 +152,25 @@ class SFTLoader:
     next_batch() -> (inputs [B, T_max] int64 padded with pad_id, targets [B, T_max] padded with -100).
     """
 
-    def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, seed: int = 0):
+    def __init__(
+        self,
+        examples: list[tuple[list[int], list[int]]],
+        batch_size: int,
+        pad_id: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        """rank / world_size: under torchrun, rank r serves the epoch's batches r, r + world_size, ... (every rank
+        the same number of them)."""
         if not examples:
             raise ValueError("no SFT examples (every conversation was empty or had no assistant target)")
         self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.cursor = 0, 0
         self._batches = self._epoch_batches(0)
+        if not self._batches:
+            raise ValueError(f"{len(examples)} SFT examples are too few for one batch on each of {world_size} ranks")
 
     @property
     def batches_per_epoch(self) -> int:
@@ -168,7 +185,9 @@ class SFTLoader:
         for lo in range(0, len(order), pool):
             chunk = order[lo : lo + pool][np.argsort(lengths[lo : lo + pool], kind="stable")]
             batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        per_rank = len(batches) // self.world_size
+        return batches[self.rank :: self.world_size][:per_rank]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cursor >= len(self._batches):
@@ -217,6 +236,18 @@ def load_conversations(args: dict[str, Any], split: str) -> list[list[dict]]:
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
+    """`nanoseek sft`, in one process or under torchrun (one call per rank)."""
+    env = init_distributed(args.device or "auto")
+    rc = 1
+    try:
+        rc = _sft_command(args, env)
+        return rc
+    finally:
+        shutdown(clean=rc == 0)
+
+
+def _sft_command(args: argparse.Namespace, env: DistEnv) -> int:
+    log = print if env.is_main else (lambda *a, **k: None)
     run_dir = Path(args.out)
     ckpt, saved = resume_point(run_dir, args.resume)
     if saved is None:
@@ -234,44 +265,53 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     if not run_args["data"].startswith(BUILTIN):
         run_args["data"] = str(Path(run_args["data"]).resolve())
 
-    device = resolve_device(args.device or (saved or {}).get("device", "auto"))
+    device = env.device if env.distributed else resolve_device(args.device or (saved or {}).get("device", "auto"))
     source = ckpt or Path(run_args["model"])
     tokenizer = Tokenizer.from_pretrained(source)
     train_conv = load_conversations(run_args, "train")
     longest = max(len(chat_example(tokenizer, m)[0]) - 1 for m in train_conv[:20000]) if train_conv else 1
     if args.seq_len is None and saved is None:
         args.seq_len = longest
-    cfg: TrainConfig = train_config_from_args(args, saved)
+    cfg: TrainConfig = train_config_from_args(args, saved, env.world_size)
     cfg.validate()
     if ckpt is None:
         seed_everything(cfg.seed)
-    model = load_model(source, device=device, dtype=torch.float32)
+    if ckpt is not None and is_distributed_checkpoint(ckpt):  # its weights are loaded by train()
+        with torch.device(device):
+            model = Transformer(ModelConfig.from_json(ckpt))
+    else:
+        model = load_model(source, device=device, dtype=torch.float32)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(
             f"--seq-len {cfg.seq_len} exceeds max_position_embeddings {model.config.max_position_embeddings}"
         )
 
     examples, dropped = encode_conversations(tokenizer, train_conv, cfg.seq_len)
-    loader = SFTLoader(examples, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed)
+    shard = dict(seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+    loader = SFTLoader(examples, cfg.batch_size, tokenizer.pad_id, **shard)
     val_examples, _ = encode_conversations(tokenizer, load_conversations(run_args, "val"), cfg.seq_len)
     make_val = None
     if cfg.eval_every > 0 and val_examples:
-        make_val = lambda: SFTLoader(val_examples, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed)  # noqa: E731
-    print(
+        try:
+            SFTLoader(val_examples, cfg.batch_size, tokenizer.pad_id, **shard)
+            make_val = lambda: SFTLoader(val_examples, cfg.batch_size, tokenizer.pad_id, **shard)  # noqa: E731
+        except ValueError as e:
+            log(f"warning: no validation: {e}", file=sys.stderr)
+    log(
         f"sft: {len(examples):,} conversations ({dropped} dropped: no target within --seq-len {cfg.seq_len}), "
         f"{len(val_examples):,} val; {loader.batches_per_epoch} batches/epoch, "
         f"{100 * loader.padding_fraction():.1f}% padding; device {device}"
     )
     run_args["out"] = str(run_dir)
     try:
-        summary = train(cfg, model, loader, run_dir, tokenizer, make_val, resume_from=ckpt, run_args=run_args)
+        summary = train(cfg, model, loader, run_dir, tokenizer, make_val, resume_from=ckpt, run_args=run_args, env=env)
     except NonFiniteLoss as e:
-        print(f"nanoseek sft: error: {e}", file=sys.stderr)
+        log(f"nanoseek sft: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\nnanoseek sft: interrupted; continue with `nanoseek sft --out {run_dir} --resume`", file=sys.stderr)
+        log(f"\nnanoseek sft: interrupted; continue with `nanoseek sft --out {run_dir} --resume`", file=sys.stderr)
         return 130
-    print(format_summary(summary))
+    log(format_summary(summary))
     return 0
 
 
@@ -282,7 +322,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run dir: metrics.jsonl, plots/, checkpoints/step_N/")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--worked-fraction", type=float, default=1.0, help="built-in: share of worked solutions (1.0)")
-    p.add_argument("--n", type=int, default=20000, help="built-in: problems per task (and per level)")
+    p.add_argument(
+        "--n", "--problems", dest="n", type=int, default=20000, help="built-in: problems per task (and per level)"
+    )  # --problems: under torchrun, whose parser takes --n for an abbreviation of its own options
     p.add_argument("--levels", nargs="*", help="built-in: only these levels, e.g. 2x1 3x12 4x12")
     p.add_argument("--data-seed", type=int, default=0, help="built-in: problem generation seed")
     p.add_argument("--val-fraction", type=float, default=0.02, help="jsonl: share held out for val loss")
