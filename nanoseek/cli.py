@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "generate": "nanoseek.infer.chat",
     "chat": "nanoseek.infer.chat",
     "speedrun": "nanoseek.speedrun",
+    "export": "nanoseek.export",
 }
 
 
