@@ -253,3 +253,26 @@ def test_export_refuses_what_llama_cpp_cannot_run(tmp_path):
     save_model(Transformer(cfg), tmp_path / "m")
     assert main(["export", "--format", "gguf", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "m.gguf")]) == 1
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_export_command_writes_gguf_without_mtp_and_a_modelfile(tmp_path, tok):
+    import gguf
+
+    from nanoseek.cli import main
+
+    cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)  # with an MTP layer, which is left out
+    assert cfg.num_nextn_predict_layers == 1
+    torch.manual_seed(0)
+    save_model(Transformer(cfg), tmp_path / "m", tokenizer=tok)
+    out = tmp_path / "out" / "m.gguf"
+    argv = ["export", "--format", "gguf", "--model", str(tmp_path / "m"), "--out", str(out), "--dtype", "q8_0"]
+    assert main(argv) == 0
+    reader = gguf.GGUFReader(str(out))
+    names = {t.name for t in reader.tensors}
+    assert reader.fields["deepseek2.block_count"].contents() == cfg.num_hidden_layers
+    assert not any(n.startswith(f"blk.{cfg.num_hidden_layers}.") for n in names)  # MTP layer dropped
+    assert "blk.1.attn_kv_b.weight" not in names and {"blk.1.attn_k_b.weight", "blk.1.attn_v_b.weight"} <= names
+    assert reader.fields["deepseek2.expert_gating_func"].contents() == 2  # sigmoid, written explicitly
+    modelfile = (out.parent / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<｜end▁of▁sentence｜>"' in modelfile
+    assert not list(out.parent.glob(".*.tmp"))  # written atomically, nothing left behind
