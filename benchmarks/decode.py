@@ -174,12 +174,14 @@ def step_anatomy(spec: Engine, reps: int) -> dict[str, float]:
 def gguf_bench(args) -> dict:
     """The same greedy workload through llama.cpp (llama-cpp-python) and our engine, eager and compiled: batch-1
     decode (EOS ignored, tokens/s excluding prefill) and one 256-token prefill (+ its first token), alternately
-    timed. llama.cpp gets as many threads as torch has; our engine decodes batch 1 on one thread by design."""
+    timed. Threads as ours: our engine decodes batch 1 on one thread and prefills on all torch threads, so llama.cpp
+    gets n_threads=1 (generation) and n_threads_batch=torch threads (prompt processing)."""
     from pathlib import Path
 
     import llama_cpp
     import numpy as np
 
+    from benchmarks.gguf_eval import last_logits
     from nanoseek.gguf_export import export_gguf
 
     if not args.model:
@@ -204,7 +206,7 @@ def gguf_bench(args) -> dict:
         llm.eval(ids)
         out = []
         for _ in range(n):
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            out.append(int(np.argmax(last_logits(llm))))
             if len(out) < n:
                 llm.eval([out[-1]])
         return out
@@ -233,7 +235,7 @@ def gguf_bench(args) -> dict:
         "decode_tokens_per_s_batch1": dec,
         "prefill_tokens_per_s_256": pre,
         "greedy_identical": len({tuple(o) for o in outputs.values()}) == 1,
-        "threads": {"llama.cpp": threads, "nanoseek_decode": 1, "nanoseek_prefill": threads},
+        "threads": {"decode": 1, "prefill": threads},
         "llama_cpp_python": llama_cpp.__version__,
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {threads} threads",
