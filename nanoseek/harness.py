@@ -212,9 +212,13 @@ class NanoseekLM(TemplateLM):
             )
             prompts.append(self.tok_encode(context, left_truncate_len=self.max_length - max_gen))
             stops.append(until)
+        # a small model's GEMMs gain nothing from a thread pool and stall on a busy machine (see _loglikelihood_tokens)
+        small = self.device.type == "cpu" and self.batch_size * self.model.config.hidden_size**2 < 2**22
+        with single_thread(small):
+            done_all = self.engine.generate(prompts, params)
         out = []
         think = self.think_end_token
-        for req, done, until in zip(requests, self.engine.generate(prompts, params), stops):
+        for req, done, until in zip(requests, done_all, stops):
             ids = done.token_ids
             if isinstance(think, int) and think in ids:  # HFLM: keep what follows the last think-end token
                 ids = ids[len(ids) - ids[::-1].index(think) :]
