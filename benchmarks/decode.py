@@ -2,6 +2,7 @@
 
     python -m benchmarks.decode --preset cpu-small                 # random weights
     python -m benchmarks.decode --model runs/x/checkpoints/step_N  # a trained model: adds MTP speculation
+    python -m benchmarks.decode --model DIR --gguf FILE.gguf       # vs llama.cpp on the same weights (f32 export)
 
 Greedy, float32. Decode tokens/s excludes prefill (time(N new tokens) - time(1 new token)); EOS is ignored by
 both so every sequence runs N tokens. Prefill tokens/s is one 256-token prompt. KV-cache bytes per token are read
@@ -170,6 +171,78 @@ def step_anatomy(spec: Engine, reps: int) -> dict[str, float]:
     return {name: round(1e6 * statistics.median(t), 1) for name, t in times.items()}
 
 
+def gguf_bench(args) -> dict:
+    """The same greedy workload through llama.cpp (llama-cpp-python) and our engine, eager and compiled: batch-1
+    decode (EOS ignored, tokens/s excluding prefill) and one 256-token prefill (+ its first token), alternately
+    timed. Threads as ours: our engine decodes batch 1 on one thread and prefills on all torch threads, so llama.cpp
+    gets n_threads=1 (generation) and n_threads_batch=torch threads (prompt processing)."""
+    from pathlib import Path
+
+    import llama_cpp
+    import numpy as np
+
+    from benchmarks.gguf_eval import last_logits
+    from nanoseek.gguf_export import export_gguf
+
+    if not args.model:
+        raise SystemExit("--gguf needs --model DIR: the model the GGUF file was (or will be) exported from")
+    if not Path(args.gguf).exists():
+        export_gguf(args.model, args.gguf, dtype="f32")
+    ours = load_model(args.model, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(args.gguf, n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    N, V = args.new_tokens, ours.config.vocab_size
+    prompt = torch.randint(3, V, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    long_prompt = torch.randint(3, V, (256,), generator=torch.Generator().manual_seed(1)).tolist()
+    engines = {
+        "nanoseek_eager": Engine(ours, max_batch_size=1),
+        "nanoseek_compiled": Engine(ours, max_batch_size=1, compile=True),
+    }
+    for e in engines.values():
+        e.eos_ids = set()
+
+    def llama_greedy(ids: list[int], n: int) -> list[int]:
+        llm.reset()
+        llm.eval(ids)
+        out = []
+        for _ in range(n):
+            out.append(int(np.argmax(last_logits(llm))))
+            if len(out) < n:
+                llm.eval([out[-1]])
+        return out
+
+    def ours_greedy(engine: Engine, ids: list[int], n: int) -> list[int]:
+        return engine.generate([ids], SamplingParams(max_tokens=n, temperature=0))[0].token_ids
+
+    gens = {"llama.cpp": lambda ids, n: llama_greedy(ids, n)}
+    gens.update({name: (lambda ids, n, e=e: ours_greedy(e, ids, n)) for name, e in engines.items()})
+    outputs = {name: g(prompt, N) for name, g in gens.items()}  # warm-up: compiles every decode shape
+    for g in gens.values():
+        g(long_prompt, 1)
+    decode = {
+        name: (lambda g=g: _timed(lambda: g(prompt, N)) - _timed(lambda: g(prompt, 1))) for name, g in gens.items()
+    }
+    times = alternate(decode, args.reps)
+    dec = {name: round((N - 1) / statistics.median(t), 1) for name, t in times.items()}
+    prefill = {name: (lambda g=g: _timed(lambda: g(long_prompt, 1))) for name, g in gens.items()}
+    times = alternate(prefill, 3 * args.reps)
+    pre = {name: round(256 / statistics.median(t)) for name, t in times.items()}
+    return {
+        "bench": "decode_gguf",
+        "model": args.model,
+        "gguf": args.gguf,
+        "params": ours.num_parameters(),
+        "decode_tokens_per_s_batch1": dec,
+        "prefill_tokens_per_s_256": pre,
+        "greedy_identical": len({tuple(o) for o in outputs.values()}) == 1,
+        "threads": {"decode": 1, "prefill": threads},
+        "llama_cpp_python": llama_cpp.__version__,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {threads} threads",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu-small")
@@ -179,7 +252,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5, help="alternating timing rounds")
     p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd step (Engine(compile=True))")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--gguf", default=None, help="compare with llama.cpp on this GGUF file (exported from --model)")
     args = p.parse_args()
+    if args.gguf:
+        print(json.dumps(gguf_bench(args)))
+        return
     import transformers
 
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ COMMANDS: dict[str, str] = {
     "chat": "nanoseek.infer.chat",
     "serve": "nanoseek.infer.server",
     "speedrun": "nanoseek.speedrun",
-    "export": "nanoseek.distributed.checkpoint",
+    "export": "nanoseek.export",
     "plan": "nanoseek.distributed.plan",
 }
 

@@ -12,7 +12,6 @@ leaves the previous checkpoint the latest complete one.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import warnings
@@ -125,20 +124,3 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path) -> Path:
     model = model_from_checkpoint(checkpoint_dir).eval()
     tokenizer = Tokenizer.from_pretrained(checkpoint_dir) if (checkpoint_dir / "tokenizer.json").is_file() else None
     return save_model(model, out, tokenizer=tokenizer)
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    if not args.checkpoint:
-        raise ValueError("pass --checkpoint RUN/checkpoints/step_N")
-    out = export_checkpoint(args.checkpoint, args.out)
-    print(f"wrote {out}")
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    # --format hf only here; other formats (GGUF) join this one `export` command as further choices
-    p = subparsers.add_parser("export", help="a training checkpoint (also distributed) -> one HF model dir")
-    p.add_argument("--format", choices=["hf"], default="hf", help="hf: a Hugging Face model dir (default)")
-    p.add_argument("--checkpoint", help="RUN/checkpoints/step_N (from train, sft or grpo; any world size)")
-    p.add_argument("--out", required=True, help="output model directory")
-    p.set_defaults(func=_cmd_export)

@@ -1,0 +1,221 @@
+"""lm-evaluation-harness adapter: `--model nanoseek` gives lm-eval's own `--model hf` numbers on the same
+checkpoint (all three request types), faster; `lm_eval --model nanoseek` works from the command line once
+nanoseek is installed; `nanoseek eval` and the harness agree on generative problems. Offline: the tasks and their
+data are written by the test."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from nanoseek import ModelConfig, Transformer, save_model  # noqa: E402
+from nanoseek.data.tasks import builtin_corpus, extract_answer  # noqa: E402
+from nanoseek.eval import evaluate, to_item  # noqa: E402
+from nanoseek.infer.engine import Engine  # noqa: E402
+from nanoseek.tokenizer import train_tokenizer  # noqa: E402
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TASKS = ["ns_mc", "ns_ppl", "ns_gen"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    tok = train_tokenizer(builtin_corpus(400, seed=0), vocab_size=500)
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=3,
+        n_group=4,
+        topk_group=2,
+        initializer_range=0.1,
+        max_position_embeddings=128,  # the long rolling-loglikelihood document spans several windows
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts) * 0.3)
+    d = tmp_path_factory.mktemp("harness") / "model"
+    save_model(model, d, tokenizer=tok)
+    return d
+
+
+def _problems(n: int = 12) -> list[dict]:
+    return [
+        {"prompt": f"What is {a}+{b}*{c}?", "answer": str(a + b * c)}
+        for a, b, c in zip(range(n), range(3, 99), range(7, 99))
+    ]
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, model_dir) -> Path:
+    """Three offline tasks, one per request type. The generative problems' references are the model's own greedy
+    answers for every other problem (a random model solves nothing), so accuracy is 50% only if both sides
+    generate and check alike."""
+    d = tmp_path_factory.mktemp("tasks")
+    mc = [
+        {
+            "question": f"What is {a}+{b}?",
+            "choices": [str(a + b), str(a + b + 1), str(a * b), str(abs(a - b))],
+            "label": 0,
+        }
+        for a, b in zip(range(2, 14), range(5, 17))
+    ]
+    texts = builtin_corpus(6, seed=1)
+    texts.append(" ".join(builtin_corpus(30, seed=2)))  # longer than max_position_embeddings: several windows
+    problems = _problems()
+    engine = Engine.from_pretrained(model_dir, max_batch_size=8)
+    outs = engine.generate(
+        [engine.tokenizer.encode(f"{p['prompt']} ", bos=True) for p in problems],
+        max_tokens=32,
+        temperature=0,
+        stop=["\n"],
+    )
+    for i, (p, o) in enumerate(zip(problems, outs)):
+        own = extract_answer(o.text)
+        if i % 2 == 0 and own:
+            p["answer"] = own
+    (d / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    (d / "ppl.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (d / "gen.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    common = "dataset_path: json\ntest_split: test\n"
+    (d / "ns_mc.yaml").write_text(
+        f"task: ns_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {d / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}} Answer:'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    (d / "ns_ppl.yaml").write_text(
+        f"task: ns_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {d / 'ppl.jsonl'}\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
+    )
+    # the prompt is nanoseek eval's pretrain format (prompt + " ", BOS added by the model); scored by its checker
+    (d / "ns_gen.yaml").write_text(
+        f"task: ns_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {d / 'gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_text: '{{prompt}} '\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  do_sample: false\n  max_gen_toks: 32\n"
+        "process_results: !function ns_utils.process_results\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    (d / "ns_utils.py").write_text(
+        "from nanoseek.eval import is_correct, to_item\n\n\n"
+        "def process_results(doc, results):\n"
+        "    return {'acc': float(is_correct(to_item({'prompt': doc['prompt'], 'answer': doc['answer']}), results[0]))}\n"
+    )
+    return d
+
+
+def _run(model: str, model_args: str, task_dir: Path, tasks=TASKS, batch_size: int = 8) -> tuple[dict, dict]:
+    """lm-eval's simple_evaluate on an LM built as the CLI builds it; returns (output, seconds): `total` (load +
+    evaluate) and `requests` (inside the LM's loglikelihood / loglikelihood_rolling / generate_until)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    t0 = time.perf_counter()
+    lm = get_model(model).create_from_arg_string(model_args, {"batch_size": batch_size, "device": "cpu"})
+    spent = {"requests": 0.0}
+
+    def timed(name: str):
+        f = getattr(lm, name)
+
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                spent[name] = time.perf_counter() - t
+                spent["requests"] += spent[name]
+
+        return run
+
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        setattr(lm, name, timed(name))
+    out = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        log_samples=True,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )
+    spent["total"] = time.perf_counter() - t0
+    return out, spent
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, task_dir):
+    import nanoseek.harness  # noqa: F401  registers --model nanoseek in this process (CLI: the installed hook)
+
+    hf, hf_s = _run("hf", f"pretrained={model_dir},dtype=float32", task_dir)
+    ours, ours_s = _run("nanoseek", f"pretrained={model_dir}", task_dir)
+    return hf, ours, hf_s, ours_s
+
+
+def test_scores_equal_lm_eval_hf(runs):
+    hf, ours, _, _ = runs
+    for task in TASKS:
+        for a, b in zip(hf["samples"][task], ours["samples"][task], strict=True):
+            assert a["doc_id"] == b["doc_id"]
+            for ra, rb in zip(a["resps"], b["resps"], strict=True):
+                ra, rb = ra[0], rb[0]
+                if isinstance(ra, str):  # generate_until: the same text
+                    assert ra == rb
+                elif isinstance(ra, (tuple, list)):  # loglikelihood: (logprob, is_greedy)
+                    assert math.isclose(ra[0], rb[0], rel_tol=1e-5, abs_tol=1e-4) and ra[1] == rb[1]
+                else:  # loglikelihood_rolling
+                    assert math.isclose(ra, rb, rel_tol=1e-5, abs_tol=1e-4)
+        for metric, value in hf["results"][task].items():
+            if isinstance(value, float) and not metric.endswith("_stderr,none"):
+                assert math.isclose(value, ours["results"][task][metric], rel_tol=1e-5, abs_tol=1e-6), metric
+
+
+@pytest.mark.slow
+def test_at_least_twice_as_fast_as_lm_eval_hf(runs):
+    """Time in the model's request methods (what --model chooses; lm-eval's own task building is the same for
+    both and, on a model this small, a large share of the wall time, which is printed too)."""
+    _, _, hf_s, ours_s = runs
+    print(json.dumps({"bench": "lm_eval_3_tasks", "hf_s": hf_s, "nanoseek_s": ours_s}))
+    assert hf_s["requests"] >= 2 * ours_s["requests"], f"--model hf {hf_s} vs --model nanoseek {ours_s}"
+    assert hf_s["total"] > ours_s["total"]
+
+
+def test_nanoseek_eval_and_harness_agree_on_generative_problems(model_dir, task_dir):
+    import nanoseek.harness  # noqa: F401
+
+    # keep `<think>` tags in the text, as nanoseek eval scores completions (HFLM's default drops special tokens)
+    ours, _ = _run("nanoseek", f"pretrained={model_dir},skip_special_tokens=False", task_dir, tasks=["ns_gen"])
+    problems = [json.loads(line) for line in (task_dir / "gen.jsonl").read_text().splitlines()]
+    engine = Engine.from_pretrained(model_dir, max_batch_size=8)
+    result = evaluate(engine, [to_item(p) for p in problems], "pretrain", max_tokens=32)
+    harness = [s["acc"] for s in sorted(ours["samples"]["ns_gen"], key=lambda s: s["doc_id"])]
+    ours_rows = [float(r["correct"]) for r in result["results"]]
+    assert harness == ours_rows
+    assert result["accuracy"] == ours["results"]["ns_gen"]["acc,none"] == 0.5
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_finds_the_installed_model(model_dir, task_dir, tmp_path):
+    """`lm_eval --model nanoseek` in a fresh interpreter: the installed hook registers the model."""
+    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "nanoseek", "--model_args", f"pretrained={model_dir}"]
+    cmd += ["--tasks", "ns_mc", "--include_path", str(task_dir), "--output_path", str(tmp_path), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next(tmp_path.rglob("results_*.json")).read_text())
+    assert results["config"]["model"] == "nanoseek"
+    assert 0.0 <= results["results"]["ns_mc"]["acc,none"] <= 1.0
