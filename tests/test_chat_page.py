@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from serve_util import ServeProcess, memorised_model
+from serve_util import ServeProcess
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
@@ -28,10 +28,8 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("page") / "tiny-r1"
-    memorised_model(d)
-    with ServeProcess(d) as s:
+def server(memorised_dir):
+    with ServeProcess(memorised_dir) as s:
         yield s
 
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serve_util import KNOWN, ServeProcess, memorised_model
+from serve_util import KNOWN, ServeProcess
 
 from nanoseek import Engine
 from nanoseek.infer.reasoning import ReasoningSplitter, split_reasoning
@@ -23,10 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("served") / "tiny-r1"
-    memorised_model(d)
-    return d
+def model_dir(memorised_dir):
+    return memorised_dir
 
 
 @pytest.fixture(scope="module")
