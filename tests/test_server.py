@@ -129,6 +129,8 @@ def test_completions_match_the_engine_and_echo(client, engine):
     ids = engine.tokenizer.encode("hello world", bos=True)
     t = client.completions.create(model="tiny-r1", prompt=ids, max_tokens=12, temperature=0)
     assert t.choices[0].text == r.choices[0].text and t.usage.prompt_tokens == len(ids)
+    t = client.completions.create(model="tiny-r1", prompt=ids, max_tokens=4, temperature=0, echo=True)
+    assert t.choices[0].text == e.choices[0].text  # token-id prompts echo as text too
 
 
 def test_n_choices_and_seeds_reproduce(client):

@@ -426,8 +426,9 @@ def build_app(server: Server) -> FastAPI:
             for i in range(req.n):
                 seqs.append(ids)
                 params.append(req.sampling_params(n_tokens[j], i, top, want))
-        echo = [server.tok.decode(ids) if req.echo and isinstance(x, str) else "" for ids, x in zip(ids_list, prompts)]
-        echo = [e[len(server.tok.bos_token) :] if e.startswith(server.tok.bos_token) else e for e in echo]
+        bos = server.tok.bos_token
+        echo = [x if isinstance(x, str) else server.tok.decode(x).removeprefix(bos) for x in prompts]
+        echo = echo if req.echo else [""] * len(prompts)
         choices = [Choice(k, None, params[k].stop) for k in range(len(seqs))]
         job = server.start_job(seqs, params)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
