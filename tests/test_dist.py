@@ -5,6 +5,7 @@ job. Each torchrun launch costs a few seconds, so one module-scoped set of runs 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoseek import ModelConfig
+from nanoseek import ModelConfig, Transformer, save_model
 from nanoseek.cli import main
 from nanoseek.data.shards import prepare
 from nanoseek.data.tasks import builtin_corpus
@@ -23,7 +24,7 @@ from nanoseek.distributed.checkpoint import is_distributed_checkpoint, model_fro
 from nanoseek.distributed.plan import count_parameters, make_plan, state_bytes
 from nanoseek.flops import flops_per_token
 from nanoseek.report import read_metrics
-from nanoseek.tokenizer import train_tokenizer
+from nanoseek.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.train.checkpointing import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,3 +234,21 @@ def test_fsdp2_with_expert_parallel_on_a_2d_mesh_matches_one_process(runs, tmp_p
     assert_same_weights(
         runs["one"] / "checkpoints" / f"step_{STEPS}", tmp_path / "run" / "checkpoints" / f"step_{STEPS}"
     )
+
+
+def test_sft_runs_under_torchrun_and_resumes_on_one_process(runs, tmp_path):
+    tok = Tokenizer.from_pretrained(runs["data"].parent / "tok")
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset(
+        "tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id
+    )
+    save_model(Transformer(config), tmp_path / "base", tokenizer=tok)
+    run = tmp_path / "sft"
+    argv = ["sft", "--model", str(tmp_path / "base"), "--data", "builtin:arithmetic", "--problems", "200"]
+    argv += ["--steps", "2", "--batch-size", "2", "--eval-every", "0", "--dp", "fsdp", "--out", str(run)]
+    proc = torchrun(*argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert is_distributed_checkpoint(run / "checkpoints" / "step_2")
+    assert main(["sft", "--out", str(run), "--resume", "--steps", "3"]) == 0
+    assert metric(run, "step") == [1, 2, 3] and all(math.isfinite(x) for x in metric(run, "loss"))
+    assert metric(run, "tokens")[0] * 3 == metric(run, "tokens")[-1]  # batch 2 x 2 ranks, then 4 on one process
