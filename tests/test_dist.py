@@ -176,7 +176,7 @@ def test_plan_predicts_fsdp2_state_bytes_per_rank_within_10_percent(runs):
     assert sum(ddp.values()) == sum(state_bytes(count_parameters(config), "ddp", world=2).values())
 
 
-def test_plan_counts_v3_and_picks_a_layout_that_fits():
+def test_plan_counts_v3_and_picks_a_layout_that_fits(capsys):
     v3 = ModelConfig.from_preset("deepseek-v3")
     p = make_plan(v3, gpus=2048, gpu="h800", tokens=14.8e12, seq_len=1024, gpu_hours=2.664e6, price_per_hour=2.0)
     assert p["params_activated"] / 1e9 == pytest.approx(37.6, abs=0.1)
@@ -190,6 +190,11 @@ def test_plan_counts_v3_and_picks_a_layout_that_fits():
     assert small["best"] == "ddp"  # everything fits; replication moves the fewest bytes
     with pytest.raises(ValueError, match="unknown --gpu"):
         make_plan(v3, gpus=8, gpu="h9000")
+    argv = ["plan", "--preset", "gpu-small", "--gpus", "8", "--gpu", "H100", "--gpu-mem", "40GB", "--tokens", "10B"]
+    assert main([*argv, "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert (cli["gpu_mem_gb"], cli["tokens"], cli["best"]) == (40.0, 1e10, "ddp")
+    assert main(argv) == 0 and "best layout: ddp" in capsys.readouterr().out
 
 
 def test_expert_parallel_forward_and_gradients_equal_one_process(tmp_path):
