@@ -152,6 +152,9 @@ def test_export_writes_an_hf_dir_that_eval_reads(runs, tmp_path, capsys):
     assert_same_weights(runs["fsdp"] / "checkpoints" / f"step_{STEPS}", out, atol=0)
     assert main(["eval", "--model", str(out), "--task", "arithmetic", "--n", "2", "--max-tokens", "4", "--json"]) == 0
     assert '"accuracy"' in capsys.readouterr().out
+    sharded = str(runs["fsdp"] / "checkpoints" / f"step_{STEPS}")
+    assert main(["eval", "--model", sharded, "--task", "arithmetic", "--n", "2"]) == 1  # not a model dir yet
+    assert "distributed training checkpoint: `nanoseek export --checkpoint" in capsys.readouterr().err
 
 
 def test_a_failing_rank_ends_every_rank_with_the_error_named(runs, tmp_path):
