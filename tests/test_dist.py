@@ -260,3 +260,12 @@ def test_sft_runs_under_torchrun_and_resumes_on_one_process(runs, tmp_path):
     assert main(["sft", "--out", str(run), "--resume", "--steps", "3"]) == 0
     assert metric(run, "step") == [1, 2, 3] and all(math.isfinite(x) for x in metric(run, "loss"))
     assert metric(run, "tokens")[0] * 3 == metric(run, "tokens")[-1]  # batch 2 x 2 ranks, then 4 on one process
+
+
+def test_time_budget_ends_every_rank_on_the_same_step(runs, tmp_path):
+    argv = ["train", *COMMON, "--data", str(runs["data"]), "--time-budget", "3", "--batch-size", "2"]
+    proc = torchrun(*argv, "--warmup", "0", "--min-lr-ratio", "0", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]  # a rank stopping a step early would hang the other
+    lrs = metric(tmp_path / "run", "lr")
+    assert len(lrs) >= 2 and lrs == sorted(lrs, reverse=True)  # cosine over the agreed clock
+    assert metric(tmp_path / "run", "elapsed_s")[-1] >= 3
