@@ -207,10 +207,10 @@ def train(
 
     resume_from: a checkpoint dir whose weights `model` already holds (a distributed checkpoint's are loaded
     here, into the wrapped model); the optimizer, step, elapsed time, RNG states and loader cursor are restored
-    from its trainer_state. make_val_loader builds a fresh val
-    loader for each evaluation (the same batches every time). run_args are stored with each checkpoint.
-    env: the torchrun process group (None: one process); `loader` then serves this rank's batches, the
-    model is wrapped per cfg.dp, and rank 0 alone logs, plots and writes checkpoints.
+    from its trainer_state. make_val_loader builds a fresh val loader for each evaluation (the same batches
+    every time). run_args are stored with each checkpoint. env: the torchrun process group (None: one
+    process); `loader` then serves this rank's batches, the model is wrapped per cfg.dp / cfg.ep, and rank 0
+    alone logs and plots (checkpoints: rank 0, or every rank its shards when the model is sharded).
     Raises NonFiniteLoss (nothing saved for that step) when the loss or grad norm is NaN/inf.
     """
     cfg.validate()
