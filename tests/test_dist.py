@@ -244,7 +244,9 @@ def test_fsdp2_with_expert_parallel_on_a_2d_mesh_matches_one_process(runs, tmp_p
     )
 
 
-def test_sft_runs_under_torchrun_and_resumes_on_one_process(runs, tmp_path):
+def test_sft_under_torchrun_with_a_time_budget_ends_every_rank_together_and_resumes_on_one_process(runs, tmp_path):
+    """SFT through the shared loop, FSDP2, a distributed checkpoint; --time-budget: every rank reads the same
+    clock, so all stop after the same step (one stopping early would leave the other waiting forever)."""
     tok = Tokenizer.from_pretrained(runs["data"].parent / "tok")
     torch.manual_seed(0)
     config = ModelConfig.from_preset(
@@ -253,19 +255,13 @@ def test_sft_runs_under_torchrun_and_resumes_on_one_process(runs, tmp_path):
     save_model(Transformer(config), tmp_path / "base", tokenizer=tok)
     run = tmp_path / "sft"
     argv = ["sft", "--model", str(tmp_path / "base"), "--data", "builtin:arithmetic", "--problems", "200"]
-    argv += ["--steps", "2", "--batch-size", "2", "--eval-every", "0", "--dp", "fsdp", "--out", str(run)]
-    proc = torchrun(*argv)
+    argv += ["--time-budget", "3", "--warmup", "0", "--min-lr-ratio", "0", "--batch-size", "2", "--eval-every", "0"]
+    proc = torchrun(*argv, "--dp", "fsdp", "--out", str(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert is_distributed_checkpoint(run / "checkpoints" / "step_2")
-    assert main(["sft", "--out", str(run), "--resume", "--steps", "3"]) == 0
-    assert metric(run, "step") == [1, 2, 3] and all(math.isfinite(x) for x in metric(run, "loss"))
-    assert metric(run, "tokens")[0] * 3 == metric(run, "tokens")[-1]  # batch 2 x 2 ranks, then 4 on one process
-
-
-def test_time_budget_ends_every_rank_on_the_same_step(runs, tmp_path):
-    argv = ["train", *COMMON, "--data", str(runs["data"]), "--time-budget", "3", "--batch-size", "2"]
-    proc = torchrun(*argv, "--warmup", "0", "--min-lr-ratio", "0", "--out", str(tmp_path / "run"))
-    assert proc.returncode == 0, proc.stderr[-3000:]  # a rank stopping a step early would hang the other
-    lrs = metric(tmp_path / "run", "lr")
-    assert len(lrs) >= 2 and lrs == sorted(lrs, reverse=True)  # cosine over the agreed clock
-    assert metric(tmp_path / "run", "elapsed_s")[-1] >= 3
+    steps, lrs = metric(run, "step"), metric(run, "lr")
+    assert len(steps) >= 2 and lrs == sorted(lrs, reverse=True) and metric(run, "elapsed_s")[-1] >= 3
+    assert is_distributed_checkpoint(run / "checkpoints" / f"step_{steps[-1]}")
+    n = steps[-1] + 1
+    assert main(["sft", "--out", str(run), "--resume", "--steps", str(n), "--time-budget", "1000"]) == 0
+    assert metric(run, "step") == list(range(1, n + 1)) and all(math.isfinite(x) for x in metric(run, "loss"))
+    assert metric(run, "tokens")[0] * n == metric(run, "tokens")[-1]  # batch 2 x 2 ranks, then 4 on one process
