@@ -188,6 +188,8 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
             if others
             else "expected model.safetensors or model.safetensors.index.json"
         )
+        if (model_dir / "dcp").is_dir():  # written by a sharded (FSDP2 / expert-parallel) training run
+            hint = f"it is a distributed training checkpoint: `nanoseek export --checkpoint {model_dir} --out DIR`"
         raise FileNotFoundError(f"no safetensors weights in {model_dir}: {hint}")
     with safe_open(str(single), framework="pt") as f:
         return {k: single for k in f.keys()}

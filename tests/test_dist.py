@@ -5,6 +5,7 @@ job. Each torchrun launch costs a few seconds, so one module-scoped set of runs 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoseek import ModelConfig
+from nanoseek import ModelConfig, Transformer, save_model
 from nanoseek.cli import main
 from nanoseek.data.shards import prepare
 from nanoseek.data.tasks import builtin_corpus
@@ -23,7 +24,7 @@ from nanoseek.distributed.checkpoint import is_distributed_checkpoint, model_fro
 from nanoseek.distributed.plan import count_parameters, make_plan, state_bytes
 from nanoseek.flops import flops_per_token
 from nanoseek.report import read_metrics
-from nanoseek.tokenizer import train_tokenizer
+from nanoseek.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.train.checkpointing import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +152,9 @@ def test_export_writes_an_hf_dir_that_eval_reads(runs, tmp_path, capsys):
     assert_same_weights(runs["fsdp"] / "checkpoints" / f"step_{STEPS}", out, atol=0)
     assert main(["eval", "--model", str(out), "--task", "arithmetic", "--n", "2", "--max-tokens", "4", "--json"]) == 0
     assert '"accuracy"' in capsys.readouterr().out
+    sharded = str(runs["fsdp"] / "checkpoints" / f"step_{STEPS}")
+    assert main(["eval", "--model", sharded, "--task", "arithmetic", "--n", "2"]) == 1  # not a model dir yet
+    assert "distributed training checkpoint: `nanoseek export --checkpoint" in capsys.readouterr().err
 
 
 def test_a_failing_rank_ends_every_rank_with_the_error_named(runs, tmp_path):
@@ -175,7 +179,7 @@ def test_plan_predicts_fsdp2_state_bytes_per_rank_within_10_percent(runs):
     assert sum(ddp.values()) == sum(state_bytes(count_parameters(config), "ddp", world=2).values())
 
 
-def test_plan_counts_v3_and_picks_a_layout_that_fits():
+def test_plan_counts_v3_and_picks_a_layout_that_fits(capsys):
     v3 = ModelConfig.from_preset("deepseek-v3")
     p = make_plan(v3, gpus=2048, gpu="h800", tokens=14.8e12, seq_len=1024, gpu_hours=2.664e6, price_per_hour=2.0)
     assert p["params_activated"] / 1e9 == pytest.approx(37.6, abs=0.1)
@@ -189,6 +193,11 @@ def test_plan_counts_v3_and_picks_a_layout_that_fits():
     assert small["best"] == "ddp"  # everything fits; replication moves the fewest bytes
     with pytest.raises(ValueError, match="unknown --gpu"):
         make_plan(v3, gpus=8, gpu="h9000")
+    argv = ["plan", "--preset", "gpu-small", "--gpus", "8", "--gpu", "H100", "--gpu-mem", "40GB", "--tokens", "10B"]
+    assert main([*argv, "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert (cli["gpu_mem_gb"], cli["tokens"], cli["best"]) == (40.0, 1e10, "ddp")
+    assert main(argv) == 0 and "best layout: ddp" in capsys.readouterr().out
 
 
 def test_expert_parallel_forward_and_gradients_equal_one_process(tmp_path):
@@ -197,8 +206,9 @@ def test_expert_parallel_forward_and_gradients_equal_one_process(tmp_path):
     for rank in (0, 1):
         errors = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert errors["local_experts"] == [4, 4]  # 8 experts of the MoE layer and of the MTP block, split in two
-        for key in ("loss", "logits", "grads", "expert_grads"):
-            assert errors[key] <= 1e-5, (rank, key, errors[key])
+        for case in (errors, errors["skewed"]):  # the second: every token routed to rank 0's experts
+            for key in ("loss", "logits", "grads", "expert_grads"):
+                assert case[key] <= 1e-5, (rank, key, case[key])
 
 
 def test_expert_parallel_checkpoint_resumes_on_one_process(runs, tmp_path):
@@ -233,3 +243,26 @@ def test_fsdp2_with_expert_parallel_on_a_2d_mesh_matches_one_process(runs, tmp_p
     assert_same_weights(
         runs["one"] / "checkpoints" / f"step_{STEPS}", tmp_path / "run" / "checkpoints" / f"step_{STEPS}"
     )
+
+
+def test_sft_under_torchrun_with_a_time_budget_ends_every_rank_together_and_resumes_on_one_process(runs, tmp_path):
+    """SFT through the shared loop, FSDP2, a distributed checkpoint; --time-budget: every rank reads the same
+    clock, so all stop after the same step (one stopping early would leave the other waiting forever)."""
+    tok = Tokenizer.from_pretrained(runs["data"].parent / "tok")
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset(
+        "tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id
+    )
+    save_model(Transformer(config), tmp_path / "base", tokenizer=tok)
+    run = tmp_path / "sft"
+    argv = ["sft", "--model", str(tmp_path / "base"), "--data", "builtin:arithmetic", "--problems", "200"]
+    argv += ["--time-budget", "3", "--warmup", "0", "--min-lr-ratio", "0", "--batch-size", "2", "--eval-every", "0"]
+    proc = torchrun(*argv, "--dp", "fsdp", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps, lrs = metric(run, "step"), metric(run, "lr")
+    assert len(steps) >= 2 and lrs == sorted(lrs, reverse=True) and metric(run, "elapsed_s")[-1] >= 3
+    assert is_distributed_checkpoint(run / "checkpoints" / f"step_{steps[-1]}")
+    n = steps[-1] + 1
+    assert main(["sft", "--out", str(run), "--resume", "--steps", str(n), "--time-budget", "1000"]) == 0
+    assert metric(run, "step") == list(range(1, n + 1)) and all(math.isfinite(x) for x in metric(run, "loss"))
+    assert metric(run, "tokens")[0] * n == metric(run, "tokens")[-1]  # batch 2 x 2 ranks, then 4 on one process

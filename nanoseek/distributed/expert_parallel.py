@@ -56,8 +56,12 @@ class ExpertParallel(nn.Module):
         recv_splits = recv.sum(1).tolist()
         x_recv = funcol.all_to_all_single_autograd(x_sorted, recv_splits, send_splits, self.group)
         order = _expert_major(recv)
-        y = grouped_swiglu(x_recv.index_select(0, order), recv.sum(0), self.w13.to_local(), self.w2.to_local())
-        y_recv = torch.empty_like(y).index_copy(0, order, y)  # back to rank-major
+        w13, w2 = self.w13.to_local(), self.w2.to_local()
+        if x_recv.shape[0] == 0:  # no rows for this rank's experts: empty output, zero (not missing) gradients
+            y_recv = x_recv + 0 * (w13.sum() + w2.sum())  # (grouped_mm's backward rejects empty inputs)
+        else:
+            y = grouped_swiglu(x_recv.index_select(0, order), recv.sum(0), w13, w2)
+            y_recv = torch.empty_like(y).index_copy(0, order, y)  # back to rank-major
         return funcol.all_to_all_single_autograd(y_recv, send_splits, recv_splits, self.group)
 
     def gathered(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -579,8 +579,17 @@ def grpo(
     last_eval: dict[str, Any] = {}
     last_saved = step if resume_from is not None else -1
 
+    agreed: list[float] = []  # torchrun + --time-budget: the step's clock, the same on every rank
+
     def elapsed() -> float:
-        return elapsed0 + time.perf_counter() - t_start
+        return agreed[0] if agreed else elapsed0 + time.perf_counter() - t_start
+
+    def agree_on_time() -> None:
+        """Under torchrun with --time-budget every rank must decide the same last step (see train.loop)."""
+        if env.distributed and cfg.time_budget:
+            agreed.clear()
+            now = torch.tensor([elapsed0 + time.perf_counter() - t_start], dtype=torch.float64)
+            agreed.append(all_reduce(now, env, op="max").item())
 
     def finished() -> bool:
         return (cfg.steps is not None and step >= cfg.steps) or (
@@ -616,6 +625,7 @@ def grpo(
         print(f"step 0: eval accuracy {last_eval['eval_accuracy']:.3f}", file=sys.stderr)
     bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="grpo") if cfg.steps and env.is_main else None
     try:
+        agree_on_time()
         while not finished():
             t0 = time.perf_counter()
             lr = cfg.lr * warmup_factor(step, cfg.warmup)
@@ -650,6 +660,7 @@ def grpo(
                 advs = torch.cat(kept_adv).tolist() if kept_adv else []
                 record.update(policy_update(model, optimizer, flat, advs, cfg, tokenizer.pad_id, ref_model, par))
             step += 1
+            agree_on_time()
             lengths = [len(r.completion_ids) for r in sampled]
             rewards = [r.reward for r in sampled]
             sums = {  # over every rank's rollouts

@@ -207,10 +207,10 @@ def train(
 
     resume_from: a checkpoint dir whose weights `model` already holds (a distributed checkpoint's are loaded
     here, into the wrapped model); the optimizer, step, elapsed time, RNG states and loader cursor are restored
-    from its trainer_state. make_val_loader builds a fresh val
-    loader for each evaluation (the same batches every time). run_args are stored with each checkpoint.
-    env: the torchrun process group (None: one process); `loader` then serves this rank's batches, the
-    model is wrapped per cfg.dp, and rank 0 alone logs, plots and writes checkpoints.
+    from its trainer_state. make_val_loader builds a fresh val loader for each evaluation (the same batches
+    every time). run_args are stored with each checkpoint. env: the torchrun process group (None: one
+    process); `loader` then serves this rank's batches, the model is wrapped per cfg.dp / cfg.ep, and rank 0
+    alone logs and plots (checkpoints: rank 0, or every rank its shards when the model is sharded).
     Raises NonFiniteLoss (nothing saved for that step) when the loss or grad norm is NaN/inf.
     """
     cfg.validate()
@@ -251,8 +251,18 @@ def train(
     first_step, train_time, last_saved = step, 0.0, step if resume_from is not None else -1
     first_loss = last_loss = val_loss = None
 
+    agreed: list[float] = []  # torchrun + --time-budget: the step's clock, the same on every rank
+
     def elapsed() -> float:
-        return elapsed0 + time.perf_counter() - t_start
+        return agreed[0] if agreed else elapsed0 + time.perf_counter() - t_start
+
+    def agree_on_time() -> None:
+        """Under torchrun with --time-budget every rank must read the same clock: the lr follows it and it decides
+        which step is the last (ranks stopping at different steps would wait on each other forever)."""
+        if env.distributed and cfg.time_budget:
+            agreed.clear()
+            now = torch.tensor([elapsed0 + time.perf_counter() - t_start], dtype=torch.float64)
+            agreed.append(all_reduce(now, env, op="max").item())
 
     def finished() -> bool:
         return (cfg.steps is not None and step >= cfg.steps) or (
@@ -286,6 +296,7 @@ def train(
         bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=quiet)
     bar.set_description("train")
     try:
+        agree_on_time()
         while not finished():
             t0 = time.perf_counter()
             lr = lr_at(step, progress(step), cfg.lr, cfg.schedule, cfg.warmup, cfg.min_lr_ratio, cfg.decay_frac)
@@ -321,6 +332,7 @@ def train(
             expert_bias_step(model, loads, cfg.bias_gamma)
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            agree_on_time()
             dt = time.perf_counter() - t0
             train_time += dt
             tokens_per_s = tokens_per_step / dt
