@@ -227,6 +227,15 @@ def gguf_bench(args) -> dict:
     prefill = {name: (lambda g=g: _timed(lambda: g(long_prompt, 1))) for name, g in gens.items()}
     times = alternate(prefill, 3 * args.reps)
     pre = {name: round(256 / statistics.median(t)) for name, t in times.items()}
+    # what bounds llama.cpp here: its own C-side time per decoded token (llama_decode, from its perf counters)
+    # against the wall time per token through the Python binding
+    llama_cpp.llama_perf_context_reset(llm.ctx)
+    wall = _timed(lambda: llama_greedy(prompt, N))
+    perf = llama_cpp.llama_perf_context(llm.ctx)
+    llama_ms = {
+        "decode_c_side_ms_per_token": round(perf.t_eval_ms / max(1, perf.n_eval), 3),
+        "decode_wall_ms_per_token": round(1e3 * wall / N, 3),
+    }
     return {
         "bench": "decode_gguf",
         "model": args.model,
@@ -235,6 +244,7 @@ def gguf_bench(args) -> dict:
         "decode_tokens_per_s_batch1": dec,
         "prefill_tokens_per_s_256": pre,
         "greedy_identical": len({tuple(o) for o in outputs.values()}) == 1,
+        "llama.cpp_time": llama_ms,
         "threads": {"decode": 1, "prefill": threads},
         "llama_cpp_python": llama_cpp.__version__,
         "torch": torch.__version__,
