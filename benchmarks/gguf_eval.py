@@ -3,7 +3,7 @@
     python -m benchmarks.gguf_eval --model runs/speedrun/grpo/checkpoints/step_N [--format chat] [--n 100]
 
 The speedrun's held-out test problems (n per arithmetic level, duplicates dropped), greedy, max 96 tokens, scored by
-`nanoseek eval`'s checker. For each dtype: accuracy, the share of completions identical to our engine's, file
+`nanoseek eval`'s checker. For each dtype (with llama.cpp's default f16 KV cache, and f32 also with an f32 cache): accuracy, the share of completions identical to our engine's, file
 size and speed (llama.cpp, generated tokens/s over the whole run; one thread for generation, as our engine decodes
 batch 1, all torch threads for prompts). One JSON line.
 """
@@ -80,10 +80,17 @@ def main() -> None:
         "problems": len(items),
         "nanoseek_f32": {"accuracy": round(ref["accuracy"], 4), "seconds": round(ref_s, 1)},
     }
+    # each weight dtype with llama.cpp's default f16 KV cache (how it is usually run), and f32 with an f32 cache
+    runs = [("f32", "f32")] + [(dtype, "f16") for dtype in args.dtypes.split(",")]
     with tempfile.TemporaryDirectory() as d:
-        for dtype in args.dtypes.split(","):
-            path = export_gguf(args.model, Path(d) / f"model-{dtype}.gguf", dtype=dtype)
-            llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=1, n_threads_batch=threads, verbose=False)
+        for dtype, cache in runs:
+            path = Path(d) / f"model-{dtype}.gguf"
+            if not path.exists():
+                export_gguf(args.model, path, dtype=dtype)
+            kv = {"f32": 0, "f16": 1}[cache]  # GGML_TYPE_F32 / GGML_TYPE_F16
+            llm = llama_cpp.Llama(
+                str(path), n_ctx=512, n_threads=1, n_threads_batch=threads, type_k=kv, type_v=kv, verbose=False
+            )
             t, n_tokens, correct, same = time.perf_counter(), 0, 0, 0
             for item, reference in zip(items, ref_text):
                 ids = prompt_ids(tok, item.prompt, args.format)
@@ -96,7 +103,7 @@ def main() -> None:
                 same += text == reference
             seconds = time.perf_counter() - t
             llm.close()
-            result[dtype] = {
+            result[f"{dtype}_kv_{cache}"] = {
                 "accuracy": round(correct / len(items), 4),
                 "same_completion_as_nanoseek": round(same / len(items), 4),
                 "file_mib": round(path.stat().st_size / 2**20, 2),

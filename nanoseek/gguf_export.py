@@ -80,8 +80,9 @@ def check_llama_cpp_compatible(config: ModelConfig) -> None:
         )
 
 
-def _tokenizer_vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], list[str], dict]:
-    """tokens, token types, merges and the tokenizer config, read from tokenizer.json + tokenizer_config.json."""
+def _tokenizer_vocab(model_dir: Path, vocab_size: int):
+    """(tokens, token types, merges, the Tokenizer) from tokenizer.json + tokenizer_config.json; the token list is
+    padded to vocab_size (llama.cpp needs one entry per embedding row)."""
     import gguf
 
     from nanoseek.tokenizer import Tokenizer

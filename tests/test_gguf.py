@@ -121,6 +121,7 @@ def test_llama_cpp_logits_match_nanoseek(exported, tok):
 def test_llama_cpp_greedy_continuation_equals_engine(exported, tok):
     model, llm, _ = exported
     engine = Engine(model, tok, max_batch_size=4)
+    engine.eos_ids = set()  # 64 tokens whatever comes: EOS is just another token on both sides
     prompts = [tok.encode(p, bos=True) for p in PROMPTS[:3]]
     ours = engine.generate(prompts, max_tokens=64, temperature=0)
     for ids, done in zip(prompts, ours):
@@ -129,12 +130,9 @@ def test_llama_cpp_greedy_continuation_equals_engine(exported, tok):
         theirs = []
         for _ in range(64):  # llama.cpp's own decode path: one token at a time through its KV cache
             theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            if theirs[-1] == tok.eos_id:
-                break
             llm.eval([theirs[-1]])
-        assert len(done.token_ids) >= 16  # a real continuation, not an immediate EOS
-        ended = [tok.eos_id] if done.finish_reason == "stop" else []  # the engine does not return EOS itself
-        assert theirs == done.token_ids + ended
+        assert len(done.token_ids) == 64
+        assert theirs == done.token_ids
 
 
 def _fuzz_strings(n: int, seed: int = 0) -> list[str]:
