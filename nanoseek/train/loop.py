@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanoseek.checkpoint import load_model
+from nanoseek.checkpoint import load_model, resolve_model_dir
 from nanoseek.config import ModelConfig, atomic_write_text
 from nanoseek.data.shards import TokenLoader, load_manifest
 from nanoseek.flops import flops_per_token
@@ -127,6 +127,11 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+# tqdm format for a wall-clock budget: "train:  40%|####  | 120/300 s of the time budget, loss=..." (tqdm's default
+# rate for unit "s" would read "1.00s/s")
+TIME_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s of the time budget{postfix}"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -242,7 +247,13 @@ def train(
         return save_checkpoint(run_dir, model, state, tokenizer=tokenizer, keep_last=cfg.keep_last)
 
     if cfg.time_budget:
-        bar = tqdm(total=int(cfg.time_budget), initial=int(min(elapsed0, cfg.time_budget)), unit="s")
+        # a time bar: "120/300 s" of the budget (tqdm's default rate would read "1.00s/s")
+        bar = tqdm(
+            total=int(cfg.time_budget),
+            initial=int(min(elapsed0, cfg.time_budget)),
+            unit="s",
+            bar_format=TIME_BAR,
+        )
     else:
         bar = tqdm(total=cfg.steps, initial=step, unit="step")
     bar.set_description("train")
@@ -463,6 +474,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.init_from:
             if args.preset or args.set:
                 raise ValueError("pass --preset [--set KEY=VALUE] (new model) or --init-from MODEL_DIR, not both")
+            args.init_from = str(resolve_model_dir(args.init_from))  # a run folder: its latest checkpoint
             model = load_model(args.init_from, device=device, dtype=torch.float32)
             if model.config.vocab_size < manifest["vocab_size"]:
                 raise ValueError(
