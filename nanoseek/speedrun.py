@@ -60,12 +60,14 @@ class Recipe:
     grpo_max_new_tokens: int = 64
     grpo_levels: str = ""  # space-separated; empty = all levels
     grpo_dynamic_sampling: bool = False
+    grpo_eval_n: int = 100  # val problems for GRPO's periodic greedy eval (its curve in the report)
     # evaluation: >= 1,000 distinct held-out problems for the sign test; pass@k on a subset
     eval_n: int = 1400  # problems asked for, spread over the levels (duplicates of small levels dropped)
     passk_n: int = 140
     k: int = 8
     eval_max_tokens: int = 96
     device: str = "auto"
+    compile: bool = False  # torch.compile the pretraining and SFT loss (pays off on a GPU, not in minutes on a CPU)
     usd_per_hour: float = 0.10  # the machine's price, for the cost estimate
 
     def validate(self) -> None:
@@ -96,6 +98,7 @@ RECIPES: dict[str, Recipe] = {
         grpo_group=16,
         eval_n=7000,
         passk_n=700,
+        compile=True,
         usd_per_hour=2.50,
     ),
     # CI and tests: a tiny model, a few steps of every stage, a few problems (the pipeline, not the result)
@@ -110,6 +113,7 @@ RECIPES: dict[str, Recipe] = {
         grpo_prompts=4,
         grpo_group=4,
         grpo_max_new_tokens=16,
+        grpo_eval_n=8,
         eval_n=28,
         passk_n=7,
         k=2,
@@ -251,6 +255,7 @@ def _run_stages(out: Path, r: Recipe, seed: int, progress: Progress) -> None:
     pt, sft, grpo = out / "pretrain", out / "sft", out / "grpo"
     seed_args = ["--seed", str(seed)]
     device = ["--device", r.device]
+    compiled = ["--compile"] if r.compile else []
 
     def timed(name: str, fn, info: callable = lambda: {}) -> None:  # noqa: B008
         if name in progress.done:
@@ -262,16 +267,16 @@ def _run_stages(out: Path, r: Recipe, seed: int, progress: Progress) -> None:
 
     timed("tokenizer", lambda: _command("tokenizer", ["tokenizer", "train", "--builtin", "--out", str(_fresh(tok)), "--vocab-size", str(r.vocab_size)]))  # fmt: skip
     timed("prepare", lambda: _command("prepare", ["prepare", "--tokenizer", str(tok), "--builtin", TASK, "--n", str(r.n), "--out", str(_fresh(data))]))  # fmt: skip
-    pt_argv = ["train", "--preset", r.model_preset, "--data", str(data), "--out", str(pt), "--steps", str(r.pretrain_steps), "--batch-size", str(r.pretrain_batch), "--lr", str(r.pretrain_lr), "--schedule", "wsd", "--mtp-weight", str(r.mtp_weight), *seed_args, *device]  # fmt: skip
+    pt_argv = ["train", "--preset", r.model_preset, "--data", str(data), "--out", str(pt), "--steps", str(r.pretrain_steps), "--batch-size", str(r.pretrain_batch), "--lr", str(r.pretrain_lr), "--schedule", "wsd", "--mtp-weight", str(r.mtp_weight), *seed_args, *device, *compiled]  # fmt: skip
     timed("pretrain", lambda: _train_stage("pretrain", pt, pt_argv))
     timed("eval_pretrain", lambda: evaluate_stage(out, "pretrain", _checkpoint(pt), "pretrain", r))
-    sft_argv = lambda: ["sft", "--model", str(_checkpoint(pt)), "--data", f"builtin:{TASK}", "--worked-fraction", str(r.worked_fraction), "--out", str(sft), "--steps", str(r.sft_steps), "--batch-size", str(r.sft_batch), "--lr", str(r.sft_lr), *seed_args, *device]  # fmt: skip  # noqa: E731
+    sft_argv = lambda: ["sft", "--model", str(_checkpoint(pt)), "--data", f"builtin:{TASK}", "--worked-fraction", str(r.worked_fraction), "--out", str(sft), "--steps", str(r.sft_steps), "--batch-size", str(r.sft_batch), "--lr", str(r.sft_lr), *seed_args, *device, *compiled]  # fmt: skip  # noqa: E731
     timed("sft", lambda: _train_stage("sft", sft, sft_argv()))
     timed("eval_sft", lambda: evaluate_stage(out, "sft", _checkpoint(sft), "chat", r))
     levels = ["--levels", *r.grpo_levels.split()] if r.grpo_levels.strip() else []
     dyn = ["--dynamic-sampling"] if r.grpo_dynamic_sampling else []
     every = max(1, r.grpo_steps // 7)
-    grpo_argv = lambda: ["grpo", "--model", str(_checkpoint(sft)), "--task", TASK, *levels, "--out", str(grpo), "--steps", str(r.grpo_steps), "--lr", str(r.grpo_lr), "--prompts-per-step", str(r.grpo_prompts), "--group-size", str(r.grpo_group), "--temperature", str(r.grpo_temperature), "--max-new-tokens", str(r.grpo_max_new_tokens), *dyn, "--eval-every", str(every), "--eval-n", "100", "--save-every", str(every), *seed_args, *device]  # fmt: skip  # noqa: E731
+    grpo_argv = lambda: ["grpo", "--model", str(_checkpoint(sft)), "--task", TASK, *levels, "--out", str(grpo), "--steps", str(r.grpo_steps), "--lr", str(r.grpo_lr), "--prompts-per-step", str(r.grpo_prompts), "--group-size", str(r.grpo_group), "--temperature", str(r.grpo_temperature), "--max-new-tokens", str(r.grpo_max_new_tokens), *dyn, "--eval-every", str(every), "--eval-n", str(r.grpo_eval_n), "--save-every", str(every), *seed_args, *device]  # fmt: skip  # noqa: E731
     timed("grpo", lambda: _train_stage("grpo", grpo, grpo_argv()))
     timed("eval_grpo", lambda: evaluate_stage(out, "grpo", _checkpoint(grpo), "chat", r))
 

@@ -70,21 +70,21 @@ def test_ctrl_c_in_grpo_then_rerun_continues_and_reports_the_same(reference, tmp
     import nanoseek.train.grpo as grpo
 
     out = tmp_path / "run"
-    real, calls = grpo.policy_update, []
+    real, calls = grpo.sample_groups, []
 
-    def interrupt_second(*args, **kwargs):  # Ctrl-C during GRPO's second update (step 1 is checkpointed)
+    def interrupt_second(*args, **kwargs):  # Ctrl-C during GRPO's second rollout (step 1 is checkpointed)
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(grpo, "policy_update", interrupt_second)
+    monkeypatch.setattr(grpo, "sample_groups", interrupt_second)
     assert main(["speedrun", "--preset", "smoke", "--out", str(out)]) == 130
     assert "run the same command again to continue" in capsys.readouterr().out
     assert not (out / "report.json").exists()
     stages = json.loads((out / "stages.json").read_text())
     assert "sft" in stages and "grpo" not in stages
-    monkeypatch.setattr(grpo, "policy_update", real)
+    monkeypatch.setattr(grpo, "sample_groups", real)
     assert main(["speedrun", "--preset", "smoke", "--out", str(out)]) == 0
     log = capsys.readouterr().out
     assert "== pretrain: done already, skipped" in log and "grpo: continuing the interrupted stage" in log
@@ -130,3 +130,20 @@ def test_recipe_overrides_are_typed_and_checked():
     with pytest.raises(ValueError, match="worked_fraction"):
         make_recipe("cpu", ["worked_fraction=2"])
     assert make_recipe("gpu", []).model_preset == "gpu-small"
+
+
+def test_loss_plot_leaves_out_mtp_when_it_is_off(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from nanoseek.report import plot_metrics
+
+    labels: list[str] = []
+    real = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: labels.append(k.get("label")) or real(self, *a, **k))
+    for mtp, expect in ((0.0, False), (0.7, True)):
+        labels.clear()
+        metrics = tmp_path / f"m{mtp}.jsonl"
+        rows = [{"step": s, "loss": 2.0 / s, "mtp_loss": mtp, "lr": 1e-3, "tokens_per_s": 1.0} for s in (1, 2, 3)]
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot_metrics(metrics, tmp_path / f"plots{mtp}")
+        assert "train" in labels and ("MTP" in labels) is expect
