@@ -147,3 +147,18 @@ def test_loss_plot_leaves_out_mtp_when_it_is_off(tmp_path, monkeypatch):
         metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
         plot_metrics(metrics, tmp_path / f"plots{mtp}")
         assert "train" in labels and ("MTP" in labels) is expect
+
+
+@pytest.mark.slow
+def test_run_folders_work_wherever_a_model_is_expected(reference, tmp_path, capsys):
+    # the example: `nanoseek sft --model runs/speedrun/pretrain` failed with "no tokenizer at ..."
+    argv = ["sft", "--model", str(reference / "pretrain"), "--data", "builtin:arithmetic", "--n", "40"]
+    assert main([*argv, "--out", str(tmp_path / "sft"), "--steps", "1", "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert f"using {reference / 'pretrain' / 'checkpoints' / 'step_12'}, the latest checkpoint" in err
+    assert (
+        main(["eval", "--model", str(reference / "grpo"), "--task", "arithmetic", "--n", "1", "--max-tokens", "4"]) == 0
+    )
+    assert "the latest checkpoint of run" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "nothing"), "--task", "arithmetic"]) == 1
+    assert "does not exist: pass a model directory or a run folder" in capsys.readouterr().err
