@@ -250,7 +250,8 @@ FIGURES = {
     "grpo.png": "GRPO: training reward (sampled, smoothed) and the periodic held-out greedy accuracy; response length "
     "and the share of completions that write steps in <think>.",
     "loss.png": "Training and validation loss (nats/token): pretraining, then SFT (completion tokens only).",
-    "expert_load.png": "Expert load after each stage: tokens routed to each expert / the layer's mean (1 = balanced).",
+    "expert_load.png": "Expert load after each stage, per MoE layer: tokens routed to each expert / the layer's mean "
+    "(1 = balanced), over the prompts and answers of 256 held-out problems.",
 }
 
 
@@ -520,7 +521,7 @@ def plot_report(out: Path, report: dict[str, Any]) -> None:
         fig = Figure(figsize=(8, 1.2 + 0.9 * len(mats) * len(mats[0][1])))
         ax = fig.add_subplot()
         data = [row for _, m in mats for row in m]
-        labels = [f"{st} L{i + 1}" for st, m in mats for i in range(len(m))]
+        labels = [f"{st}, MoE layer {i + 1}" for st, m in mats for i in range(len(m))]
         im = ax.imshow(data, cmap="coolwarm", vmin=0, vmax=max(2.0, max(max(r) for r in data)), aspect="auto")
         ax.set_yticks(range(len(labels)), labels)
         ax.set_xticks(range(len(data[0])), [str(i) for i in range(len(data[0]))])
