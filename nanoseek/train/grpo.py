@@ -743,7 +743,10 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
         print(f"\nnanoseek grpo: interrupted; continue with `nanoseek grpo --out {run_dir} --resume`", file=sys.stderr)
         return 130
     acc = f", eval accuracy {summary['eval_accuracy']:.3f}" if "eval_accuracy" in summary else ""
-    print(f"done: step {summary['step']} ({summary['elapsed_s']:.1f} s){acc}; checkpoint {summary['checkpoint']}")
+    print(
+        f"done: step {summary['step']} ({summary['elapsed_s']:.1f} s){acc}; checkpoint {summary['checkpoint']}; "
+        f"metrics and plots in {run_dir}"
+    )
     return 0
 
 

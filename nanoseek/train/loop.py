@@ -347,6 +347,7 @@ def train(
         "last_loss": last_loss,
         "val_loss": val_loss,
         "checkpoint": str(latest_checkpoint(run_dir)),
+        "run_dir": str(run_dir),
     }
     summary["mfu"] = flops_tok * summary["tokens_per_s"] / peak
     return summary
@@ -365,6 +366,7 @@ def format_summary(s: dict[str, Any]) -> str:
     return (
         f"done: step {s['step']} ({s['tokens']:,} tokens, {s['elapsed_s']:.1f} s), {loss}{val}, "
         f"{s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.2f}%; checkpoint {s['checkpoint']}"
+        + (f"; metrics and plots in {s['run_dir']}" if s.get("run_dir") else "")
     )
 
 
