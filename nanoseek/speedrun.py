@@ -68,6 +68,10 @@ class Recipe:
     k: int = 8
     eval_max_tokens: int = 96
     device: str = "auto"
+    # CPU threads (0: torch's default). 1 for the cpu recipe: as fast as 2 on a quiet 2-core machine for this model
+    # size (6.1k vs 6.3-6.5k tokens/s), 4-30x faster when another process takes a core, and the thread count is
+    # part of what makes a run reproduce the numbers in BENCHMARKS.md (floating-point sums depend on it)
+    threads: int = 1
     compile: bool = False  # torch.compile the pretraining and SFT loss (pays off on a GPU, not in minutes on a CPU)
     usd_per_hour: float = 0.10  # the machine's price, for the cost estimate
 
@@ -100,6 +104,7 @@ RECIPES: dict[str, Recipe] = {
         eval_n=7000,
         passk_n=700,
         compile=True,
+        threads=0,
         usd_per_hour=2.50,
     ),
     # CI and tests: a tiny model, a few steps of every stage, a few problems (the pipeline, not the result)
@@ -119,6 +124,7 @@ RECIPES: dict[str, Recipe] = {
         passk_n=7,
         k=2,
         eval_max_tokens=16,
+        threads=0,
     ),
 }
 
@@ -222,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
             "continue it, or another --out"
         )
     atomic_write_text(recipe_path, json.dumps(saved, indent=2) + "\n")
+    if recipe.threads:
+        import torch
+
+        torch.set_num_threads(recipe.threads)
     progress = Progress(out)
     if progress.done:
         print(f"speedrun: continuing {out}; done already: {', '.join(progress.done)}", flush=True)
