@@ -5,6 +5,7 @@
 # `timeout`, so a hang costs its own slot only; at most 9 minutes in all (device run: timeout_s=600).
 #   bash benchmarks/gpu.sh                                     # on the GPU machine
 #   DEVICE=cpu DTYPE=float32 PRESET=cpu-small QUICK=1 bash benchmarks/gpu.sh   # smoke test of the script here
+#   SPEEDRUN=1 bash benchmarks/gpu.sh                          # also a shortened `nanoseek speedrun --preset gpu`
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -33,4 +34,10 @@ ngpu=$(command -v nvidia-smi >/dev/null && nvidia-smi -L | wc -l || echo 0)
 if [ "$ngpu" -gt 1 ] && [ "$DEVICE" = cuda ]; then
     step 240 -m benchmarks.scaling --nproc "$ngpu" --device cuda --preset "$PRESET" --batch-size 8 \
         --seq-len "$seq" --steps "$iters" --peak-flops 989e12
+fi
+# the speedrun's gpu recipe, shortened to fit one device call (the full recipe is about an hour):
+# bf16 autocast, compiled loss, gpu-small; report.md/json under $OUT/speedrun_gpu
+if [ -n "${SPEEDRUN:-}" ]; then
+    step 420 -m nanoseek speedrun --preset gpu --out "${OUT:-.}/speedrun_gpu" --set pretrain_steps=2000 \
+        --set sft_steps=300 --set grpo_steps=40 --set eval_n=2100 --set passk_n=140
 fi

@@ -285,8 +285,10 @@ def format_table(result: dict[str, Any], k: int) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from nanoseek.checkpoint import resolve_model_dir
     from nanoseek.infer.engine import Engine
 
+    args.model = resolve_model_dir(args.model)  # a run folder means its latest checkpoint
     problems = load_problems(args.task, args.level, args.n, args.split, args.seed)
     engine = Engine.from_pretrained(args.model, max_batch_size=args.batch_size)
     if engine.tokenizer is None:

@@ -53,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
         help="a checkpoint -> one HF model dir (--format hf), or a model dir -> GGUF for llama.cpp / ollama",
-        epilog="examples: nanoseek export --checkpoint runs/pt/checkpoints/step_200 --out my-model\n"
+        epilog="example: nanoseek export --checkpoint runs/pt/checkpoints/step_200 --out my-model\n"
         "          nanoseek export --format gguf --model my-model --out my-model.gguf --dtype q8_0",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -79,6 +79,8 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
         ax = fig.add_subplot()
         for key, label in lines:
             x, y = series(key)
+            if key == "mtp_loss" and not any(y):  # MTP off: its loss is logged as 0, a flat line would mislead
+                continue
             if x:
                 ax.plot(x, y, label=label, marker="o" if key == "val_loss" else None, markersize=3)
         ax.set(title=title, xlabel="step", ylabel=ylabel)

@@ -1,44 +1,194 @@
-"""`nanoseek speedrun`: the whole recipe on a laptop CPU with nothing downloaded.
+"""`nanoseek speedrun`: the whole R1 recipe on a laptop CPU (or one GPU) with nothing downloaded.
 
-tokenizer -> built-in arithmetic corpus -> pretrain cpu-small -> eval -> SFT on chat-formatted worked solutions
--> eval -> GRPO with a verifiable reward -> eval, then `report.md` (tables + the runs' PNG plots) in the run
-folder. Each stage is the same code as its own command (`nanoseek train`, `sft`, `grpo`, `eval`).
+tokenizer -> built-in arithmetic corpus -> pretrain -> eval -> cold-start SFT -> eval -> GRPO -> eval, then
+`report.md` + `report.json` (see `nanoseek.speedrun_report`). Each stage is the same code as its own command
+(`nanoseek train`, `sft`, `grpo`), run in-process.
+
+Resumable: every finished stage is recorded in `stages.json` (written atomically) and skipped on the next run; a
+training stage that was interrupted continues from its latest checkpoint (`--resume`, exact with the recipes'
+step budgets), so a run killed at any point and started again writes the same report. The recipe is stored in
+`recipe.json`; a run folder refuses a different recipe.
+
+Recipe (BENCHMARKS.md, "The speedrun"): training stages have step budgets, not wall-clock budgets, so the result
+does not depend on how busy the machine is, and a resumed run is exact. The SFT stage is R1's cold start: only a
+share of its completions are worked solutions (`<think>steps</think> answer`), the rest answer-only, so the
+model writes its steps only sometimes; GRPO, rewarded by the verifier alone, then learns when the steps pay off.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from nanoseek.config import atomic_write_text
-from nanoseek.data.tasks import LEVELS, generate
 from nanoseek.train.checkpointing import latest_checkpoint
 
-LEVEL_NAMES = list(LEVELS["arithmetic"])
+TASK = "arithmetic"
+EVAL_SEED = 777  # the held-out problem set (test split): fixed, the same for every stage
+
+
+@dataclass
+class Recipe:
+    """Everything that decides a speedrun's result. `--set FIELD=VALUE` overrides any field."""
+
+    model_preset: str = "cpu-small"
+    vocab_size: int = 512
+    n: int = 150_000  # pretraining problems
+    # pretraining: the recipe of BENCHMARKS.md (more, smaller steps; high lr held, then decayed; no MTP), shorter:
+    # the pilots gave SFT and GRPO the minutes (BENCHMARKS.md, "The speedrun")
+    pretrain_steps: int = 1250
+    pretrain_batch: int = 4
+    pretrain_lr: float = 4e-3
+    mtp_weight: float = 0.0
+    # cold-start SFT
+    sft_steps: int = 1200
+    sft_batch: int = 16
+    sft_lr: float = 1e-3
+    worked_fraction: float = 0.65  # the rest answer-only: greedy writes its steps on ~13% of problems
+    # GRPO (correctness reward only)
+    grpo_steps: int = 250
+    grpo_lr: float = 6e-5
+    grpo_prompts: int = 16
+    grpo_group: int = 8
+    grpo_temperature: float = 1.0
+    grpo_max_new_tokens: int = 64
+    grpo_levels: str = ""  # space-separated; empty = all levels
+    grpo_dynamic_sampling: bool = False
+    grpo_eval_n: int = 100  # val problems for GRPO's periodic greedy eval (its curve in the report)
+    # evaluation: >= 1,000 distinct held-out problems for the sign test; pass@k on a subset
+    eval_n: int = 1400  # problems asked for, spread over the levels (duplicates of small levels dropped)
+    passk_n: int = 140
+    k: int = 8
+    eval_max_tokens: int = 96
+    device: str = "auto"
+    # CPU threads (0: torch's default). 1 for the cpu recipe: as fast as 2 on a quiet 2-core machine for this model
+    # size (6.1k vs 6.3-6.5k tokens/s), 4-30x faster when another process takes a core, and the thread count is
+    # part of what makes a run reproduce the numbers in BENCHMARKS.md (floating-point sums depend on it)
+    threads: int = 1
+    compile: bool = False  # torch.compile the pretraining and SFT loss (pays off on a GPU, not in minutes on a CPU)
+    usd_per_hour: float = 0.10  # the machine's price, for the cost estimate
+
+    def validate(self) -> None:
+        for f in ("pretrain_steps", "sft_steps", "grpo_steps", "eval_n", "k"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"--set {f}: must be >= 1, got {getattr(self, f)}")
+        if not 0 <= self.worked_fraction <= 1:
+            raise ValueError(f"--set worked_fraction: must be in [0, 1], got {self.worked_fraction}")
+
+
+RECIPES: dict[str, Recipe] = {
+    # ~12 minutes on a quiet 2-core CPU (BENCHMARKS.md has the pilots that chose it)
+    "cpu": Recipe(),
+    # about one hour on one H100/H200: a 10x bigger model, bf16 autocast (automatic on CUDA), longer stages
+    "gpu": Recipe(
+        model_preset="gpu-small",
+        n=1_000_000,
+        pretrain_steps=20_000,
+        pretrain_batch=32,
+        pretrain_lr=3e-3,
+        mtp_weight=0.3,
+        sft_steps=3000,
+        sft_batch=64,
+        sft_lr=5e-4,
+        grpo_steps=600,
+        grpo_lr=1e-5,
+        grpo_prompts=64,
+        grpo_group=16,
+        eval_n=7000,
+        passk_n=700,
+        compile=True,
+        threads=0,
+        usd_per_hour=2.50,
+    ),
+    # CI and tests: a tiny model, a few steps of every stage, a few problems (the pipeline, not the result)
+    "smoke": Recipe(
+        model_preset="tiny",
+        n=3000,
+        pretrain_steps=12,
+        pretrain_batch=4,
+        sft_steps=6,
+        sft_batch=8,
+        grpo_steps=3,
+        grpo_prompts=4,
+        grpo_group=4,
+        grpo_max_new_tokens=16,
+        grpo_eval_n=8,
+        eval_n=28,
+        passk_n=7,
+        k=2,
+        eval_max_tokens=16,
+        threads=0,
+    ),
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("speedrun", help="tokenizer -> pretrain -> SFT -> GRPO -> eval -> report.md, on the CPU")
+    p = sub.add_parser(
+        "speedrun",
+        help="tokenizer -> pretrain -> SFT -> GRPO, each evaluated, then report.md (resumable)",
+        epilog="example: nanoseek speedrun --out runs/speedrun      (again after a stop: continues where it was)\n"
+        "         nanoseek speedrun --preset smoke --out runs/smoke  (a one-minute check of the pipeline)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="runs/speedrun", help="run folder (default runs/speedrun)")
-    p.add_argument("--pretrain-s", type=float, default=300, help="pretraining seconds (300)")
-    p.add_argument("--sft-s", type=float, default=180, help="SFT seconds (180)")
-    p.add_argument("--grpo-s", type=float, default=240, help="GRPO seconds (240)")
-    p.add_argument("--eval-n", type=int, default=100, help="held-out test problems per level (100)")
-    p.add_argument("--n", type=int, default=150000, help="pretraining problems (150000)")
-    p.add_argument("--preset", default="cpu-small")
+    p.add_argument("--preset", default="cpu", choices=sorted(RECIPES), help="recipe: cpu (default), gpu, smoke")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a recipe field, e.g. --set grpo_lr=1e-5 (fields: see nanoseek/speedrun.py Recipe)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
 
-def _stage(name: str, argv: list[str]) -> None:
+def make_recipe(preset: str, overrides: list[str]) -> Recipe:
+    """The preset's recipe with `FIELD=VALUE` overrides (values parsed as the field's type)."""
+    recipe = dataclasses.replace(RECIPES[preset])
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set {item}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        kind = type(getattr(recipe, key))
+        if kind is bool:
+            parsed: Any = value.lower() in ("1", "true", "yes", "on")
+        else:
+            parsed = kind(value)
+        setattr(recipe, key, parsed)
+    recipe.validate()
+    return recipe
+
+
+# ------------------------------------------------------------------------------------------------ stages
+class Progress:
+    """`stages.json`: finished stages and what they measured; a stage listed there is not run again."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "stages.json"
+        self.done: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def finish(self, name: str, info: dict) -> None:
+        self.done[name] = info
+        atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
+
+
+def _command(name: str, argv: list[str]) -> None:
     from nanoseek.cli import main
 
     print(f"\n== {name}: nanoseek {' '.join(argv)}", flush=True)
-    if main(argv) != 0:
+    code = main(argv)
+    if code == 130:
+        raise KeyboardInterrupt
+    if code != 0:
         raise RuntimeError(f"speedrun stage '{name}' failed (command: nanoseek {' '.join(argv)})")
 
 
@@ -49,67 +199,100 @@ def _checkpoint(run_dir: Path) -> Path:
     return ckpt
 
 
-def _evaluate(model_dir: Path, fmt: str, n: int, seed: int) -> dict:
-    from nanoseek.eval import evaluate
-    from nanoseek.infer.engine import Engine
+def _train_stage(name: str, run_dir: Path, argv: list[str]) -> None:
+    """Run a training command; continue it (--resume) when an interrupted run left a checkpoint."""
+    if latest_checkpoint(run_dir) is not None:
+        print(f"\n{name}: continuing the interrupted stage from {latest_checkpoint(run_dir)}", flush=True)
+        argv = [*argv, "--resume"]
+    elif run_dir.exists():
+        shutil.rmtree(run_dir)  # started but nothing saved: start over
+    _command(name, argv)
 
-    problems = [p for lvl in LEVEL_NAMES for p in generate("arithmetic", n, seed=seed, split="test", level=lvl)]
-    problems = list({p.prompt: p for p in problems}.values())  # small levels repeat problems: count each once
-    engine = Engine.from_pretrained(model_dir, max_batch_size=64)
-    result = evaluate(engine, problems, fmt=fmt, max_tokens=96)
-    result.pop("results")
-    return result
+
+def _fresh(path: Path) -> Path:
+    """A stage output that was not recorded as finished is incomplete: remove it before redoing the stage."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    tok, data = out / "tokenizer", out / "data"
-    _stage("tokenizer", ["tokenizer", "train", "--builtin", "--out", str(tok), "--vocab-size", "512"])
-    _stage("prepare", ["prepare", "--tokenizer", str(tok), "--builtin", "arithmetic", "--n", str(args.n), "--out", str(data)])  # fmt: skip
-    pt, sft, grpo = out / "pretrain", out / "sft", out / "grpo"
-    seed = ["--seed", str(args.seed)]
-    # the 5-minute recipe of BENCHMARKS.md: more, smaller steps, a higher lr held until a final decay, no MTP
-    recipe = ["--batch-size", "4", "--lr", "4e-3", "--schedule", "wsd", "--mtp-weight", "0"]
-    _stage("pretrain", ["train", "--preset", args.preset, "--data", str(data), "--out", str(pt), "--time-budget", str(args.pretrain_s), *recipe, *seed])  # fmt: skip
-    evals = {"pretrain": _evaluate(_checkpoint(pt), "pretrain", args.eval_n, args.seed)}
-    _stage("sft", ["sft", "--model", str(_checkpoint(pt)), "--data", "builtin:arithmetic", "--out", str(sft), "--time-budget", str(args.sft_s), *seed])  # fmt: skip
-    evals["sft"] = _evaluate(_checkpoint(sft), "chat", args.eval_n, args.seed)
-    _stage("grpo", ["grpo", "--model", str(_checkpoint(sft)), "--task", "arithmetic", "--out", str(grpo), "--time-budget", str(args.grpo_s), *seed])  # fmt: skip
-    evals["grpo"] = _evaluate(_checkpoint(grpo), "chat", args.eval_n, args.seed)
-    atomic_write_text(out / "eval.json", json.dumps(evals, indent=2) + "\n")
-    report = write_report(out, evals, time.time() - t0)
+    recipe = make_recipe(args.preset, args.set)
+    saved = {"preset": args.preset, "seed": args.seed, **dataclasses.asdict(recipe)}
+    recipe_path = out / "recipe.json"
+    if recipe_path.is_file() and json.loads(recipe_path.read_text()) != saved:
+        raise ValueError(
+            f"{out} holds a speedrun with another recipe ({recipe_path}): use the same --preset/--set/--seed to "
+            "continue it, or another --out"
+        )
+    atomic_write_text(recipe_path, json.dumps(saved, indent=2) + "\n")
+    if recipe.threads:
+        import torch
+
+        torch.set_num_threads(recipe.threads)
+    progress = Progress(out)
+    if progress.done:
+        print(f"speedrun: continuing {out}; done already: {', '.join(progress.done)}", flush=True)
+    try:
+        _run_stages(out, recipe, args.seed, progress)
+    except KeyboardInterrupt:
+        print(f"\nnanoseek speedrun: interrupted; run the same command again to continue: {_again(args)}")
+        return 130
+    from nanoseek.speedrun_report import write_report
+
+    report = write_report(out, recipe, args.preset, progress.done)
     print("\n" + report)
-    final = _checkpoint(grpo)
-    print(f"Chat with it:  nanoseek chat --model {final}")
+    final = _checkpoint(out / "grpo")
+    print(f"Wrote {out / 'report.md'}, {out / 'report.json'} and {out / 'plots'}/")
+    print(f"Chat with it:  nanoseek chat --model {out / 'grpo'}")
     print(f"Evaluate it:   nanoseek eval --model {final} --task arithmetic --format chat")
-    print(f"Serve it:      nanoseek serve --model {grpo}   # OpenAI API at http://127.0.0.1:8000/v1, chat page at /")
+    print(
+        f"Serve it:      nanoseek serve --model {out / 'grpo'}   # OpenAI API at http://127.0.0.1:8000/v1, chat page at /"
+    )
     return 0
 
 
-def write_report(out: Path, evals: dict, seconds: float) -> str:
-    """report.md: accuracy per stage and level, and links to every plot the stages wrote."""
-    lines = [
-        "# nanoseek speedrun",
-        "",
-        f"{time.strftime('%Y-%m-%d %H:%M')}, {seconds / 60:.1f} minutes, torch {torch.__version__}.",
-        "",
-        "Greedy accuracy (%) on held-out `test` problems (pretrain: raw text prompt; SFT/GRPO: chat template).",
-        "",
-        "| stage | all | " + " | ".join(LEVEL_NAMES) + " | format | mean length |",
-        "|---" * (len(LEVEL_NAMES) + 4) + "|",
-    ]
-    for stage, r in evals.items():
-        per = [f"{100 * r['levels'][lvl]['accuracy']:.1f}" if lvl in r["levels"] else "-" for lvl in LEVEL_NAMES]
-        lines.append(
-            f"| {stage} | {100 * r['accuracy']:.1f} | " + " | ".join(per) + f" | {100 * r['format_rate']:.0f}% | "
-            f"{r['mean_length']:.1f} |"
-        )
-    lines += ["", "## Plots", ""]
-    for png in sorted(out.glob("*/plots/*.png")):
-        rel = png.relative_to(out)
-        lines.append(f"![{rel}]({rel})")
-    text = "\n".join(lines) + "\n"
-    atomic_write_text(out / "report.md", text)
-    return text
+def _again(args: argparse.Namespace) -> str:
+    extra = "".join(f" --set {s}" for s in args.set)
+    return f"nanoseek speedrun --out {args.out} --preset {args.preset} --seed {args.seed}{extra}"
+
+
+def _run_stages(out: Path, r: Recipe, seed: int, progress: Progress) -> None:
+    from nanoseek.speedrun_report import evaluate_stage
+
+    tok, data = out / "tokenizer", out / "data"
+    pt, sft, grpo = out / "pretrain", out / "sft", out / "grpo"
+    seed_args = ["--seed", str(seed)]
+    device = ["--device", r.device]
+    compiled = ["--compile"] if r.compile else []
+
+    def timed(name: str, fn, info: callable = lambda: {}) -> None:  # noqa: B008
+        if name in progress.done:
+            print(f"== {name}: done already, skipped", flush=True)
+            return
+        t0 = time.time()
+        fn()
+        progress.finish(name, {"wall_s": time.time() - t0, **info()})
+
+    timed("tokenizer", lambda: _command("tokenizer", ["tokenizer", "train", "--builtin", "--out", str(_fresh(tok)), "--vocab-size", str(r.vocab_size)]))  # fmt: skip
+    timed("prepare", lambda: _command("prepare", ["prepare", "--tokenizer", str(tok), "--builtin", TASK, "--n", str(r.n), "--out", str(_fresh(data))]))  # fmt: skip
+    pt_argv = ["train", "--preset", r.model_preset, "--data", str(data), "--out", str(pt), "--steps", str(r.pretrain_steps), "--batch-size", str(r.pretrain_batch), "--lr", str(r.pretrain_lr), "--schedule", "wsd", "--mtp-weight", str(r.mtp_weight), *seed_args, *device, *compiled]  # fmt: skip
+    timed("pretrain", lambda: _train_stage("pretrain", pt, pt_argv))
+    timed("eval_pretrain", lambda: evaluate_stage(out, "pretrain", _checkpoint(pt), "pretrain", r))
+    sft_argv = lambda: ["sft", "--model", str(_checkpoint(pt)), "--data", f"builtin:{TASK}", "--worked-fraction", str(r.worked_fraction), "--out", str(sft), "--steps", str(r.sft_steps), "--batch-size", str(r.sft_batch), "--lr", str(r.sft_lr), *seed_args, *device, *compiled]  # fmt: skip  # noqa: E731
+    timed("sft", lambda: _train_stage("sft", sft, sft_argv()))
+    timed("eval_sft", lambda: evaluate_stage(out, "sft", _checkpoint(sft), "chat", r))
+    levels = ["--levels", *r.grpo_levels.split()] if r.grpo_levels.strip() else []
+    dyn = ["--dynamic-sampling"] if r.grpo_dynamic_sampling else []
+    every = max(1, r.grpo_steps // 7)
+    grpo_argv = lambda: ["grpo", "--model", str(_checkpoint(sft)), "--task", TASK, *levels, "--out", str(grpo), "--steps", str(r.grpo_steps), "--lr", str(r.grpo_lr), "--prompts-per-step", str(r.grpo_prompts), "--group-size", str(r.grpo_group), "--temperature", str(r.grpo_temperature), "--max-new-tokens", str(r.grpo_max_new_tokens), *dyn, "--eval-every", str(every), "--eval-n", str(r.grpo_eval_n), "--save-every", str(every), *seed_args, *device]  # fmt: skip  # noqa: E731
+    timed("grpo", lambda: _train_stage("grpo", grpo, grpo_argv()))
+    timed("eval_grpo", lambda: evaluate_stage(out, "grpo", _checkpoint(grpo), "chat", r))
+
+
+def main() -> None:  # pragma: no cover - `python -m nanoseek.speedrun`
+    from nanoseek.cli import main as cli_main
+
+    sys.exit(cli_main(["speedrun", *sys.argv[1:]]))

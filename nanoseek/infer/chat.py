@@ -62,6 +62,9 @@ def _params(args: argparse.Namespace) -> SamplingParams:
 
 
 def _engine(args: argparse.Namespace) -> Engine:
+    from nanoseek.checkpoint import resolve_model_dir
+
+    args.model = resolve_model_dir(args.model)  # a run folder means its latest checkpoint
     if not (Path(args.model) / "tokenizer.json").exists():
         raise FileNotFoundError(f"{args.model} has no tokenizer.json: text generation needs the model's tokenizer")
     return Engine.from_pretrained(args.model, device=args.device, speculative=args.speculative, compile=args.compile)

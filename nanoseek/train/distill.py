@@ -35,6 +35,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from nanoseek.checkpoint import resolve_model_dir
 from nanoseek.config import atomic_write_text
 from nanoseek.data.tasks import LEVELS, THINK_END, THINK_START
 from nanoseek.eval import NO_LEVEL, read_prompt_file
@@ -259,6 +260,14 @@ def load_prompts(task: str, levels: list[str] | None, n: int | None, split: str,
     return examples
 
 
+def _model_dir(path: str, flag: str) -> str:
+    """A model dir, or a run folder's latest checkpoint; errors name the option."""
+    try:
+        return str(resolve_model_dir(path))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{flag} {path}: not a model dir ({e})") from None
+
+
 def model_tokenizer(path: str, flag: str) -> Tokenizer:
     """The tokenizer of a model dir, with errors that name the option."""
     p = Path(path)
@@ -308,6 +317,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.teacher:
+        args.teacher = _model_dir(args.teacher, "--teacher")
+    if args.student:
+        args.student = _model_dir(args.student, "--student")
     teacher_tok = model_tokenizer(args.teacher, "--teacher") if args.teacher else None
     if args.no_sft:
         return None

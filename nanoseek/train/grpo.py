@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from nanoseek.checkpoint import load_model
+from nanoseek.checkpoint import load_model, resolve_model_dir
 from nanoseek.config import atomic_write_text
 from nanoseek.data.tasks import LEVELS, THINK_END, THINK_START, generate
 from nanoseek.distributed.data_parallel import Parallel
@@ -69,7 +69,7 @@ from nanoseek.train.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from nanoseek.train.loop import resolve_device, seed_everything
+from nanoseek.train.loop import TIME_BAR, resolve_device, seed_everything
 from nanoseek.train.optim import build_optimizer, expert_bias_step
 from nanoseek.train.schedule import warmup_factor
 
@@ -623,7 +623,13 @@ def grpo(
         last_eval = run_eval()
         logger.log({"step": 0, "elapsed_s": elapsed(), **last_eval})
         print(f"step 0: eval accuracy {last_eval['eval_accuracy']:.3f}", file=sys.stderr)
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="grpo") if cfg.steps and env.is_main else None
+    if not env.is_main:
+        bar = None
+    elif cfg.steps:
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="grpo")
+    else:
+        bar = tqdm(total=int(cfg.time_budget), initial=int(min(elapsed(), cfg.time_budget)), desc="grpo")
+        bar.bar_format = TIME_BAR
     try:
         agree_on_time()
         while not finished():
@@ -708,7 +714,7 @@ def grpo(
                 logger.log(record)
             if bar:
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kept=len(kept), refresh=False)
-                bar.update(1)
+                bar.update(1 if cfg.steps else int(min(elapsed(), cfg.time_budget)) - bar.n)
             if cfg.save_every > 0 and step % cfg.save_every == 0 and not finished():
                 save()
                 last_saved = step
@@ -812,7 +818,7 @@ def _grpo_command(args: argparse.Namespace, env: DistEnv) -> int:
             values[f] = given
     cfg = GRPOConfig(**values)
     cfg.validate()
-    model_dir = (saved or {}).get("model") or args.model
+    model_dir = (saved or {}).get("model") or (args.model and str(resolve_model_dir(args.model)))
     task = (saved or {}).get("task") or args.task
     levels = (saved or {}).get("levels") if saved else args.levels
     eval_split = (saved or {}).get("eval_split") or args.eval_split
@@ -846,7 +852,10 @@ def _grpo_command(args: argparse.Namespace, env: DistEnv) -> int:
         log(f"\nnanoseek grpo: interrupted; continue with `nanoseek grpo --out {run_dir} --resume`", file=sys.stderr)
         return 130
     acc = f", eval accuracy {summary['eval_accuracy']:.3f}" if "eval_accuracy" in summary else ""
-    log(f"done: step {summary['step']} ({summary['elapsed_s']:.1f} s){acc}; checkpoint {summary['checkpoint']}")
+    log(
+        f"done: step {summary['step']} ({summary['elapsed_s']:.1f} s){acc}; checkpoint {summary['checkpoint']}; "
+        f"metrics and plots in {run_dir}"
+    )
     return 0
 
 

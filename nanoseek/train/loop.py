@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanoseek.checkpoint import load_model
+from nanoseek.checkpoint import load_model, resolve_model_dir
 from nanoseek.config import ModelConfig, atomic_write_text
 from nanoseek.data.shards import TokenLoader, load_manifest
 from nanoseek.distributed.checkpoint import (
@@ -141,6 +141,11 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+# tqdm format for a wall-clock budget: "train:  40%|####  | 120/300 s of the time budget, loss=..." (tqdm's default
+# rate for unit "s" would read "1.00s/s")
+TIME_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s of the time budget{postfix}"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -291,7 +296,14 @@ def train(
 
     quiet = not env.is_main
     if cfg.time_budget:
-        bar = tqdm(total=int(cfg.time_budget), initial=int(min(elapsed0, cfg.time_budget)), unit="s", disable=quiet)
+        # a time bar: "120/300 s" of the budget (tqdm's default rate would read "1.00s/s")
+        bar = tqdm(
+            total=int(cfg.time_budget),
+            initial=int(min(elapsed0, cfg.time_budget)),
+            unit="s",
+            bar_format=TIME_BAR,
+            disable=quiet,
+        )
     else:
         bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=quiet)
     bar.set_description("train")
@@ -394,6 +406,7 @@ def train(
         "last_loss": last_loss,
         "val_loss": val_loss,
         "checkpoint": str(latest_checkpoint(run_dir)),
+        "run_dir": str(run_dir),
     }
     summary["mfu"] = flops_tok * summary["tokens_per_s"] / peak
     return summary
@@ -412,6 +425,7 @@ def format_summary(s: dict[str, Any]) -> str:
     return (
         f"done: step {s['step']} ({s['tokens']:,} tokens, {s['elapsed_s']:.1f} s), {loss}{val}, "
         f"{s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.2f}%; checkpoint {s['checkpoint']}"
+        + (f"; metrics and plots in {s['run_dir']}" if s.get("run_dir") else "")
     )
 
 
@@ -563,6 +577,7 @@ def _train_command(args: argparse.Namespace, env: DistEnv) -> int:
         if args.init_from:
             if args.preset or args.set:
                 raise ValueError("pass --preset [--set KEY=VALUE] (new model) or --init-from MODEL_DIR, not both")
+            args.init_from = str(resolve_model_dir(args.init_from))  # a run folder: its latest checkpoint
             model = load_model(args.init_from, device=device, dtype=torch.float32)
             if model.config.vocab_size < manifest["vocab_size"]:
                 raise ValueError(

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoseek.checkpoint import load_model
+from nanoseek.checkpoint import load_model, resolve_model_dir
 from nanoseek.config import ModelConfig
 from nanoseek.data.shards import iter_documents
 from nanoseek.data.tasks import LEVELS, generate
@@ -254,6 +254,8 @@ def _sft_command(args: argparse.Namespace, env: DistEnv) -> int:
         for k, v in SFT_DEFAULTS.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
+    if saved is None and args.model:
+        args.model = str(resolve_model_dir(args.model))  # a run folder means its latest checkpoint
     data_args = {"model", "data", "worked_fraction", "n", "levels", "data_seed", "val_fraction"}
     run_args = {k: getattr(args, k) for k in data_args}
     if saved is not None:

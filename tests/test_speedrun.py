@@ -1,0 +1,164 @@
+"""`nanoseek speedrun` (smoke recipe): the whole pipeline, its report, and resuming after Ctrl-C or kill -9."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nanoseek import speedrun
+from nanoseek.cli import main
+from nanoseek.speedrun import make_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _results(run: Path) -> dict:
+    """What must not depend on interruptions: every number of report.json except timings and the machine."""
+    r = json.loads((run / "report.json").read_text())
+    per_stage = {}
+    for name, s in r["stages"].items():
+        per_stage[name] = {k: v for k, v in s.items()}
+    train = {
+        name: {k: v for k, v in t.items() if k in ("steps", "tokens", "train_loss", "val_loss", "rollout_tokens")}
+        for name, t in r["training"].items()
+    }
+    correct = {name: json.loads((run / "eval" / f"{name}.json").read_text())["correct"] for name in r["stages"]}
+    return {"stages": per_stage, "training": train, "correct": correct, "model": r["model"]}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One uninterrupted smoke speedrun."""
+    out = tmp_path_factory.mktemp("speedrun") / "ref"
+    assert main(["speedrun", "--preset", "smoke", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_speedrun_writes_report_json_md_and_captioned_plots(reference):
+    r = json.loads((reference / "report.json").read_text())
+    md = (reference / "report.md").read_text()
+    assert set(r["stages"]) == {"pretrain", "sft", "grpo"}
+    for name in ("sft", "grpo"):  # each stage is compared with the previous one, problem by problem
+        v = r["stages"][name]["vs_previous"]
+        assert 0 <= v["p_value"] <= 1 and v["wrong_to_right"] >= 0 and v["right_to_wrong"] >= 0
+    assert r["model"]["params_total"] > r["model"]["params_activated"] > 0
+    assert r["training"]["pretrain"]["steps"] == 12 and r["training"]["grpo"]["steps"] == 3
+    assert r["machine"]["torch"] and r["cost_usd"] >= 0
+    # report.md holds report.json's numbers and links exactly the chosen figures, each with its caption
+    acc = f"**{100 * r['stages']['grpo']['accuracy']:.1f}**"
+    assert acc in md and f"{r['eval_n']} distinct" in md
+    for png, caption in r["figures"].items():
+        assert (reference / "plots" / png).stat().st_size > 1000
+        assert f"(plots/{png})" in md and caption in md
+    assert md.count("](plots/") == len(r["figures"])
+    assert "MTP: off" in md and md.count("<think>") >= 1
+    examples = r["stages"]["grpo"]["examples"]
+    assert len(examples) == 3 and all(ex["prompt"] in md for ex in examples)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_grpo_then_rerun_continues_and_reports_the_same(reference, tmp_path, monkeypatch, capsys):
+    import nanoseek.train.grpo as grpo
+
+    out = tmp_path / "run"
+    real, calls = grpo.sample_groups, []
+
+    def interrupt_second(*args, **kwargs):  # Ctrl-C during GRPO's second rollout (step 1 is checkpointed)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "sample_groups", interrupt_second)
+    assert main(["speedrun", "--preset", "smoke", "--out", str(out)]) == 130
+    assert "run the same command again to continue" in capsys.readouterr().out
+    assert not (out / "report.json").exists()
+    stages = json.loads((out / "stages.json").read_text())
+    assert "sft" in stages and "grpo" not in stages
+    monkeypatch.setattr(grpo, "sample_groups", real)
+    assert main(["speedrun", "--preset", "smoke", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "== pretrain: done already, skipped" in log and "grpo: continuing the interrupted stage" in log
+    assert _results(out) == _results(reference)
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_continues_and_reports_the_same(reference, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:  # kill -9 once pretraining is recorded as done (mid-way through the run)
+        while time.time() < deadline and proc.poll() is None:
+            path = out / "stages.json"
+            if path.exists() and "pretrain" in json.loads(path.read_text() or "{}"):
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "report.json").exists(), "the run finished before it could be killed"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tokenizer: done already, skipped" in done.stdout
+    assert _results(out) == _results(reference)
+
+
+def test_a_run_folder_refuses_another_recipe(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.json").write_text(json.dumps({"preset": "smoke", "seed": 0, "grpo_lr": 1.0}))
+    with pytest.raises(ValueError, match="holds a speedrun with another recipe"):
+        speedrun.run(argparse.Namespace(out=str(out), preset="smoke", set=[], seed=0))
+
+
+def test_recipe_overrides_are_typed_and_checked():
+    r = make_recipe("cpu", ["grpo_lr=1e-5", "worked_fraction=0.25", "grpo_dynamic_sampling=true"])
+    assert r.grpo_lr == 1e-5 and r.worked_fraction == 0.25 and r.grpo_dynamic_sampling is True
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        make_recipe("cpu", ["no_such_field=1"])
+    with pytest.raises(ValueError, match="worked_fraction"):
+        make_recipe("cpu", ["worked_fraction=2"])
+    assert make_recipe("gpu", []).model_preset == "gpu-small"
+
+
+def test_loss_plot_leaves_out_mtp_when_it_is_off(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from nanoseek.report import plot_metrics
+
+    labels: list[str] = []
+    real = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: labels.append(k.get("label")) or real(self, *a, **k))
+    for mtp, expect in ((0.0, False), (0.7, True)):
+        labels.clear()
+        metrics = tmp_path / f"m{mtp}.jsonl"
+        rows = [{"step": s, "loss": 2.0 / s, "mtp_loss": mtp, "lr": 1e-3, "tokens_per_s": 1.0} for s in (1, 2, 3)]
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot_metrics(metrics, tmp_path / f"plots{mtp}")
+        assert "train" in labels and ("MTP" in labels) is expect
+
+
+@pytest.mark.slow
+def test_run_folders_work_wherever_a_model_is_expected(reference, tmp_path, capsys):
+    # the issue's example: `nanoseek sft --model runs/speedrun/pretrain` failed with "no tokenizer at ..."
+    argv = ["sft", "--model", str(reference / "pretrain"), "--data", "builtin:arithmetic", "--n", "40"]
+    assert main([*argv, "--out", str(tmp_path / "sft"), "--steps", "1", "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert f"using {reference / 'pretrain' / 'checkpoints' / 'step_12'}, the latest checkpoint" in err
+    assert (
+        main(["eval", "--model", str(reference / "grpo"), "--task", "arithmetic", "--n", "1", "--max-tokens", "4"]) == 0
+    )
+    assert "the latest checkpoint of run" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "nothing"), "--task", "arithmetic"]) == 1
+    assert "does not exist: pass a model directory or a run folder" in capsys.readouterr().err
