@@ -48,9 +48,25 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically (temp file + rename): a reader never sees half a plot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib loads only when plotting
+
+    FigureCanvasAgg(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
     """loss.png (train + val loss), lr.png, throughput.png and expert_load.png (max/mean per MoE layer)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     records = [r for r in read_metrics(metrics_path) if "step" in r]
@@ -62,17 +78,7 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
         return [s for s, _ in pts], [v for _, v in pts]
 
     def save(fig: Figure, name: str) -> Path:
-        FigureCanvasAgg(fig)
-        path = out / name
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".png")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=100, bbox_inches="tight")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_figure(fig, out / name)
 
     def single(title: str, ylabel: str, lines: list[tuple[str, str]], log_y: bool = False) -> Figure:
         fig = Figure(figsize=(7, 4))

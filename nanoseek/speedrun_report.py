@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -439,18 +438,9 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------- plots
 def _save(fig, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from nanoseek.report import save_figure
 
-    FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_figure(fig, path)
 
 
 def _smooth(v: list[float], k: int = 15) -> list[float]:
