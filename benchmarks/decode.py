@@ -93,7 +93,7 @@ def speculation(ours: Transformer, args) -> dict:
     decode_speedup = tokens_per_step / step_cost_ratio exactly: with greedy output identical, plain decoding
     takes one step per token and speculation one step per 1 + (accepted drafts) tokens, each step costing
     step_cost_ratio plain steps. step_anatomy_us says where a speculative step's cost comes from."""
-    from nanoseek.data.tasks import generate as make_problems
+    from nanoseek.tasks.problems import generate as make_problems
     from nanoseek.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(args.model)
@@ -182,7 +182,7 @@ def gguf_bench(args) -> dict:
     import numpy as np
 
     from benchmarks.gguf_eval import last_logits
-    from nanoseek.gguf_export import export_gguf
+    from nanoseek.export.gguf import export_gguf
 
     if not args.model:
         raise SystemExit("--gguf needs --model DIR: the model the GGUF file was (or will be) exported from")

@@ -19,11 +19,12 @@ import json
 import time
 from pathlib import Path
 
-from nanoseek.config import atomic_write_text
-from nanoseek.eval import compare, evaluate
+from nanoseek.eval.evaluate import compare, evaluate
 from nanoseek.infer.engine import Engine
-from nanoseek.speedrun import _checkpoint, _stage
-from nanoseek.train.grpo import has_reasoning, task_eval_examples
+from nanoseek.io import atomic_write_text
+from nanoseek.speedrun.stages import _checkpoint, _stage
+from nanoseek.tasks.rewards import has_reasoning
+from nanoseek.tasks.sources import task_eval_examples
 
 
 def score(model_dir: Path, problems: list[dict]) -> dict:

@@ -21,13 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer, load_model, save_model
-from nanoseek.data.shards import TokenLoader, load_manifest
-from nanoseek.data.tasks import LEVELS, generate
-from nanoseek.eval import evaluate
+from nanoseek.checkpoint.run import latest_checkpoint
+from nanoseek.data.shards import TokenLoader, find_tokenizer, load_manifest
+from nanoseek.eval.evaluate import evaluate
 from nanoseek.infer.engine import Engine
-from nanoseek.speedrun import _stage
-from nanoseek.train.checkpointing import latest_checkpoint
-from nanoseek.train.loop import find_tokenizer
+from nanoseek.speedrun.stages import _stage
+from nanoseek.tasks.problems import LEVELS, generate
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.schedule import lr_at
 

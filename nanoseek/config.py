@@ -10,10 +10,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from nanoseek.io import atomic_write_text
 
 
 @dataclass
@@ -270,60 +271,10 @@ class ModelConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    @classmethod
-    def parse_overrides(cls, items: list[str]) -> dict[str, Any]:
-        """["num_hidden_layers=12", "q_lora_rank=None", ...] -> {field: typed value}, for `--set` options."""
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
-        out: dict[str, Any] = {}
-        for item in items:
-            key, sep, text = item.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or key not in fields:
-                hint = f"unknown field {key!r}" if sep else "expected KEY=VALUE"
-                raise ValueError(f"--set {item!r}: {hint}; config fields: {', '.join(fields)}")
-            kind = str(fields[key].type)
-            text = text.strip()
-            try:
-                if text == "None" and "None" in kind:
-                    value: Any = None
-                elif kind.startswith("int"):
-                    value = int(text)
-                elif kind.startswith("float"):
-                    value = float(text)
-                elif kind.startswith("bool"):
-                    if text.lower() not in ("true", "false", "1", "0"):
-                        raise ValueError(text)
-                    value = text.lower() in ("true", "1")
-                elif kind.startswith("dict"):
-                    value = json.loads(text)
-                else:
-                    value = text
-            except ValueError:
-                raise ValueError(f"--set {item!r}: {key} takes a value of type {kind}") from None
-            out[key] = value
-        return out
-
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature m = 0.1 * mscale * ln(s) + 1 (1 when s <= 1)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via a temp file in the same directory and os.replace, so readers never see half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 _YARN_V3 = {

@@ -14,8 +14,8 @@ import httpx
 import torch
 
 from nanoseek import ModelConfig, Transformer, save_model
+from nanoseek.data.chat import chat_example, inputs_and_targets
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
-from nanoseek.train.sft import chat_example, inputs_and_targets
 
 REPO = Path(__file__).resolve().parents[1]
 KNOWN = {

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer, save_model
-from nanoseek.cli import main
-from nanoseek.infer.chat import DIM, RESET, ThinkPrinter, fit_history
+from nanoseek.cli.chat import DIM, RESET, ThinkPrinter, fit_history
+from nanoseek.cli.main import main
 from nanoseek.tokenizer import train_tokenizer
 
 

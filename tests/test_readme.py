@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek.cli import COMMANDS, build_parser
+from nanoseek.cli.main import COMMANDS, build_parser
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -341,7 +341,7 @@ def test_engine_abort_frees_the_slot(engine):
 
 
 def test_engine_loop_reports_every_token_and_stops_cleanly(engine):
-    from nanoseek.infer.server import Server
+    from nanoseek.infer.server.app import Server
 
     s = Server(engine, "m")
     s.loop.start()

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from nanoseek import speedrun
-from nanoseek.cli import main
-from nanoseek.speedrun import make_recipe
+from nanoseek.cli.main import main
+from nanoseek.speedrun.recipe import make_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def test_recipe_overrides_are_typed_and_checked():
 def test_loss_plot_leaves_out_mtp_when_it_is_off(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
-    from nanoseek.report import plot_metrics
+    from nanoseek.train.metrics import plot_metrics
 
     labels: list[str] = []
     real = Axes.plot

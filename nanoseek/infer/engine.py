@@ -131,7 +131,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, dtype=None, **kwargs) -> Engine:
         """Load a model directory (and its tokenizer.json when present)."""
-        from nanoseek.checkpoint import load_model
+        from nanoseek.checkpoint.hf import load_model
         from nanoseek.tokenizer import Tokenizer
 
         model = load_model(path, device=device, dtype=dtype)

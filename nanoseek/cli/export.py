@@ -6,35 +6,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nanoseek.config import atomic_write_text
+from nanoseek.export.gguf import modelfile
+from nanoseek.io import atomic_write_text
 
 FORMATS = ("hf", "gguf")
 
 
-def modelfile(gguf_path: Path) -> str:
-    """An ollama Modelfile for the exported file: our R1-style chat template in ollama's Go template syntax
-    (ollama does not run the Jinja template stored in the GGUF), stopping at EOS."""
-    return (
-        f"FROM ./{gguf_path.name}\n"
-        'TEMPLATE """{{- if .System }}{{ .System }}{{ end }}'
-        "{{- range $i, $_ := .Messages }}"
-        '{{- if eq .Role "user" }}<｜User｜>{{ .Content }}'
-        '{{- else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}<｜end▁of▁sentence｜>'
-        '{{- end }}{{- end }}<｜Assistant｜>"""\n'
-        'PARAMETER stop "<｜end▁of▁sentence｜>"\n'
-        "PARAMETER temperature 0\n"
-    )
-
-
 def _cmd_export(args: argparse.Namespace) -> None:
     if args.format == "hf":
-        from nanoseek.distributed.checkpoint import export_checkpoint
+        from nanoseek.export.hf import export_checkpoint
 
         if not args.checkpoint:
             raise ValueError("--format hf needs --checkpoint RUN/checkpoints/step_N (from train, sft or grpo)")
         print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
     elif args.format == "gguf":
-        from nanoseek.gguf_export import export_gguf
+        from nanoseek.export.gguf import export_gguf
 
         if args.model is None:
             raise ValueError("--format gguf needs --model DIR (a model directory with tokenizer.json)")

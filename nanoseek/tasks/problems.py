@@ -13,13 +13,9 @@ countdown reads it as one expression, optionally followed by `= target`.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import random
-import re
-from collections import Counter
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 THINK_START, THINK_END = "<think>", "</think>"
 EOS_TEXT = "<｜end▁of▁sentence｜>"
@@ -43,7 +39,6 @@ ARITH_MAX = 9999  # every intermediate value stays in 0..9999 (resampled otherwi
 COUNTDOWN_LEVELS = {"3": (3, 25), "4": (4, 25)}
 COUNTDOWN_MAX = 999
 VERIFY_LIMIT = 10**6  # verifier rejects any literal or intermediate larger than this
-MAX_ANSWER_CHARS = 200  # bounds parser work on adversarial completions
 
 LEVELS: dict[str, dict[str, tuple[int, int, int] | tuple[int, int]]] = {
     "arithmetic": ARITHMETIC_LEVELS,
@@ -203,102 +198,4 @@ def builtin_corpus(
 # ----------------------------------------------------------------------------- verifiers
 
 
-def extract_answer(completion: str) -> str | None:
-    """The final-answer text of a completion (see the module docstring), stripped; None if absent."""
-    text = completion.replace(EOS_TEXT, "")
-    if THINK_END in text:
-        text = text.rsplit(THINK_END, 1)[1]
-    elif THINK_START in text:
-        return None  # reasoning never finished
-    text = text.strip()
-    return text or None
 
-
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def verify_arithmetic(completion_or_answer: str, reference: str | int) -> bool:
-    """True iff the last number in the final answer equals the integer reference."""
-    answer = extract_answer(completion_or_answer)
-    if answer is None:
-        return False
-    numbers = _NUMBER.findall(answer[-MAX_ANSWER_CHARS:])
-    if not numbers:
-        return False
-    last = numbers[-1]
-    if "." in last:
-        whole, frac = last.split(".")
-        if frac.strip("0"):
-            return False  # 653.5 is not an integer answer
-        last = whole
-    return int(last) == int(reference)
-
-
-_EXPR_CHARS = re.compile(r"[\d\s+\-*/()]+")
-_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
-
-
-def _evaluate(node: ast.AST, used: list[int]) -> Fraction:
-    """Exact value of a whitelisted expression tree; raises ValueError on anything else."""
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        if node.value > VERIFY_LIMIT:
-            raise ValueError("number too large")
-        used.append(node.value)
-        return Fraction(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_evaluate(node.operand, used)
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        a, b = _evaluate(node.left, used), _evaluate(node.right, used)
-        op = _OPS[type(node.op)]
-        if op == "/" and b == 0:
-            raise ValueError("division by zero")
-        v = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
-        if abs(v) > VERIFY_LIMIT:
-            raise ValueError("intermediate value too large")
-        return v
-    raise ValueError(f"not allowed: {type(node).__name__}")
-
-
-def countdown_value(expr: str, numbers: list[int]) -> Fraction | None:
-    """Exact value of expr if it uses + - * / ( ) and each of numbers exactly once, else None."""
-    if len(expr) > MAX_ANSWER_CHARS or not _EXPR_CHARS.fullmatch(expr):
-        return None  # also rules out names, calls, `**` is caught below, floats, hex, underscores
-    try:
-        tree = ast.parse(expr.strip(), mode="eval")
-        used: list[int] = []
-        value = _evaluate(tree.body, used)
-    except (SyntaxError, ValueError, RecursionError, MemoryError, ZeroDivisionError):
-        return None
-    return value if Counter(used) == Counter(numbers) else None
-
-
-def verify_countdown(completion_or_answer: str, numbers: list[int], target: int) -> bool:
-    """True iff the final answer is an expression over numbers (each exactly once) equal to target."""
-    answer = extract_answer(completion_or_answer)
-    if answer is None:
-        return False
-    if "=" in answer:  # allow `expr = target`
-        answer, _, rhs = answer.partition("=")
-        if rhs.strip() != str(target):
-            return False
-    value = countdown_value(answer.strip(), numbers)
-    return value is not None and value == target
-
-
-def verify(task: str, completion: str, problem_or_answer: Problem | dict | str) -> bool:
-    """Reward check for any task: against a Problem, an rl_example dict or a reference answer string.
-
-    A countdown reference answer string is enough on its own: its numbers are the given numbers
-    and its value is the target.
-    """
-    p = problem_or_answer
-    reference = p.answer if isinstance(p, Problem) else p["answer"] if isinstance(p, dict) else str(p)
-    if task == "arithmetic":
-        return verify_arithmetic(completion, reference)
-    if task == "countdown":
-        numbers = [int(x) for x in re.findall(r"\d+", reference)]
-        target = countdown_value(reference, numbers)
-        if target is None or target.denominator != 1:
-            raise ValueError(f"countdown reference {reference!r} is not a valid integer expression")
-        return verify_countdown(completion, numbers, int(target))
-    raise ValueError(f"unknown task {task!r}: choose one of {sorted(_GENERATORS)}")

@@ -10,17 +10,19 @@ with weights_only=True) holds the optimizer, step, elapsed time, RNG states, loa
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from nanoseek.checkpoint import replace_dir, write_model_files
+from nanoseek.checkpoint.hf import write_model_files
+from nanoseek.io import atomic_dir, atomic_path, atomic_write_text
 from nanoseek.model import Transformer
 
 CHECKPOINTS = "checkpoints"
@@ -90,20 +92,12 @@ def save_checkpoint(
     `state` must hold "step" and may hold tensors and plain containers (optimizer state_dict, RNG states,
     loader cursor, args); `tokenizer` (optional) must have `.save(dir)`.
     """
-    root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{state['step']}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{_TMP_PREFIX}{final.name}-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint it becomes should not be
-    try:
+    final = Path(run_dir) / CHECKPOINTS / f"step_{state['step']}"
+    with atomic_dir(final, prefix=f"{_TMP_PREFIX}{final.name}-") as tmp:
         write_model_files(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         _write_trainer_state(tmp / STATE_DIR, state)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep_last > 0:
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -112,10 +106,11 @@ def save_checkpoint(
 
 def _write_trainer_state(out: Path, state: dict[str, Any]) -> None:
     out.mkdir()
-    torch.save(state, out / "state.pt")
+    with atomic_path(out / "state.pt") as tmp:
+        torch.save(state, tmp)
     readable = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool, dict)) and k != "optimizer"}
     readable.pop("rng", None)
-    (out / "state.json").write_text(json.dumps(readable, indent=2, default=str) + "\n")
+    atomic_write_text(out / "state.json", json.dumps(readable, indent=2, default=str) + "\n")
 
 
 def load_trainer_state(checkpoint_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -140,3 +135,17 @@ def resume_point(run_dir: str | Path, resume: bool) -> tuple[Path | None, dict[s
     if ckpt is None:
         raise FileNotFoundError(f"--resume: {run_dir} has no complete checkpoint; start without --resume")
     return ckpt, json.loads((ckpt / STATE_DIR / "state.json").read_text())["args"]
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory, or a run folder's latest complete checkpoint (named on stderr, so users know which)."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is not None:
+        print(f"nanoseek: using {latest}, the latest checkpoint of run {p}", file=sys.stderr)
+        return latest
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist: pass a model directory or a run folder with checkpoints/")
+    raise FileNotFoundError(f"{p} is neither a model directory (no config.json) nor a run folder with checkpoints")

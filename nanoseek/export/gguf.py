@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nanoseek.config import ModelConfig
+from nanoseek.io import atomic_path
 
 ARCH = "deepseek2"
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -175,7 +175,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
     """Write `model_dir` (an HF DeepSeek-V3/V2 directory with tokenizer.json) as one GGUF file, atomically."""
     import gguf
 
-    from nanoseek.checkpoint import load_model
+    from nanoseek.checkpoint.hf import load_model
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
@@ -190,10 +190,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
     model = load_model(model_dir, dtype=torch.float32)
     c = config
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH)
         w.add_name(model_dir.resolve().name)
         w.add_file_type(
@@ -264,9 +261,19 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
+
+
+def modelfile(gguf_path: Path) -> str:
+    """An ollama Modelfile for the exported file: our R1-style chat template in ollama's Go template syntax
+    (ollama does not run the Jinja template stored in the GGUF), stopping at EOS."""
+    return (
+        f"FROM ./{gguf_path.name}\n"
+        'TEMPLATE """{{- if .System }}{{ .System }}{{ end }}'
+        "{{- range $i, $_ := .Messages }}"
+        '{{- if eq .Role "user" }}<｜User｜>{{ .Content }}'
+        '{{- else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}<｜end▁of▁sentence｜>'
+        '{{- end }}{{- end }}<｜Assistant｜>"""\n'
+        'PARAMETER stop "<｜end▁of▁sentence｜>"\n'
+        "PARAMETER temperature 0\n"
+    )

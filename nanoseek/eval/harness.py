@@ -7,7 +7,7 @@ special tokens and cut at the first stop sequence. What differs is the speed: sc
 our forward pass and generation runs on our engine (latent cache, continuous batching, optionally compiled).
 
 `lm_eval` finds the model by name because installing nanoseek installs `nanoseek_lm_eval.pth` (see
-`nanoseek/_lm_eval_plugin.py`); `import nanoseek.harness` registers it too.
+`nanoseek/_lm_eval_plugin.py`); `import nanoseek.eval.harness` registers it too.
 """
 
 from __future__ import annotations

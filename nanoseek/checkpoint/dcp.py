@@ -13,7 +13,6 @@ leaves the previous checkpoint the latest complete one.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from nanoseek.checkpoint import load_model, replace_dir, save_model
+from nanoseek.checkpoint.hf import load_model
+from nanoseek.checkpoint.run import _TMP_PREFIX, CHECKPOINTS, STATE_DIR, _write_trainer_state, checkpoint_dirs
 from nanoseek.config import ModelConfig
 from nanoseek.distributed.process_group import DistEnv, barrier, broadcast_object
+from nanoseek.io import replace_dir, temp_dir_beside
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.checkpointing import _TMP_PREFIX, CHECKPOINTS, STATE_DIR, _write_trainer_state, checkpoint_dirs
 
 DCP_DIR = "dcp"
 
@@ -51,13 +51,10 @@ def save_distributed_checkpoint(
     keep_last: int = 3,
 ) -> Path:
     """Collective: every rank calls it. Writes `checkpoints/step_{state['step']}` (dcp/ + config + trainer_state)."""
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step_{state['step']}"
+    final = Path(run_dir) / CHECKPOINTS / f"step_{state['step']}"
     tmp = None
     if env.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{_TMP_PREFIX}{final.name}-"))
-        tmp.chmod(0o755)
+        tmp = temp_dir_beside(final, prefix=f"{_TMP_PREFIX}{final.name}-")
     tmp = Path(broadcast_object(str(tmp) if tmp else None, env))
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / DCP_DIR)  # each rank its shards
@@ -114,13 +111,3 @@ def model_from_checkpoint(checkpoint_dir: str | Path, device: torch.device | str
         model = Transformer(ModelConfig.from_json(checkpoint_dir))
     load_distributed_checkpoint(checkpoint_dir, model)
     return model
-
-
-def export_checkpoint(checkpoint_dir: str | Path, out: str | Path) -> Path:
-    """Write a trainer checkpoint (distributed or not) as one HF model dir with its tokenizer."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir} is not a checkpoint (no config.json): pass RUN/checkpoints/step_N")
-    model = model_from_checkpoint(checkpoint_dir).eval()
-    tokenizer = Tokenizer.from_pretrained(checkpoint_dir) if (checkpoint_dir / "tokenizer.json").is_file() else None
-    return save_model(model, out, tokenizer=tokenizer)

@@ -62,7 +62,7 @@ def _params(args: argparse.Namespace) -> SamplingParams:
 
 
 def _engine(args: argparse.Namespace) -> Engine:
-    from nanoseek.checkpoint import resolve_model_dir
+    from nanoseek.checkpoint.run import resolve_model_dir
 
     args.model = resolve_model_dir(args.model)  # a run folder means its latest checkpoint
     if not (Path(args.model) / "tokenizer.json").exists():

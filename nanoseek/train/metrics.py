@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nanoseek.config import atomic_write_text
+from nanoseek.io import atomic_path, atomic_write_text
 
 
 class MetricsLogger:
@@ -48,21 +48,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     """Write a matplotlib figure as a PNG atomically (temp file + rename): a reader never sees half a plot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib loads only when plotting
 
     FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:  # savefig picks the format from the suffix
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
@@ -117,3 +110,58 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
         ax.legend(fontsize="small")
     paths.append(save(fig, "expert_load.png"))
     return paths
+
+
+PLOTS = {
+    "reward.png": ("reward", "mean reward", [("reward_mean", "train (sampled)")]),
+    "accuracy.png": ("accuracy", "accuracy", [("accuracy", "train (sampled)"), ("eval_accuracy", "held-out (greedy)")]),
+    "response_length.png": (
+        "response length",
+        "tokens",
+        [("response_len", "train (sampled)"), ("eval_response_len", "held-out (greedy)")],
+    ),
+    "kl.png": ("KL to reference (k3)", "nats/token", [("kl", "kl")]),
+    "clip_fraction.png": (
+        "clipped tokens",
+        "fraction",
+        [("clip_frac_low", "low (A<0)"), ("clip_frac_high", "high (A>0)")],
+    ),
+    "think_rate.png": (
+        "non-empty <think>",
+        "fraction",
+        [("think_rate", "train (sampled)"), ("eval_think_rate", "held-out")],
+    ),
+}
+
+
+def plot_grpo(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
+    """reward, accuracy, response length, KL, clip fraction and think-rate PNGs from a GRPO metrics.jsonl."""
+    from matplotlib.figure import Figure
+
+    records = read_metrics(metrics_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, (title, ylabel, lines) in PLOTS.items():
+        fig = Figure(figsize=(7, 4))
+        ax = fig.add_subplot()
+        drawn = 0
+        for key, label in lines:
+            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), label=label, marker="o" if key.startswith("eval_") else None, markersize=3)
+                drawn += 1
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1 and drawn:
+            ax.legend()
+        paths.append(save_figure(fig, out / name))
+    return paths
+
+
+def write_plots(run_dir: str | Path, plot: Callable[[Path, Path], list[Path]] = plot_metrics) -> None:
+    """`plot(RUN/metrics.jsonl, RUN/plots)`; a failure is only a warning: a plot must not hide the run's result."""
+    try:
+        plot(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "plots")
+    except Exception as e:
+        print(f"warning: could not write plots: {e}", file=sys.stderr)

@@ -12,19 +12,19 @@ import sys
 
 # command name -> module that owns it; a module may register several commands
 COMMANDS: dict[str, str] = {
-    "tokenizer": "nanoseek.tokenizer",
-    "prepare": "nanoseek.data.shards",
-    "train": "nanoseek.train.loop",
-    "sft": "nanoseek.train.sft",
-    "grpo": "nanoseek.train.grpo",
-    "distill": "nanoseek.train.distill",
-    "eval": "nanoseek.eval",
-    "generate": "nanoseek.infer.chat",
-    "chat": "nanoseek.infer.chat",
-    "serve": "nanoseek.infer.server",
-    "speedrun": "nanoseek.speedrun",
-    "export": "nanoseek.export",
-    "plan": "nanoseek.distributed.plan",
+    "tokenizer": "nanoseek.cli.tokenizer",
+    "prepare": "nanoseek.cli.prepare",
+    "train": "nanoseek.cli.train",
+    "sft": "nanoseek.cli.sft",
+    "grpo": "nanoseek.cli.grpo",
+    "distill": "nanoseek.cli.distill",
+    "eval": "nanoseek.cli.eval",
+    "generate": "nanoseek.cli.chat",
+    "chat": "nanoseek.cli.chat",
+    "serve": "nanoseek.cli.serve",
+    "speedrun": "nanoseek.cli.speedrun",
+    "export": "nanoseek.cli.export",
+    "plan": "nanoseek.cli.plan",
 }
 
 

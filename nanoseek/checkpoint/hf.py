@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nanoseek.config import ModelConfig, atomic_write_text
+from nanoseek.config import ModelConfig
+from nanoseek.io import atomic_dir, atomic_path, atomic_write_text
 from nanoseek.model import Transformer
 
 _EXPERT = re.compile(r"^(.*?mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -109,35 +107,18 @@ def save_model(
     have `.save(dir)`.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         write_model_files(model, tmp, max_shard_bytes, dtype)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory src to dst, replacing dst: at every instant either the old or the new dir is complete."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def write_model_files(
     model: Transformer, out: Path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None
 ) -> None:
     """Write config.json, generation_config.json and safetensors into an existing directory (not atomic:
-    callers write into a temp dir and `replace_dir` it into place, as save_model does)."""
+    callers fill a `nanoseek.io.atomic_dir`, as save_model does)."""
     c = model.config
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -155,7 +136,8 @@ def write_model_files(
     n = len(shards)
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for fname, tensors in zip(files, shards):
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        with atomic_path(out / fname) as tmp:  # save_file itself would make the file 0600
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
     if n > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
@@ -200,22 +182,6 @@ def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     rows, cols = q.shape
     s = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
     return q.float() * s
-
-
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A model directory, or a run folder's latest complete checkpoint (named on stderr, so users know which)."""
-    from nanoseek.train.checkpointing import latest_checkpoint
-
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    latest = latest_checkpoint(p)
-    if latest is not None:
-        print(f"nanoseek: using {latest}, the latest checkpoint of run {p}", file=sys.stderr)
-        return latest
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist: pass a model directory or a run folder with checkpoints/")
-    raise FileNotFoundError(f"{p} is neither a model directory (no config.json) nor a run folder with checkpoints")
 
 
 def load_model(

@@ -17,96 +17,12 @@ from typing import Any
 
 import torch
 
-from nanoseek.config import atomic_write_text
-from nanoseek.data.tasks import LEVELS
-from nanoseek.report import read_metrics
+from nanoseek.io import atomic_write_text
+from nanoseek.speedrun.evaluate import LEVEL_NAMES, mtp_acceptance
+from nanoseek.train.metrics import read_metrics
 
-TASK = "arithmetic"
-LEVEL_NAMES = list(LEVELS[TASK])
 STAGES = ("pretrain", "sft", "grpo")
 STAGE_TITLES = {"pretrain": "pretrain", "sft": "+ SFT (cold start)", "grpo": "+ GRPO"}
-EXAMPLE_LEVELS = ("2x2", "3x12", "4x12")  # one example conversation from each, the same problems at every stage
-
-
-def eval_problems(eval_n: int) -> list[dict]:
-    """The held-out set: up to eval_n distinct `test` problems spread evenly over the levels (fixed seed)."""
-    from nanoseek.speedrun import EVAL_SEED
-    from nanoseek.train.grpo import task_eval_examples
-
-    return task_eval_examples(TASK, None, eval_n, "test", seed=EVAL_SEED)
-
-
-def passk_subset(problems: list[dict], n: int) -> list[dict]:
-    """The first n / levels problems of each level (the pass@k subset)."""
-    per = max(1, n // len(LEVEL_NAMES))
-    out, seen = [], {lv: 0 for lv in LEVEL_NAMES}
-    for p in problems:
-        if seen.get(p["level"], per) < per:
-            out.append(p)
-            seen[p["level"]] += 1
-    return out
-
-
-@torch.no_grad()
-def expert_load(model, tokenizer, problems: list[dict]) -> list[list[float]]:
-    """Tokens routed to each expert over the worked pretraining text of `problems`, / the mean: [MoE layer][expert]
-    (1.0 everywhere = perfectly balanced)."""
-    from nanoseek.data.tasks import THINK_END, THINK_START
-
-    texts = [f"{p['prompt']} {THINK_START}{THINK_END} {p['answer']}\n" for p in problems[:256]]
-    ids = [tokenizer.encode(t, bos=True) for t in texts]
-    T = max(len(x) for x in ids)
-    batch = torch.full((len(ids), T), tokenizer.pad_id, dtype=torch.long)
-    for i, x in enumerate(ids):
-        batch[i, : len(x)] = torch.tensor(x)
-    model(batch.to(next(model.parameters()).device))
-    loads = model.expert_loads().float()
-    if loads.numel() == 0:
-        return []
-    return (loads / loads.mean(dim=1, keepdim=True).clamp(min=1e-9)).tolist()
-
-
-def evaluate_stage(out: Path, stage: str, model_dir: Path, fmt: str, recipe) -> None:
-    """Score one stage's model on the held-out set; writes eval/<stage>.json (atomically)."""
-    from nanoseek.eval import evaluate
-    from nanoseek.infer.engine import Engine
-    from nanoseek.train.grpo import has_reasoning
-
-    problems = eval_problems(recipe.eval_n)
-    device = None if recipe.device == "auto" else recipe.device
-    if device is None and torch.cuda.is_available():
-        device = "cuda"
-    engine = Engine.from_pretrained(model_dir, device=device, max_batch_size=128 if device == "cuda" else 64)
-    t0 = time.time()
-    print(f"== eval {stage}: {len(problems)} held-out problems, greedy; pass@{recipe.k} on a subset", flush=True)
-    greedy = evaluate(engine, problems, fmt=fmt, max_tokens=recipe.eval_max_tokens)
-    subset = passk_subset(problems, recipe.passk_n)
-    sampled = evaluate(engine, subset, fmt=fmt, k=recipe.k, max_tokens=recipe.eval_max_tokens, seed=1)
-    rows = greedy.pop("results")
-    examples = []
-    for lv in EXAMPLE_LEVELS:
-        row = next((r for r in rows if r["level"] == lv), None)
-        if row is not None:
-            examples.append({k: row[k] for k in ("level", "prompt", "answer", "completion", "correct")})
-    result = {
-        "stage": stage,
-        "model": str(model_dir),
-        "format": fmt,
-        **greedy,
-        "think_rate": sum(has_reasoning(r["completion"]) for r in rows) / len(rows),
-        f"pass@{recipe.k}": sampled[f"pass@{recipe.k}"],
-        "sampled_accuracy": sampled["sampled_accuracy"],
-        "passk_n": len(subset),
-        "passk_levels": {lv: s[f"pass@{recipe.k}"] for lv, s in sampled["levels"].items()},
-        "correct": [r["correct"] for r in rows],
-        "prompts": [r["prompt"] for r in rows],
-        "examples": examples,
-        "expert_load": expert_load(engine.model, engine.tokenizer, problems),
-        "seconds": time.time() - t0,
-    }
-    (out / "eval").mkdir(exist_ok=True)
-    atomic_write_text(out / "eval" / f"{stage}.json", json.dumps(result, indent=1) + "\n")
-    print(f"eval {stage}: accuracy {100 * result['accuracy']:.1f}% on {result['n']} problems", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -175,9 +91,9 @@ def _grpo_stats(run_dir: Path, wall_s: float, recipe) -> dict[str, Any]:
 
 def build_report(out: Path, recipe, preset: str, stages: dict[str, dict]) -> dict[str, Any]:
     """report.json's content from the run folder (the finished stages, their metrics and eval/*.json)."""
-    from nanoseek.checkpoint import load_model
-    from nanoseek.eval import compare
-    from nanoseek.speedrun import _checkpoint
+    from nanoseek.checkpoint.hf import load_model
+    from nanoseek.eval.evaluate import compare
+    from nanoseek.speedrun.stages import _checkpoint
 
     evals = {s: json.loads((out / "eval" / f"{s}.json").read_text()) for s in STAGES}
     model = load_model(_checkpoint(out / "pretrain"), device="meta")
@@ -269,18 +185,6 @@ def write_report(out: Path, recipe, preset: str, stages: dict[str, dict]) -> str
     text = render_markdown(report)
     atomic_write_text(out / "report.md", text)
     return text
-
-
-def mtp_acceptance(out: Path, recipe) -> float | None:
-    """Share of MTP drafts the pretrained model accepts in self-speculative greedy decoding of 64 prompts."""
-    from nanoseek.eval import prompt_ids
-    from nanoseek.infer.engine import Engine
-    from nanoseek.speedrun import _checkpoint
-
-    engine = Engine.from_pretrained(_checkpoint(out / "pretrain"), speculative=True, max_batch_size=64)
-    problems = eval_problems(recipe.eval_n)[:64]
-    engine.generate([prompt_ids(engine.tokenizer, p["prompt"], "pretrain") for p in problems], max_tokens=64)
-    return engine.acceptance_rate()
 
 
 def _pct(x: float | None) -> str:
@@ -438,7 +342,7 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------- plots
 def _save(fig, path: Path) -> None:
-    from nanoseek.report import save_figure
+    from nanoseek.train.metrics import save_figure
 
     save_figure(fig, path)
 
