@@ -23,8 +23,6 @@ from nanoseek.cli.main import main
 from nanoseek.data.shards import prepare
 from nanoseek.distributed.plan import count_parameters, make_plan, state_bytes
 from nanoseek.model.flops import flops_per_token
-from nanoseek.tasks.problems import builtin_corpus
-from nanoseek.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,12 +69,10 @@ def assert_same_weights(a: Path, b: Path, atol: float = CROSS_PROCESS_ATOL) -> N
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tok, tok_dir, tmp_path_factory) -> dict[str, Path]:
     """The same 6 steps (global batch 8 = 2 micro-batches x 2 sequences x 2 ranks, or 2 x 4 x 1 rank) three ways."""
     root = tmp_path_factory.mktemp("dist")
-    tok = train_tokenizer(builtin_corpus(200, seed=0), vocab_size=320)
-    tok.save(root / "tok")
-    prepare(tok, root / "data", builtin=["arithmetic"], n=300, seed=0, tokenizer_path=str(root / "tok"))
+    prepare(tok, root / "data", builtin=["arithmetic"], n=300, seed=0, tokenizer_path=str(tok_dir))
     data = ["--data", str(root / "data"), "--steps", str(STEPS)]
     out = {"data": root / "data"}
     out["one"] = root / "one"
@@ -229,9 +225,8 @@ def test_expert_parallel_checkpoint_resumes_on_one_process(runs, tmp_path):
     assert_same_weights(runs["ep"] / "checkpoints" / f"step_{STEPS}", run / "checkpoints" / f"step_{STEPS}")
 
 
-def test_grpo_under_ddp_equals_one_process_update_and_keeps_ranks_in_step(runs, tmp_path):
-    tok = runs["data"].parent / "tok"
-    proc = torchrun(str(tok), str(tmp_path), script=Path(__file__).with_name("dist_grpo_check.py"))
+def test_grpo_under_ddp_equals_one_process_update_and_keeps_ranks_in_step(tok_dir, tmp_path):
+    proc = torchrun(str(tok_dir), str(tmp_path), script=Path(__file__).with_name("dist_grpo_check.py"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -258,10 +253,9 @@ def test_fsdp2_with_expert_parallel_on_a_2d_mesh_matches_one_process(runs, tmp_p
     )
 
 
-def test_sft_under_torchrun_with_a_time_budget_ends_every_rank_together_and_resumes_on_one_process(runs, tmp_path):
+def test_sft_under_torchrun_with_a_time_budget_ends_every_rank_together_and_resumes_on_one_process(tok, tmp_path):
     """SFT through the shared loop, FSDP2, a distributed checkpoint; --time-budget: every rank reads the same
     clock, so all stop after the same step (one stopping early would leave the other waiting forever)."""
-    tok = Tokenizer.from_pretrained(runs["data"].parent / "tok")
     torch.manual_seed(0)
     config = ModelConfig.from_preset(
         "tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id

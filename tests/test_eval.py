@@ -176,12 +176,20 @@ def test_load_problems_builtin_and_jsonl(tmp_path):
 
 def test_cli_prints_json_and_table(tiny_model_dir, capsys):
     args = ["eval", "--model", str(tiny_model_dir), "--task", "arithmetic", "--max-tokens", "4"]
-    assert main([*args, "--level", "2x1", "3x1", "--n", "3", "--k", "2", "--json"]) == 0
+    assert main([*args, "--levels", "2x1", "3x1", "--n", "3", "--k", "2", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert {"accuracy", "format_rate", "mean_length", "n", "levels", "pass@2", "sampled_accuracy"} <= set(r)
     assert r["n"] == 6 and r["levels"]["3x1"]["n"] == 3 and "results" not in r
-    assert main([*args, "--level", "2x1", "--n", "2", "--format", "chat"]) == 0
+    assert main([*args, "--levels", "2x1", "--n", "2", "--format", "chat"]) == 0
     table = capsys.readouterr().out
     assert "2x1" in table and "all" in table and "accuracy" in table
     assert main([*args, "--task", "nope.jsonl"]) == 1  # a user error, not a traceback
     assert math.isfinite(r["mean_length"])
+
+
+def test_cli_old_level_spelling_still_works_with_a_deprecation_message(tiny_model_dir, capsys):
+    args = ["eval", "--model", str(tiny_model_dir), "--task", "arithmetic", "--max-tokens", "2", "--n", "2", "--json"]
+    assert main([*args, "--level", "2x1", "3x1", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["levels"].keys() == {"2x1", "3x1"}
+    assert "--level is deprecated" in err and "use --levels" in err

@@ -151,18 +151,26 @@ def test_cli_prepare(tok_dir, tmp_path, capsys):
     from nanoseek.cli.main import main
 
     out = tmp_path / "data"
-    argv = [
-        "prepare",
-        "--tokenizer",
-        str(tok_dir),
-        "--builtin",
-        "arithmetic,countdown",
-        "--n",
-        "100",
-    ]
+    argv = ["prepare", "--tokenizer", str(tok_dir), "--builtin", "arithmetic", "countdown", "--n", "100"]
     assert main(argv + ["--out", str(out)]) == 0
     assert load_manifest(out)["sources"] == {"builtin": 200}
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{}\n")
     assert main(["prepare", "--tokenizer", str(tok_dir), "--input", str(bad), "--out", str(out)]) == 1
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_cli_prepare_builtin_spellings(tok_dir, tmp_path, capsys):
+    from nanoseek.cli.main import main
+
+    base = ["prepare", "--tokenizer", str(tok_dir), "--n", "20", "--val-fraction", "0"]
+    assert main([*base, "--builtin", "--out", str(tmp_path / "all")]) == 0  # no names: every built-in task
+    assert "deprecated" not in capsys.readouterr().err
+    assert main([*base, "--builtin", "arithmetic,countdown", "--out", str(tmp_path / "old")]) == 0  # old spelling
+    assert "comma-separated) is deprecated" in capsys.readouterr().err
+    for name in ("all", "old"):
+        assert load_manifest(tmp_path / name)["splits"] == load_manifest(tmp_path / "all")["splits"]
+        assert load_manifest(tmp_path / name)["sources"] == {"builtin": 40}
+    with pytest.raises(SystemExit):
+        main([*base, "--builtin", "sudoku", "--out", str(tmp_path / "bad")])
+    assert "unknown task(s) sudoku" in capsys.readouterr().err

@@ -145,6 +145,17 @@ def test_cli_train_and_info(tmp_path, capsys):
     assert main(["tokenizer", "train", "--out", str(out)]) == 1  # no input: error, no traceback
 
 
+def test_cli_builtin_takes_task_names_and_means_every_task_when_bare(tmp_path):
+    from nanoseek.cli.main import main
+
+    for names, tasks in (([], ("arithmetic", "countdown")), (["arithmetic"], ("arithmetic",))):
+        out = tmp_path / "-".join(tasks)
+        argv = ["tokenizer", "train", "--out", str(out), "--builtin", *names, "--n", "50", "--vocab-size", "300"]
+        assert main(argv) == 0
+        expected = train_tokenizer(builtin_corpus(50, seed=0, tasks=tasks), vocab_size=300)
+        assert Tokenizer.from_pretrained(out).hash() == expected.hash()
+
+
 def test_loads_deepseek_style_config_with_added_token_dicts(wide_tok, tmp_path):
     (tmp_path / "tokenizer.json").write_text(wide_tok.to_json())
     config = {  # the shape of a DeepSeek-V3/R1 checkpoint's tokenizer_config.json

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from nanoseek.cli.common import add_device_option
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.reasoning import partial_suffix
 from nanoseek.infer.sampling import SamplingParams
@@ -45,7 +46,7 @@ def _sampling_options(p: argparse.ArgumentParser, temperature: float = 0.0, max_
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step (faster steps, ~5-30 s per new shape)"
     )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    add_device_option(p)
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
@@ -63,11 +64,13 @@ def _params(args: argparse.Namespace) -> SamplingParams:
 
 def _engine(args: argparse.Namespace) -> Engine:
     from nanoseek.checkpoint.run import resolve_model_dir
+    from nanoseek.train.run import resolve_device
 
     args.model = resolve_model_dir(args.model)  # a run folder means its latest checkpoint
     if not (Path(args.model) / "tokenizer.json").exists():
         raise FileNotFoundError(f"{args.model} has no tokenizer.json: text generation needs the model's tokenizer")
-    return Engine.from_pretrained(args.model, device=args.device, speculative=args.speculative, compile=args.compile)
+    device = resolve_device(args.device)
+    return Engine.from_pretrained(args.model, device=device, speculative=args.speculative, compile=args.compile)
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nanoseek.distributed.process_group import DistEnv, init_distributed, shutdown
+from nanoseek.tasks.problems import LEVELS
 from nanoseek.train.pretrain import NonFiniteLoss
 from nanoseek.train.run import interrupted_hint, rank0_print, resume_settings, saved_run_args
 
@@ -162,3 +163,36 @@ class Deprecated(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         print(f"nanoseek: {option_string} is deprecated and will be removed; use {self.new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+def add_builtin_option(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
+    """`--builtin [TASK ...]`, the same in `tokenizer train` and `prepare`: `what` uses the built-in task
+    corpus; no names means every task. Stores None when not given, else the task names."""
+    tasks = " ".join(LEVELS)
+    p.add_argument(
+        "--builtin",
+        nargs="*",
+        metavar="TASK",
+        action=BuiltinTasks,
+        help=f"{what} the built-in task corpus: these tasks ({tasks}; none named: all)",
+    )
+
+
+class BuiltinTasks(argparse.Action):
+    """`--builtin [TASK ...]` -> the task names (none: all). The old comma-separated spelling of `prepare`
+    (`--builtin arithmetic,countdown`) still works, with a deprecation message."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        tasks: list[str] = []
+        for value in values:
+            if "," in value:
+                new = " ".join(t.strip() for t in value.split(",") if t.strip())
+                print(
+                    f"nanoseek: {option_string} {value} (comma-separated) is deprecated and will be removed; "
+                    f"use {option_string} {new}",
+                    file=sys.stderr,
+                )
+            tasks += [t.strip() for t in value.split(",") if t.strip()]
+        if unknown := [t for t in tasks if t not in LEVELS]:
+            parser.error(f"{option_string}: unknown task(s) {', '.join(unknown)}; built-in tasks: {', '.join(LEVELS)}")
+        setattr(namespace, self.dest, tasks or list(LEVELS))

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from nanoseek.cli.common import add_builtin_option
 from nanoseek.data.shards import prepare
 from nanoseek.tokenizer import Tokenizer
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
-    builtin = [t.strip() for t in args.builtin.split(",") if t.strip()] if args.builtin else []
     m = prepare(
         tokenizer,
         args.out,
         inputs=args.input,
-        builtin=builtin,
+        builtin=args.builtin or [],
         n=args.n,
         seed=args.seed,
         val_fraction=args.val_fraction,
@@ -29,8 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("prepare", help="tokenize text into token shards + manifest.json")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json")
     p.add_argument("--input", nargs="*", default=[], help=".txt (one document each) / .jsonl files or dirs")
-    p.add_argument("--builtin", default="", help="built-in tasks, e.g. arithmetic,countdown")
-    p.add_argument("--n", type=int, default=10000, help="built-in problems per task")
+    add_builtin_option(p, "tokenize")
+    p.add_argument("--n", type=int, default=10000, help="built-in problems per task (default 10000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for val")
     p.add_argument("--out", required=True, help="output data directory")

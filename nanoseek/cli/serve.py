@@ -7,6 +7,7 @@ import sys
 import threading
 from pathlib import Path
 
+from nanoseek.cli.common import add_device_option
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.server.app import Server, warm_up
 
@@ -31,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--served-model-name", default=None, help="the model name clients send (default: the directory name)"
     )
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    add_device_option(s)
     s.set_defaults(func=run_serve)
 
 
@@ -39,6 +40,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from nanoseek.checkpoint.run import resolve_model_dir
+    from nanoseek.train.run import resolve_device
 
     model_dir = resolve_model_dir(args.model)
     if not (model_dir / "tokenizer.json").exists():
@@ -47,7 +49,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--max-batch must be >= 1 and --max-queue >= 0")
     engine = Engine.from_pretrained(
         model_dir,
-        device=args.device,
+        device=resolve_device(args.device),
         max_batch_size=args.max_batch,
         max_len=args.max_len,
         speculative=args.speculative,

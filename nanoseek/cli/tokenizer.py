@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable
 
+from nanoseek.cli.common import add_builtin_option
 from nanoseek.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer
 
 
@@ -16,15 +17,15 @@ def _input_texts(paths: list[str]) -> Iterable[str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    if not args.input and not args.builtin:
-        raise ValueError("nothing to train on: pass --input PATH... and/or --builtin")
+    if not args.input and args.builtin is None:
+        raise ValueError("nothing to train on: pass --input PATH... and/or --builtin [TASK ...]")
     texts: list[Iterable[str]] = []
     if args.input:
         texts.append(_input_texts(args.input))
-    if args.builtin:
+    if args.builtin is not None:
         from nanoseek.tasks.problems import builtin_corpus
 
-        texts.append(builtin_corpus(n=args.n, seed=args.seed))
+        texts.append(builtin_corpus(n=args.n, seed=args.seed, tasks=tuple(args.builtin)))
     tok = train_tokenizer((t for it in texts for t in it), args.vocab_size)
     tok.save(args.out)
     print(f"saved tokenizer ({tok.vocab_size} tokens, hash {tok.hash()[:12]}) to {args.out}")
@@ -50,8 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a tokenizer and save tokenizer.json + tokenizer_config.json")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--input", nargs="*", default=[], help=".txt / .jsonl files or directories")
-    t.add_argument("--builtin", action="store_true", help="also train on the built-in task corpus")
-    t.add_argument("--n", type=int, default=20000, help="built-in problems per task")
+    add_builtin_option(t, "also train on")
+    t.add_argument("--n", type=int, default=20000, help="built-in problems per task (default 20000)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     t.set_defaults(func=_cmd_train)

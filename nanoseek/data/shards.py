@@ -176,7 +176,7 @@ def prepare(
 
         docs.append((text, "builtin") for text in builtin_corpus(n, seed, tuple(builtin)))
     if not docs:
-        raise ValueError("no input: pass --input PATH... and/or --builtin arithmetic,countdown")
+        raise ValueError("no input: pass --input PATH... and/or --builtin arithmetic countdown")
 
     out = Path(out_dir).resolve()
     tmp = temp_dir_beside(out)

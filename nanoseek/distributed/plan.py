@@ -250,6 +250,3 @@ def format_plan(p: dict, name: str) -> str:
     if "implied_mfu" in p:
         lines.append(f"the given GPU-hours imply MFU {p['implied_mfu']:.1%} (of the bf16 peak)")
     return "\n".join(lines)
-
-
-

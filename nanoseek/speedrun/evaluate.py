@@ -1,17 +1,20 @@
 """The speedrun's evaluations: the fixed held-out problem set, each stage's greedy and pass@k accuracy, expert
-load and MTP acceptance, written to eval_<stage>.json for the report."""
+load and MTP acceptance. Each stage's result is returned to the report and kept in eval/<stage>.json, so a resumed
+run reports a stage evaluated before the interruption from its file."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from nanoseek.io import atomic_write_text
-from nanoseek.speedrun.recipe import TASK
+from nanoseek.speedrun.recipe import EVAL_SEED, TASK, Recipe, checkpoint_of
 from nanoseek.tasks.problems import LEVELS
+from nanoseek.tokenizer import THINK_END, THINK_START
 
 LEVEL_NAMES = list(LEVELS[TASK])
 EXAMPLE_LEVELS = ("2x2", "3x12", "4x12")  # one example conversation from each, the same problems at every stage
@@ -19,7 +22,6 @@ EXAMPLE_LEVELS = ("2x2", "3x12", "4x12")  # one example conversation from each, 
 
 def eval_problems(eval_n: int) -> list[dict]:
     """The held-out set: up to eval_n distinct `test` problems spread evenly over the levels (fixed seed)."""
-    from nanoseek.speedrun.recipe import EVAL_SEED
     from nanoseek.tasks.sources import task_eval_examples
 
     return task_eval_examples(TASK, None, eval_n, "test", seed=EVAL_SEED)
@@ -40,8 +42,6 @@ def passk_subset(problems: list[dict], n: int) -> list[dict]:
 def expert_load(model, tokenizer, problems: list[dict]) -> list[list[float]]:
     """Tokens routed to each expert over the worked pretraining text of `problems`, / the mean: [MoE layer][expert]
     (1.0 everywhere = perfectly balanced)."""
-    from nanoseek.tasks.problems import THINK_END, THINK_START
-
     texts = [f"{p['prompt']} {THINK_START}{THINK_END} {p['answer']}\n" for p in problems[:256]]
     ids = [tokenizer.encode(t, bos=True) for t in texts]
     T = max(len(x) for x in ids)
@@ -55,8 +55,9 @@ def expert_load(model, tokenizer, problems: list[dict]) -> list[list[float]]:
     return (loads / loads.mean(dim=1, keepdim=True).clamp(min=1e-9)).tolist()
 
 
-def evaluate_stage(out: Path, stage: str, model_dir: Path, fmt: str, recipe) -> None:
-    """Score one stage's model on the held-out set; writes eval/<stage>.json (atomically)."""
+def evaluate_stage(out: Path, stage: str, model_dir: Path, fmt: str, recipe: Recipe) -> dict[str, Any]:
+    """Score one stage's model on the held-out set; returns the result and keeps it in eval/<stage>.json
+    (atomically)."""
     from nanoseek.eval.evaluate import evaluate
     from nanoseek.infer.engine import Engine
     from nanoseek.tasks.rewards import has_reasoning
@@ -96,15 +97,20 @@ def evaluate_stage(out: Path, stage: str, model_dir: Path, fmt: str, recipe) -> 
     (out / "eval").mkdir(exist_ok=True)
     atomic_write_text(out / "eval" / f"{stage}.json", json.dumps(result, indent=1) + "\n")
     print(f"eval {stage}: accuracy {100 * result['accuracy']:.1f}% on {result['n']} problems", flush=True)
+    return result
 
 
-def mtp_acceptance(out: Path, recipe) -> float | None:
+def read_eval(out: Path, stage: str) -> dict[str, Any]:
+    """The result `evaluate_stage` kept for a stage that a resumed run does not evaluate again."""
+    return json.loads((out / "eval" / f"{stage}.json").read_text())
+
+
+def mtp_acceptance(out: Path, recipe: Recipe) -> float | None:
     """Share of MTP drafts the pretrained model accepts in self-speculative greedy decoding of 64 prompts."""
     from nanoseek.infer.engine import Engine
-    from nanoseek.speedrun.stages import _checkpoint
     from nanoseek.tasks.sources import prompt_ids
 
-    engine = Engine.from_pretrained(_checkpoint(out / "pretrain"), speculative=True, max_batch_size=64)
+    engine = Engine.from_pretrained(checkpoint_of(out / "pretrain"), speculative=True, max_batch_size=64)
     problems = eval_problems(recipe.eval_n)[:64]
     engine.generate([prompt_ids(engine.tokenizer, p["prompt"], "pretrain") for p in problems], max_tokens=64)
     return engine.acceptance_rate()

@@ -1,10 +1,14 @@
-"""What decides a speedrun's result: the `Recipe` (every knob), its presets, and `--set` overrides."""
+"""What decides a speedrun's result: the `Recipe` (every knob), its presets and overrides, and where each stage's
+model is (`checkpoint_of`)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from nanoseek.checkpoint.run import latest_checkpoint
 
 TASK = "arithmetic"
 
@@ -107,19 +111,23 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def make_recipe(preset: str, overrides: list[str]) -> Recipe:
-    """The preset's recipe with `FIELD=VALUE` overrides (values parsed as the field's type)."""
-    recipe = dataclasses.replace(RECIPES[preset])
-    fields = {f.name: f for f in dataclasses.fields(Recipe)}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"--set {item}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        kind = type(getattr(recipe, key))
-        if kind is bool:
-            parsed: Any = value.lower() in ("1", "true", "yes", "on")
-        else:
-            parsed = kind(value)
-        setattr(recipe, key, parsed)
+def make_recipe(preset: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    """The preset's recipe with `overrides` ({field: value}, already typed: the CLI parses `--set` with
+    `parse_set(items, Recipe)`), checked."""
+    if preset not in RECIPES:
+        raise ValueError(f"unknown speedrun preset {preset!r}: choose one of {', '.join(RECIPES)}")
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    if unknown := sorted(set(overrides or {}) - fields):
+        raise ValueError(f"unknown recipe field(s) {', '.join(unknown)}; fields: {', '.join(fields)}")
+    recipe = dataclasses.replace(RECIPES[preset], **(overrides or {}))
     recipe.validate()
     return recipe
+
+
+def checkpoint_of(run_dir: Path) -> Path:
+    """The latest checkpoint of a stage's run folder: the model the next stage, the evaluation and the report
+    use. A finished stage always has one, so its absence is an error, not a case to handle."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint: delete its entry from stages.json and run again")
+    return ckpt

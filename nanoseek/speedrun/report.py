@@ -1,4 +1,4 @@
-"""The speedrun's evaluations and its report: `eval/<stage>.json`, `report.json`, `report.md` and `plots/*.png`.
+"""The speedrun's report: `report.json`, `report.md` and `plots/*.png`, from the stages' evaluations.
 
 Every stage is scored greedily on the same fixed set of distinct held-out `test` problems (>= 1,000 with the cpu
 recipe), so two stages can be compared problem by problem: wrong->right vs right->wrong flips and an exact
@@ -19,6 +19,7 @@ import torch
 
 from nanoseek.io import atomic_write_text
 from nanoseek.speedrun.evaluate import LEVEL_NAMES, mtp_acceptance
+from nanoseek.speedrun.recipe import Recipe, checkpoint_of
 from nanoseek.train.metrics import read_metrics
 
 STAGES = ("pretrain", "sft", "grpo")
@@ -61,7 +62,7 @@ def _train_stage_stats(run_dir: Path, wall_s: float) -> dict[str, Any]:
     }
 
 
-def _grpo_stats(run_dir: Path, wall_s: float, recipe) -> dict[str, Any]:
+def _grpo_stats(run_dir: Path, wall_s: float, recipe: Recipe) -> dict[str, Any]:
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward_mean" in r]
     per_step = recipe.grpo_prompts * recipe.grpo_group
     tokens = sum(r["response_len"] * per_step * r.get("rounds", 1) for r in records)
@@ -89,14 +90,16 @@ def _grpo_stats(run_dir: Path, wall_s: float, recipe) -> dict[str, Any]:
     }
 
 
-def build_report(out: Path, recipe, preset: str, stages: dict[str, dict]) -> dict[str, Any]:
-    """report.json's content from the run folder (the finished stages, their metrics and eval/*.json)."""
+def build_report(
+    out: Path, recipe: Recipe, preset: str, stages: dict[str, dict], evals: dict[str, dict]
+) -> dict[str, Any]:
+    """report.json's content: the stages' wall times (`stages`), their evaluations (`evals`, by stage) and the
+    training curves. Training numbers come from each run's metrics.jsonl: a resumed stage's returned summary
+    covers only the steps after the interruption."""
     from nanoseek.checkpoint.hf import load_model
     from nanoseek.eval.evaluate import compare
-    from nanoseek.speedrun.stages import _checkpoint
 
-    evals = {s: json.loads((out / "eval" / f"{s}.json").read_text()) for s in STAGES}
-    model = load_model(_checkpoint(out / "pretrain"), device="meta")
+    model = load_model(checkpoint_of(out / "pretrain"), device="meta")
     c = model.config
     k = recipe.k
     rows: dict[str, Any] = {}
@@ -170,9 +173,11 @@ FIGURES = {
 }
 
 
-def write_report(out: Path, recipe, preset: str, stages: dict[str, dict]) -> str:
-    """report.json, report.md and plots/ in the run folder; returns report.md's text."""
-    report = build_report(out, recipe, preset, stages)
+def write_report(
+    out: Path, recipe: Recipe, preset: str, stages: dict[str, dict], evals: dict[str, dict]
+) -> dict[str, Any]:
+    """report.json, report.md and plots/ in the run folder; returns the report (report.json's content)."""
+    report = build_report(out, recipe, preset, stages, evals)
     mtp = None
     if report["mtp"]["enabled"]:
         mtp = mtp_acceptance(out, recipe)
@@ -182,9 +187,8 @@ def write_report(out: Path, recipe, preset: str, stages: dict[str, dict]) -> str
         plot_report(out, report)
     except Exception as e:  # a plotting problem must not hide the result
         print(f"warning: could not draw the report's plots: {e}")
-    text = render_markdown(report)
-    atomic_write_text(out / "report.md", text)
-    return text
+    atomic_write_text(out / "report.md", render_markdown(report))
+    return report
 
 
 def _pct(x: float | None) -> str:

@@ -51,7 +51,7 @@ def load_problems(
     """Built-in problems (n per level; all levels by default), or every line of a .jsonl file."""
     if task not in LEVELS:
         if levels:
-            raise ValueError("--level applies to built-in tasks; a .jsonl file's lines may carry a 'level' field")
+            raise ValueError("--levels applies to built-in tasks; a .jsonl file's lines may carry a 'level' field")
         path = Path(task)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file (tasks: {', '.join(LEVELS)}, or a .jsonl file)")

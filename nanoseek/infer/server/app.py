@@ -1,21 +1,18 @@
-"""`nanoseek serve`: an OpenAI-compatible HTTP server on the Engine (FastAPI + uvicorn).
+"""`nanoseek serve`: an OpenAI-compatible HTTP server on the Engine (FastAPI + uvicorn). This file is its routes.
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health`, `GET /metrics`
 (Prometheus, vLLM's names) and a chat page at `/`. One `EngineLoop` thread runs continuous batching for every
-request; handlers only validate, tokenize, submit, and turn the loop's updates into OpenAI responses or
-server-sent events. The thinking part of `<think>` models goes to `reasoning_content` (DeepSeek's API, SGLang)
-and `reasoning` (vLLM), never to `content`. A client that disconnects has its sequences aborted at once.
+request; handlers only validate, tokenize, submit, and hand the loop's updates to `openai.py`, which shapes them
+into OpenAI responses or server-sent events. A client that disconnects has its sequences aborted at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -24,46 +21,25 @@ from starlette.exceptions import HTTPException
 
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.engine_loop import EngineLoop, QueueFull, Update
-from nanoseek.infer.reasoning import ReasoningSplitter, partial_suffix, prompt_opens_think, split_reasoning
+from nanoseek.infer.reasoning import ReasoningSplitter, prompt_opens_think
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.infer.server.metrics import ServerMetrics
-from nanoseek.infer.server.openai import APIError, ChatRequest, CompletionRequest, parse_body, validate
+from nanoseek.infer.server.metrics import ServerMetrics, Timing
+from nanoseek.infer.server.openai import (
+    APIError,
+    ChatRequest,
+    Choice,
+    CompletionRequest,
+    chat_response,
+    chat_stream,
+    completion_response,
+    completion_stream,
+    parse_body,
+    sse_events,
+    validate,
+)
 
 STATIC = Path(__file__).parent / "static"
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
-
-
-@dataclass
-class Choice:
-    """One sequence of a request, as the client sees it: text released so far, reasoning split, counts."""
-
-    index: int
-    splitter: ReasoningSplitter | None
-    stops: list[str]
-    shown: int = 0  # characters of the completion released to the client
-    tokens: int = 0
-    finish_reason: str | None = None
-    error: str | None = None
-    text: str = ""
-    logprobs: list = field(default_factory=list)  # per token: (id, logprob, {id: logprob})
-
-    def advance(self, up: Update) -> str:
-        """Record an update; return the newly released text. Text that may still become a stop string, or is
-        half a multi-byte character, is held back until the next update decides it."""
-        self.tokens += len(up.token_ids)
-        tops = up.top_logprobs or [{}] * len(up.token_ids)
-        self.logprobs += list(zip(up.token_ids, up.logprobs, tops))
-        self.finish_reason, self.error = up.finish_reason, up.error
-        if up.finish_reason in ("abort", "error"):
-            return ""
-        text, cut = up.text, len(up.text)
-        if up.finish_reason is None:
-            cut -= max((partial_suffix(text, s) for s in self.stops), default=0)
-            while cut > self.shown and text[cut - 1] == "\ufffd":
-                cut -= 1
-        new = text[self.shown : cut] if cut > self.shown else ""
-        self.shown, self.text = max(self.shown, cut), text[: max(self.shown, cut)]
-        return new
 
 
 class Job:
@@ -129,11 +105,10 @@ class Server:
         self.context_limit = engine.max_len - (2 if engine.speculative else 1)  # prompt + output tokens
         self.app = build_app(self)
 
-    # ------------------------------------------------------------------------------ helpers
     def _on_step(self, loop: EngineLoop) -> None:
         self.metrics.update_load(len(self.engine.running), loop.waiting, self.engine.cache.n_slots)
 
-    def check_auth(self, request) -> None:
+    def check_auth(self, request: Request) -> None:
         if self.api_key is None:
             return
         header = request.headers.get("authorization", "")
@@ -150,7 +125,7 @@ class Server:
                 "model_not_found",
             )
 
-    async def read_body(self, request) -> dict:
+    async def read_body(self, request: Request) -> dict:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             raise APIError(413, f"request body is {length} bytes; the limit is {self.max_body_bytes}")
@@ -195,74 +170,41 @@ class Server:
             m.of(m.request_prompt).observe(len(p))
         return job
 
-    def token_text(self, i: int) -> tuple[str, list[int]]:
-        b = self.tok.token_bytes(i)
-        return b.decode("utf-8", errors="replace"), list(b)
+    def chat_prompt(self, req: ChatRequest) -> tuple[str, list[int]]:
+        """The request's messages rendered by the chat template: (text, token ids)."""
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        if all(m["role"] == "system" for m in messages):
+            raise APIError(400, "messages has no user or assistant turn: add a user message", "messages")
+        try:
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise APIError(400, f"messages cannot be rendered: {e}", "messages") from None
+        return text, self.tok.encode(text)
+
+    def completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        """The request's prompts as token ids, and as the text an echo shows."""
+        p = req.prompt
+        prompts = list(p) if not isinstance(p, str) and isinstance(p[0], (str, list)) else [p]
+        if len(prompts) > MAX_PROMPTS:
+            raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt")
+        V, ids_list = self.engine.config.vocab_size, []
+        for x in prompts:
+            if isinstance(x, str):
+                ids = self.tok.encode(x, bos=True)
+            else:
+                bad = [t for t in x if not 0 <= t < V]
+                if bad:
+                    raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {V})", "prompt")
+                ids = list(x)
+            if len(ids) == 0:
+                raise APIError(400, "prompt: empty prompt", "prompt")
+            ids_list.append(ids)
+        texts = [x if isinstance(x, str) else self.tok.decode(x).removeprefix(self.tok.bos_token) for x in prompts]
+        return ids_list, texts
 
 
-class Timing:
-    """Per-request latency metrics: time to first token, inter-token latency, queue time, end to end."""
-
-    def __init__(self, metrics: ServerMetrics) -> None:
-        self.m, self.start, self.last = metrics, time.perf_counter(), None
-
-    def on_update(self, up: Update) -> None:
-        m, now, n = self.m, time.perf_counter(), len(up.token_ids)
-        if up.queue_time is not None:
-            m.of(m.queue_time).observe(up.queue_time)
-        if not n:
-            return
-        m.of(m.generation_tokens).inc(n)
-        if self.last is None:
-            m.of(m.ttft).observe(now - self.start)
-            gaps, gap = n - 1, 0.0  # tokens that came with the first (an accepted MTP draft)
-        else:
-            gaps, gap = n, (now - self.last) / n
-        for _ in range(gaps):
-            m.of(m.itl).observe(gap)
-        self.last = now
-
-    def on_finish(self, choices: list[Choice]) -> None:
-        m = self.m
-        m.of(m.e2e).observe(time.perf_counter() - self.start)
-        for c in choices:
-            if c.finish_reason in ("stop", "length"):
-                m.success.labels(model_name=m.model_name, finished_reason=c.finish_reason).inc()
-            m.of(m.request_generation).observe(c.tokens)
-
-
-# ================================================================================================ responses
-def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
-    completion = sum(c.tokens for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-def _chat_logprobs(server: Server, entries: list) -> dict:
-    content = []
-    for tid, lp, top in entries:
-        text, b = server.token_text(tid)
-        alts = [dict(zip(("token", "bytes"), server.token_text(t)), logprob=v) for t, v in top.items()]
-        content.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": alts})
-    return {"content": content}
-
-
-def _completion_logprobs(server: Server, entries: list, offset: int) -> dict:
-    tokens, lps, tops, offsets = [], [], [], []
-    for tid, lp, top in entries:
-        text = server.token_text(tid)[0]
-        tokens.append(text)
-        lps.append(lp)
-        tops.append({server.token_text(t)[0]: v for t, v in top.items()})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _sse(obj: dict | str) -> bytes:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
-
-
-async def _collect(job: Job, choices: list[Choice], timing: Timing, request) -> None:
+# ================================================================================================== handlers
+async def _collect(job: Job, choices: list[Choice], timing: Timing, request: Request) -> None:
     """Run a non-streaming request to the end (or until its client leaves); 500 if generation failed."""
     try:
         async for i, up in job.updates(request):
@@ -273,14 +215,74 @@ async def _collect(job: Job, choices: list[Choice], timing: Timing, request) -> 
     for c in choices:
         if c.finish_reason == "error":
             raise APIError(500, c.error or "generation failed")
-    timing.on_finish(choices)
+    timing.on_finish([c.finished() for c in choices])
 
 
-def _event_stream(stream: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+def _event_stream(job: Job, events: AsyncIterator[bytes]) -> StreamingResponse:
+    """A server-sent events response; the job's sequences are aborted when it ends or its client leaves."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            job.close()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-# ================================================================================================== the app
+def _meta(prefix: str, server: Server) -> dict:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
+
+
+async def chat_completions(server: Server, request: Request) -> Response:
+    timing = Timing(server.metrics)  # from arrival: time to first token includes validation and queueing
+    server.check_auth(request)
+    req: ChatRequest = validate(ChatRequest, await server.read_body(request))
+    server.check_model(req.model)
+    prompt_text, ids = server.chat_prompt(req)
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    n_tokens = server.max_tokens(asked, len(ids))
+    params = [req.sampling_params(n_tokens, i, req.top_logprobs or 0, bool(req.logprobs)) for i in range(req.n)]
+    opens_think = prompt_opens_think(prompt_text)
+    choices = [
+        Choice(i, ReasoningSplitter(opens_think) if server.reasoning else None, params[i].stop) for i in range(req.n)
+    ]
+    job = server.start_job([ids] * req.n, params)
+    meta = _meta("chatcmpl", server)
+    if req.stream:
+        fmt = chat_stream(meta, len(ids), req, server.tok)
+        return _event_stream(job, sse_events(fmt, choices, job.updates(), timing))
+    await _collect(job, choices, timing, request)
+    return JSONResponse(chat_response(meta, choices, len(ids), server.tok, bool(req.logprobs)))
+
+
+async def completions(server: Server, request: Request) -> Response:
+    timing = Timing(server.metrics)
+    server.check_auth(request)
+    req: CompletionRequest = validate(CompletionRequest, await server.read_body(request))
+    server.check_model(req.model)
+    ids_list, texts = server.completion_prompts(req)
+    n_tokens = [server.max_tokens(req.max_tokens, len(ids)) for ids in ids_list]
+    want = req.logprobs is not None
+    prompts = [ids for ids in ids_list for _ in range(req.n)]  # choice k answers prompt k // n
+    params = [
+        req.sampling_params(n_tokens[k // req.n], k % req.n, req.logprobs or 0, want) for k in range(len(prompts))
+    ]
+    echo = [texts[k // req.n] if req.echo else "" for k in range(len(prompts))]
+    choices = [Choice(k, None, params[k].stop) for k in range(len(prompts))]
+    job = server.start_job(prompts, params)
+    meta, prompt_tokens = _meta("cmpl", server), sum(len(ids) for ids in ids_list)
+    if req.stream:
+        fmt = completion_stream(meta, prompt_tokens, req, server.tok, echo)
+        return _event_stream(job, sse_events(fmt, choices, job.updates(), timing))
+    await _collect(job, choices, timing, request)
+    return JSONResponse(completion_response(meta, choices, prompt_tokens, server.tok, echo, want))
+
+
+# ==================================================================================================== routes
 def build_app(server: Server) -> FastAPI:
     app = FastAPI(title="nanoseek", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -335,193 +337,13 @@ def build_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        timing = Timing(server.metrics)  # from arrival: time to first token includes validation and queueing
-        server.check_auth(request)
-        req: ChatRequest = validate(ChatRequest, await server.read_body(request))
-        server.check_model(req.model)
-        messages = []
-        for m in req.messages:
-            role = "system" if m.role == "developer" else m.role
-            messages.append({"role": role, "content": m.text()})
-        if all(m["role"] == "system" for m in messages):
-            raise APIError(400, "messages has no user or assistant turn: add a user message", "messages")
-        try:
-            prompt_text = server.tok.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError as e:
-            raise APIError(400, f"messages cannot be rendered: {e}", "messages") from None
-        ids = server.tok.encode(prompt_text)
-        if req.top_logprobs and not req.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        n_tokens = server.max_tokens(asked, len(ids))
-        top = req.top_logprobs or 0
-        params = [req.sampling_params(n_tokens, i, top, bool(req.logprobs)) for i in range(req.n)]
-        opens_think = prompt_opens_think(prompt_text)
-        choices = [
-            Choice(i, ReasoningSplitter(opens_think) if server.reasoning else None, params[i].stop)
-            for i in range(req.n)
-        ]
-        job = server.start_job([ids] * req.n, params)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
-        if req.stream:
-            stream = _stream_chat(server, job, choices, timing, meta, len(ids), req)
-            return _event_stream(stream)
-        await _collect(job, choices, timing, request)
-        out = []
-        for c in choices:
-            if c.splitter is not None:
-                reasoning, content = split_reasoning(c.text, opens_think)
-            else:
-                reasoning, content = None, c.text
-            message = {"role": "assistant", "content": content if (content or reasoning is None) else None}
-            if server.reasoning:
-                message.update(reasoning_content=reasoning, reasoning=reasoning)
-            out.append(
-                {
-                    "index": c.index,
-                    "message": message,
-                    "logprobs": _chat_logprobs(server, c.logprobs) if req.logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-            )
-        body = {**meta, "object": "chat.completion", "choices": out, "usage": _usage(len(ids), choices)}
-        return JSONResponse(body)
+        return await chat_completions(server, request)
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        timing = Timing(server.metrics)
-        server.check_auth(request)
-        req: CompletionRequest = validate(CompletionRequest, await server.read_body(request))
-        server.check_model(req.model)
-        p = req.prompt
-        if isinstance(p, str):
-            prompts = [p]
-        elif isinstance(p[0], (str, list)):
-            prompts = list(p)
-        else:
-            prompts = [p]
-        if len(prompts) > MAX_PROMPTS:
-            raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt")
-        V = server.engine.config.vocab_size
-        ids_list = []
-        for x in prompts:
-            if isinstance(x, str):
-                ids = server.tok.encode(x, bos=True)
-            else:
-                bad = [t for t in x if not 0 <= t < V]
-                if bad:
-                    raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {V})", "prompt")
-                ids = list(x)
-            if len(ids) == 0:
-                raise APIError(400, "prompt: empty prompt", "prompt")
-            ids_list.append(ids)
-        n_tokens = [server.max_tokens(req.max_tokens, len(ids)) for ids in ids_list]
-        top = req.logprobs or 0
-        want = req.logprobs is not None
-        seqs, params = [], []
-        for j, ids in enumerate(ids_list):
-            for i in range(req.n):
-                seqs.append(ids)
-                params.append(req.sampling_params(n_tokens[j], i, top, want))
-        bos = server.tok.bos_token
-        echo = [x if isinstance(x, str) else server.tok.decode(x).removeprefix(bos) for x in prompts]
-        echo = echo if req.echo else [""] * len(prompts)
-        choices = [Choice(k, None, params[k].stop) for k in range(len(seqs))]
-        job = server.start_job(seqs, params)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
-        prompt_tokens = sum(len(ids) for ids in ids_list)
-        if req.stream:
-            stream = _stream_completion(server, job, choices, timing, meta, prompt_tokens, req, echo)
-            return _event_stream(stream)
-        await _collect(job, choices, timing, request)
-        out = []
-        for c in choices:
-            head = echo[c.index // req.n]
-            lp = _completion_logprobs(server, c.logprobs, len(head)) if want else None
-            out.append({"index": c.index, "text": head + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
-        body = {**meta, "object": "text_completion", "choices": out, "usage": _usage(prompt_tokens, choices)}
-        return JSONResponse(body)
+    async def complete(request: Request):
+        return await completions(server, request)
 
     return app
-
-
-async def _stream_chat(server, job, choices, timing, meta, prompt_tokens, req) -> AsyncIterator[bytes]:
-    usage_field = {"usage": None} if req.include_usage else {}
-
-    def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> bytes:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return _sse({**meta, "object": "chat.completion.chunk", "choices": [choice], **usage_field})
-
-    try:
-        for c in choices:
-            yield chunk(c.index, {"role": "assistant", "content": ""})
-        async for i, up in job.updates():
-            c = choices[i]
-            n_lp = len(c.logprobs)
-            text = c.advance(up)
-            timing.on_update(up)
-            if c.finish_reason == "error":
-                yield _sse(APIError(500, c.error or "generation failed").body())
-                break
-            delta = {}
-            if c.splitter is not None:
-                reasoning, content = c.splitter.feed(text, final=c.finish_reason is not None)
-                if reasoning:
-                    delta.update(reasoning_content=reasoning, reasoning=reasoning)
-                if content:
-                    delta["content"] = content
-            elif text:
-                delta["content"] = text
-            logprobs = _chat_logprobs(server, c.logprobs[n_lp:]) if req.logprobs and len(c.logprobs) > n_lp else None
-            if delta or logprobs:
-                yield chunk(i, delta, logprobs=logprobs)
-            if c.finish_reason is not None:
-                yield chunk(i, {}, c.finish_reason)
-        else:
-            timing.on_finish(choices)
-            if req.include_usage:
-                yield _sse(
-                    {**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(prompt_tokens, choices)}
-                )
-        yield _sse("[DONE]")
-    finally:
-        job.close()
-
-
-async def _stream_completion(server, job, choices, timing, meta, prompt_tokens, req, echo) -> AsyncIterator[bytes]:
-    usage_field = {"usage": None} if req.include_usage else {}
-
-    def chunk(index: int, text: str, finish: str | None = None, logprobs=None) -> bytes:
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return _sse({**meta, "object": "text_completion", "choices": [choice], **usage_field})
-
-    try:
-        for c in choices:
-            if echo[c.index // req.n]:
-                yield chunk(c.index, echo[c.index // req.n])
-        async for i, up in job.updates():
-            c = choices[i]
-            n_lp, offset = len(c.logprobs), c.shown
-            text = c.advance(up)
-            timing.on_update(up)
-            if c.finish_reason == "error":
-                yield _sse(APIError(500, c.error or "generation failed").body())
-                break
-            want = req.logprobs is not None and len(c.logprobs) > n_lp
-            logprobs = _completion_logprobs(server, c.logprobs[n_lp:], offset) if want else None
-            if text or logprobs:
-                yield chunk(i, text, logprobs=logprobs)
-            if c.finish_reason is not None:
-                yield chunk(i, "", c.finish_reason)
-        else:
-            timing.on_finish(choices)
-            if req.include_usage:
-                yield _sse(
-                    {**meta, "object": "text_completion", "choices": [], "usage": _usage(prompt_tokens, choices)}
-                )
-        yield _sse("[DONE]")
-    finally:
-        job.close()
 
 
 # ================================================================================================= start-up
@@ -534,6 +356,3 @@ def warm_up(engine: Engine) -> None:
             sizes.append(sizes[-1] * 2)
     for n in sizes:
         engine.generate([[engine.config.bos_token_id or 0] * 4] * n, SamplingParams(temperature=0, max_tokens=20))
-
-
-

@@ -3,7 +3,11 @@ dashboards and alerts people already have for vLLM work unchanged."""
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from nanoseek.infer.engine_loop import Update
 
 # seconds; the same spirit as vLLM's buckets: fine below 100 ms, coarse up to minutes
 LATENCY_BUCKETS = (
@@ -72,3 +76,35 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class Timing:
+    """One request's latency metrics: time to first token, inter-token latency, queue time, end to end."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.m, self.start, self.last = metrics, time.perf_counter(), None
+
+    def on_update(self, up: Update) -> None:
+        m, now, n = self.m, time.perf_counter(), len(up.token_ids)
+        if up.queue_time is not None:
+            m.of(m.queue_time).observe(up.queue_time)
+        if not n:
+            return
+        m.of(m.generation_tokens).inc(n)
+        if self.last is None:
+            m.of(m.ttft).observe(now - self.start)
+            gaps, gap = n - 1, 0.0  # tokens that came with the first (an accepted MTP draft)
+        else:
+            gaps, gap = n, (now - self.last) / n
+        for _ in range(gaps):
+            m.of(m.itl).observe(gap)
+        self.last = now
+
+    def on_finish(self, finished: list[tuple[str | None, int]]) -> None:
+        """The request is done: (finish reason, tokens generated) of each of its sequences."""
+        m = self.m
+        m.of(m.e2e).observe(time.perf_counter() - self.start)
+        for reason, tokens in finished:
+            if reason in ("stop", "length"):
+                m.success.labels(model_name=m.model_name, finished_reason=reason).inc()
+            m.of(m.request_generation).observe(tokens)

@@ -1,17 +1,28 @@
-"""The OpenAI API's request bodies (the fields nanoseek serves), validated strictly, and its error envelope.
+"""The OpenAI API as nanoseek speaks it: request bodies, the error envelope, responses and server-sent events.
 
-Unknown fields are ignored, as OpenAI does; a known field of the wrong type or out of range is an `APIError`
-(400) that names the field. Types are strict: `"1"` is not a number and `true` is not an int.
+Requests: unknown fields are ignored, as OpenAI does; a known field of the wrong type or out of range is an
+`APIError` (400) that names the field. Types are strict: `"1"` is not a number and `true` is not an int.
+
+Responses: each sequence of a request is a `Choice` fed the engine loop's updates; it becomes a chat message or a
+completion's text (`chat_response`, `completion_response`), or a stream of chunks (`sse_events`; the two
+endpoints' chunks differ only as their `StreamFormat` says). The thinking part of `<think>` models goes to
+`reasoning_content` (DeepSeek's API, SGLang) and `reasoning` (vLLM), never to `content`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nanoseek.infer.engine_loop import Update
+from nanoseek.infer.reasoning import ReasoningSplitter, partial_suffix, split_reasoning
 from nanoseek.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from nanoseek.infer.server.metrics import Timing
+from nanoseek.tokenizer import Tokenizer
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
@@ -158,3 +169,200 @@ def _is_union_branch(part) -> bool:
     return isinstance(part, str) and (
         part in ("str", "int", "float", "bool") or "[" in part or part.startswith("function")
     )
+
+
+# ================================================================================================ responses
+@dataclass
+class Choice:
+    """One sequence of a request, as the client sees it: text released so far, reasoning split, counts."""
+
+    index: int
+    splitter: ReasoningSplitter | None  # chat replies of a `<think>` model
+    stops: list[str]
+    shown: int = 0  # characters of the completion released to the client
+    tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    text: str = ""
+    logprobs: list = field(default_factory=list)  # per token: (id, logprob, {id: logprob})
+
+    def advance(self, up: Update) -> str:
+        """Record an update; return the newly released text. Text that may still become a stop string is held
+        back until the next update decides it (the engine's text never ends in half a character)."""
+        self.tokens += len(up.token_ids)
+        tops = up.top_logprobs or [{}] * len(up.token_ids)
+        self.logprobs += list(zip(up.token_ids, up.logprobs, tops))
+        self.finish_reason, self.error = up.finish_reason, up.error
+        if up.finish_reason in ("abort", "error"):
+            return ""
+        text, cut = up.text, len(up.text)
+        if up.finish_reason is None:
+            cut -= max((partial_suffix(text, s) for s in self.stops), default=0)
+        new = text[self.shown : cut] if cut > self.shown else ""
+        self.shown, self.text = max(self.shown, cut), text[: max(self.shown, cut)]
+        return new
+
+    def finished(self) -> tuple[str | None, int]:
+        """(finish reason, tokens generated): what the request metrics record."""
+        return self.finish_reason, self.tokens
+
+
+def token_text(tok: Tokenizer, i: int) -> tuple[str, list[int]]:
+    """A token as logprobs show it: its text (lossy for part of a character) and its bytes."""
+    b = tok.token_bytes(i)
+    return b.decode("utf-8", errors="replace"), list(b)
+
+
+def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def chat_logprobs(tok: Tokenizer, entries: list) -> dict:
+    content = []
+    for tid, lp, top in entries:
+        text, b = token_text(tok, tid)
+        alts = [dict(zip(("token", "bytes"), token_text(tok, t)), logprob=v) for t, v in top.items()]
+        content.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": alts})
+    return {"content": content}
+
+
+def completion_logprobs(tok: Tokenizer, entries: list, offset: int) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    for tid, lp, top in entries:
+        text = token_text(tok, tid)[0]
+        tokens.append(text)
+        lps.append(lp)
+        tops.append({token_text(tok, t)[0]: v for t, v in top.items()})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_response(meta: dict, choices: list[Choice], prompt_tokens: int, tok: Tokenizer, logprobs: bool) -> dict:
+    """The `chat.completion` body. `meta`: id, created, model."""
+    out = []
+    for c in choices:
+        opens_think = c.splitter is not None and c.splitter.starts_in_think
+        reasoning, content = split_reasoning(c.text, opens_think) if c.splitter is not None else (None, c.text)
+        message = {"role": "assistant", "content": content if (content or reasoning is None) else None}
+        if c.splitter is not None:
+            message.update(reasoning_content=reasoning, reasoning=reasoning)
+        lp = chat_logprobs(tok, c.logprobs) if logprobs else None
+        out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason})
+    return {**meta, "object": "chat.completion", "choices": out, "usage": usage(prompt_tokens, choices)}
+
+
+def completion_response(
+    meta: dict, choices: list[Choice], prompt_tokens: int, tok: Tokenizer, echo: list[str], logprobs: bool
+) -> dict:
+    """The `text_completion` body; echo[k]: the text choice k starts with (its prompt, or "")."""
+    out = []
+    for c in choices:
+        lp = completion_logprobs(tok, c.logprobs, len(echo[c.index])) if logprobs else None
+        out.append({"index": c.index, "text": echo[c.index] + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+    return {**meta, "object": "text_completion", "choices": out, "usage": usage(prompt_tokens, choices)}
+
+
+# ================================================================================================== streams
+@dataclass
+class StreamFormat:
+    """What tells the chat stream from the completions stream: the chunk object, and each choice's payloads
+    (`{"delta": ...}` or `{"text": ...}`, then `"logprobs"`)."""
+
+    object: str  # "chat.completion.chunk" or "text_completion"
+    meta: dict  # id, created, model
+    prompt_tokens: int
+    include_usage: bool
+    opening: Callable[[Choice], dict | None]  # the chunk each choice starts with, if any
+    piece: Callable[[Choice, str, list, int], dict | None]  # (choice, new text, new logprob entries, text offset)
+    closing: dict  # the payload of the chunk that carries the finish reason
+
+
+def chat_stream(meta: dict, prompt_tokens: int, req: ChatRequest, tok: Tokenizer) -> StreamFormat:
+    """Chat chunks: the role first, then deltas with the reasoning split from the content."""
+
+    def piece(c: Choice, text: str, entries: list, offset: int) -> dict | None:
+        delta = {}
+        if c.splitter is not None:
+            reasoning, content = c.splitter.feed(text, final=c.finish_reason is not None)
+            if reasoning:
+                delta.update(reasoning_content=reasoning, reasoning=reasoning)
+            if content:
+                delta["content"] = content
+        elif text:
+            delta["content"] = text
+        lp = chat_logprobs(tok, entries) if req.logprobs and entries else None
+        return {"delta": delta, "logprobs": lp} if delta or lp else None
+
+    role = {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
+    return StreamFormat(
+        object="chat.completion.chunk",
+        meta=meta,
+        prompt_tokens=prompt_tokens,
+        include_usage=req.include_usage,
+        opening=lambda c: role,
+        piece=piece,
+        closing={"delta": {}, "logprobs": None},
+    )
+
+
+def completion_stream(
+    meta: dict, prompt_tokens: int, req: CompletionRequest, tok: Tokenizer, echo: list[str]
+) -> StreamFormat:
+    """Completion chunks: the echoed prompt first (when asked), then text."""
+
+    def piece(c: Choice, text: str, entries: list, offset: int) -> dict | None:
+        lp = completion_logprobs(tok, entries, offset) if req.logprobs is not None and entries else None
+        return {"text": text, "logprobs": lp} if text or lp else None
+
+    def opening(c: Choice) -> dict | None:
+        return {"text": echo[c.index], "logprobs": None} if echo[c.index] else None
+
+    return StreamFormat(
+        object="text_completion",
+        meta=meta,
+        prompt_tokens=prompt_tokens,
+        include_usage=req.include_usage,
+        opening=opening,
+        piece=piece,
+        closing={"text": "", "logprobs": None},
+    )
+
+
+def sse(obj: dict | str) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+async def sse_events(
+    fmt: StreamFormat, choices: list[Choice], updates: AsyncIterator[tuple[int, Update]], timing: Timing
+) -> AsyncIterator[bytes]:
+    """The server-sent events of a streaming request: a chunk per choice and update with something new, a
+    closing chunk per choice, the usage chunk when asked, `[DONE]`. A failed generation ends the stream with an
+    error event (the 200 status is already sent)."""
+    usage_field = {"usage": None} if fmt.include_usage else {}
+
+    def chunk(index: int, payload: dict, finish: str | None = None) -> bytes:
+        choice = {"index": index, **payload, "finish_reason": finish}
+        return sse({**fmt.meta, "object": fmt.object, "choices": [choice], **usage_field})
+
+    for c in choices:
+        if (payload := fmt.opening(c)) is not None:
+            yield chunk(c.index, payload)
+    async for i, up in updates:
+        c = choices[i]
+        n_lp, offset = len(c.logprobs), c.shown
+        text = c.advance(up)
+        timing.on_update(up)
+        if c.finish_reason == "error":
+            yield sse(APIError(500, c.error or "generation failed").body())
+            break
+        if (payload := fmt.piece(c, text, c.logprobs[n_lp:], offset)) is not None:
+            yield chunk(i, payload)
+        if c.finish_reason is not None:
+            yield chunk(i, fmt.closing, c.finish_reason)
+    else:
+        timing.on_finish([c.finished() for c in choices])
+        if fmt.include_usage:
+            yield sse({**fmt.meta, "object": fmt.object, "choices": [], "usage": usage(fmt.prompt_tokens, choices)})
+    yield sse("[DONE]")
