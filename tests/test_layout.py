@@ -16,7 +16,7 @@ ROOT = Path(nanoseek.__file__).parent
 # DESIGN.md's "layers point one way", with distributed/ (process group, DDP/FSDP2, EP: it needs only the model)
 # placed below checkpoint/, whose dcp.py saves and loads sharded checkpoints through the process group.
 LAYERS = [
-    {"config", "tokenizer", "io"},
+    {"config", "presets", "tokenizer", "io"},
     {"model", "tasks", "data"},
     {"distributed"},
     {"checkpoint"},

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanoseek.checkpoint import hub_v4
 from nanoseek.config import ModelConfig
 from nanoseek.io import atomic_dir, atomic_path, atomic_write_text
 from nanoseek.model import Transformer
@@ -87,7 +88,7 @@ def internal_to_hf(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"{prefix}{base}{e}.down_proj.weight", t[e].T
         else:
             yield prefix + rest, t
-    for k in range(c.num_nextn_predict_layers):  # real V3 checkpoints carry copies; vLLM/SGLang read them
+    for k in range(len(model.mtp)):  # real V3 checkpoints carry copies; vLLM/SGLang read them
         prefix = f"model.layers.{c.num_hidden_layers + k}."
         yield prefix + "embed_tokens.weight", model.embed_tokens.weight
         yield prefix + "shared_head.head.weight", model.lm_head.weight
@@ -126,6 +127,8 @@ def write_model_files(
         t = t.detach().to("cpu")
         if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
             t = t.to(dtype)
+        if c.is_v4:  # DeepSeek's hub names, which transformers reads too
+            name, t = hub_v4.hub_tensor(name, t)
         t = t.contiguous().clone() if not t.is_contiguous() or t.storage_offset() else t.clone()
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
@@ -200,6 +203,11 @@ def load_model(
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     config = ModelConfig.from_json(model_dir)
     files = weight_files(model_dir)
+    stored: dict[str, str] = {}  # name used below -> name in the file, where they differ (V4's hub names)
+    if config.is_v4:
+        stored = {hub_v4.hf_name(n, config): n for n in files}
+        stored.pop(None, None)
+        files = {name: files[raw] for name, raw in stored.items()}
     names = set(files)
     # HF's own classes save no MTP weights: then build the model without MTP rather than fail
     mtp_prefixes = [f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers)]
@@ -217,7 +225,8 @@ def load_model(
     if config.tie_word_embeddings:  # to_empty gives every parameter its own storage
         model.lm_head.weight = model.embed_tokens.weight
     for m in model.moe_layers():  # the balancing bias stays fp32 whatever the model dtype
-        m.gate.e_score_correction_bias = torch.zeros(config.n_routed_experts, dtype=torch.float32, device=device)
+        if m.gate.e_score_correction_bias is not None:  # V4's hash-routed layers have none
+            m.gate.e_score_correction_bias = torch.zeros(config.n_routed_experts, dtype=torch.float32, device=device)
     params = dict(model.state_dict(keep_vars=True))
     filled: set[str] = set()
     handles: dict[Path, object] = {}
@@ -226,7 +235,7 @@ def load_model(
         f = files[name]
         if f not in handles:
             handles[f] = safe_open(str(f), framework="pt", device="cpu")
-        return handles[f].get_tensor(name)
+        return handles[f].get_tensor(stored.get(name, name))
 
     for name in sorted(names, key=lambda n: (str(files[n]), n)):
         if name.endswith("_scale_inv"):
