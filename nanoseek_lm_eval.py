@@ -3,7 +3,7 @@
 lm-eval (0.4.x) finds models only in its own registry and has no plugin discovery, so `nanoseek_lm_eval.pth`
 (installed next to this module) imports this module at interpreter start. It loads nothing: it only watches for
 `lm_eval.models`, lm-eval's table of built-in models, and when that is imported adds a lazy entry
-`nanoseek -> nanoseek.harness:NanoseekLM`, so the adapter (and torch) load only when `--model nanoseek` is used.
+`nanoseek -> nanoseek.eval.harness:NanoseekLM`, so the adapter (and torch) load only when `--model nanoseek` is used.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import importlib.machinery
 import sys
 
 MODEL_NAME = "nanoseek"
-TARGET = "nanoseek.harness:NanoseekLM"
+TARGET = "nanoseek.eval.harness:NanoseekLM"
 
 
 def register() -> None:

@@ -93,7 +93,7 @@ def speculation(ours: Transformer, args) -> dict:
     decode_speedup = tokens_per_step / step_cost_ratio exactly: with greedy output identical, plain decoding
     takes one step per token and speculation one step per 1 + (accepted drafts) tokens, each step costing
     step_cost_ratio plain steps. step_anatomy_us says where a speculative step's cost comes from."""
-    from nanoseek.data.tasks import generate as make_problems
+    from nanoseek.tasks.problems import generate as make_problems
     from nanoseek.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(args.model)
@@ -145,13 +145,13 @@ def step_anatomy(spec: Engine, reps: int) -> dict[str, float]:
     2 tokens, the MTP block on 2 positions (their cache entries, then attention, MoE and head for the last, as
     a redraft after an accepted draft), and the fused speculative step (verify + MTP redraft)."""
     model, kv, mtp_kv = spec.model, spec.cache.kv, spec.mtp_cache.kv[0]
-    mtp = model.mtp_cached_step if spec._mtp_fn is None else spec._mtp_fn
+    mtp, runner = spec.speculator.mtp_fn, spec.runner
 
     def timed(fn, *args) -> float:
         _sync()
         t = time.perf_counter()
         for _ in range(50):
-            spec._call(fn, *args)
+            runner.call(fn, *args)
         _sync()
         return (time.perf_counter() - t) / 50
 
@@ -159,14 +159,14 @@ def step_anatomy(spec: Engine, reps: int) -> dict[str, float]:
     with torch.inference_mode(), single_thread():
         start, slots, one, two, last = (torch.tensor(x, device=spec.device) for x in ([20], [0], [[5]], [[5, 6]], [1]))
         calls = {
-            "step_1_token": (spec._step_fn, one, kv, None, start, 32),
-            "verify_2_tokens": (spec._step_fn, two, kv, None, start, 32),
+            "step_1_token": (runner.step_fn, one, kv, None, start, 32),
+            "verify_2_tokens": (runner.step_fn, two, kv, None, start, 32),
             "mtp_2_positions": (mtp, kv.new_zeros(1, 2, model.config.hidden_size), two, mtp_kv, slots, start, 32, last),
         }
-        if spec._spec_fn is not None:
-            calls["speculative_step"] = (spec._spec_fn, two, kv, mtp_kv, None, start, 32)
+        if spec.speculator.greedy_fn is not None:
+            calls["speculative_step"] = (spec.speculator.greedy_fn, two, kv, mtp_kv, None, start, 32)
         for call in calls.values():  # compiles what generation did not
-            spec._call(*call), spec._call(*call)
+            runner.call(*call), runner.call(*call)
         times = alternate({name: (lambda c=call: timed(*c)) for name, call in calls.items()}, 4 * reps)
     return {name: round(1e6 * statistics.median(t), 1) for name, t in times.items()}
 
@@ -182,7 +182,7 @@ def gguf_bench(args) -> dict:
     import numpy as np
 
     from benchmarks.gguf_eval import last_logits
-    from nanoseek.gguf_export import export_gguf
+    from nanoseek.export.gguf import export_gguf
 
     if not args.model:
         raise SystemExit("--gguf needs --model DIR: the model the GGUF file was (or will be) exported from")

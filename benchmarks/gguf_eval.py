@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.data.tasks import LEVELS, generate
-from nanoseek.eval import evaluate, is_correct, prompt_ids, to_item
-from nanoseek.gguf_export import DTYPES, export_gguf
+from nanoseek.eval.evaluate import evaluate
+from nanoseek.export.gguf import DTYPES, export_gguf
 from nanoseek.infer.engine import Engine
+from nanoseek.tasks.problems import LEVELS, generate
+from nanoseek.tasks.sources import prompt_ids
+from nanoseek.tasks.verify import is_correct, to_item
 
 
 def last_logits(llm) -> np.ndarray:

@@ -19,11 +19,13 @@ import json
 import time
 from pathlib import Path
 
-from nanoseek.config import atomic_write_text
-from nanoseek.eval import compare, evaluate
+from benchmarks import run_command
+from nanoseek.eval.evaluate import compare, evaluate
 from nanoseek.infer.engine import Engine
-from nanoseek.speedrun import _checkpoint, _stage
-from nanoseek.train.grpo import has_reasoning, task_eval_examples
+from nanoseek.io import atomic_write_text
+from nanoseek.speedrun.recipe import checkpoint_of
+from nanoseek.tasks.rewards import has_reasoning
+from nanoseek.tasks.sources import task_eval_examples
 
 
 def score(model_dir: Path, problems: list[dict]) -> dict:
@@ -51,14 +53,14 @@ def main() -> None:
     if not args.rescore:
         seed = ["--seed", str(args.seed)]
         sft_data = ["--data", "builtin:arithmetic", "--worked-fraction", str(args.worked_fraction)]
-        _stage("cold-start SFT", ["sft", "--model", args.pretrained, *sft_data, "--out", str(cold), "--time-budget", str(args.cold_start_s), *seed])  # fmt: skip
-        start = str(_checkpoint(cold))
-        _stage("GRPO", ["grpo", "--model", start, "--task", "arithmetic", "--levels", *args.levels, "--out", str(grpo), "--time-budget", str(args.rl_s), "--lr", str(args.lr), "--eval-every", "20", "--eval-n", "100", *seed])  # fmt: skip
-        _stage("control SFT", ["sft", "--model", start, *sft_data, "--out", str(control), "--time-budget", str(args.rl_s), *seed])  # fmt: skip
+        run_command("cold-start SFT", ["sft", "--model", args.pretrained, *sft_data, "--out", str(cold), "--time-budget", str(args.cold_start_s), *seed])  # fmt: skip
+        start = str(checkpoint_of(cold))
+        run_command("GRPO", ["grpo", "--model", start, "--task", "arithmetic", "--levels", *args.levels, "--out", str(grpo), "--time-budget", str(args.rl_s), "--lr", str(args.lr), "--eval-every", "20", "--eval-n", "100", *seed])  # fmt: skip
+        run_command("control SFT", ["sft", "--model", start, *sft_data, "--out", str(control), "--time-budget", str(args.rl_s), *seed])  # fmt: skip
 
     # distinct problems spread over the levels; ask for a few more, as duplicates are dropped
     problems = task_eval_examples("arithmetic", args.levels, args.n + 20, "test", seed=args.seed + 777)[: args.n]
-    models = {"cold start": _checkpoint(cold), "GRPO": _checkpoint(grpo), "control": _checkpoint(control)}
+    models = {"cold start": checkpoint_of(cold), "GRPO": checkpoint_of(grpo), "control": checkpoint_of(control)}
     evals = {name: score(d, problems) for name, d in models.items()}
     correct = {name: [r["correct"] for r in e["results"]] for name, e in evals.items()}
     result = {

@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def write_tasks(d: Path, n: int, chat_prefix: str, chat_suffix: str) -> list[str]:
-    from nanoseek.data.tasks import generate
+    from nanoseek.tasks.problems import generate
 
     problems = generate("arithmetic", n, seed=3, split="test", level="3x12")
     rows = []
@@ -101,7 +101,7 @@ def run(model: str, model_args: str, task_dir: Path, tasks: list[str]) -> dict:
 def main() -> None:
     import lm_eval
 
-    import nanoseek.harness  # noqa: F401  registers --model nanoseek (the CLI uses the installed hook)
+    import nanoseek.eval.harness  # noqa: F401  registers --model nanoseek (the CLI uses the installed hook)
     from nanoseek.tokenizer import ASSISTANT, USER, Tokenizer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer, save_model
-from nanoseek.flops import flops_per_token
+from nanoseek.model.flops import flops_per_token
 
 
 def _sync(device: torch.device | None) -> None:

@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks import run_command
 from nanoseek import ModelConfig, Transformer, load_model, save_model
-from nanoseek.data.shards import TokenLoader, load_manifest
-from nanoseek.data.tasks import LEVELS, generate
-from nanoseek.eval import evaluate
+from nanoseek.checkpoint.run import latest_checkpoint
+from nanoseek.data.shards import TokenLoader, find_tokenizer, load_manifest
+from nanoseek.eval.evaluate import evaluate
 from nanoseek.infer.engine import Engine
-from nanoseek.speedrun import _stage
-from nanoseek.train.checkpointing import latest_checkpoint
-from nanoseek.train.loop import find_tokenizer
+from nanoseek.tasks.problems import LEVELS, generate
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.schedule import lr_at
 
@@ -93,7 +92,7 @@ def main() -> None:
     result["transformers"] = {**hf, "accuracy": score(out / "transformers", tokenizer, args.n)}
 
     recipe = ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr)]
-    _stage("nanoseek train", ["train", "--init-from", str(out / "init"), "--data", args.data, "--out", str(out / "nanoseek"), "--time-budget", str(args.seconds), "--schedule", args.schedule, "--mtp-weight", "0", "--eval-every", "0", "--save-every", "0", *recipe])  # fmt: skip
+    run_command("nanoseek train", ["train", "--init-from", str(out / "init"), "--data", args.data, "--out", str(out / "nanoseek"), "--time-budget", str(args.seconds), "--schedule", args.schedule, "--mtp-weight", "0", "--eval-every", "0", "--save-every", "0", *recipe])  # fmt: skip
     rows = [json.loads(line) for line in (out / "nanoseek" / "metrics.jsonl").read_text().splitlines()]
     tokens = rows[-1]["tokens"]
     result["nanoseek"] = {

@@ -80,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
     from nanoseek import ModelConfig, Transformer
     from nanoseek.distributed.data_parallel import Parallel
     from nanoseek.distributed.process_group import all_reduce, init_distributed, shutdown
-    from nanoseek.flops import flops_per_token
+    from nanoseek.model.flops import flops_per_token
     from nanoseek.train.optim import build_optimizer, expert_bias_step
 
     env = init_distributed(args.device)

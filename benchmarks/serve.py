@@ -44,7 +44,7 @@ def percentile(xs: list[float], q: float) -> float:
 def make_model(out: Path) -> Path:
     """A cpu-small model with random weights and the built-in-corpus tokenizer (what the speedrun trains)."""
     from nanoseek import ModelConfig, Transformer, save_model
-    from nanoseek.data.tasks import builtin_corpus
+    from nanoseek.tasks.problems import builtin_corpus
     from nanoseek.tokenizer import train_tokenizer
 
     tok = train_tokenizer(builtin_corpus(2000, seed=0), vocab_size=512)
@@ -180,7 +180,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     model = Path(args.model).resolve() if args.model else make_model(work / "cpu-small")
-    from nanoseek.data.tasks import builtin_corpus
+    from nanoseek.tasks.problems import builtin_corpus
 
     prompts = [line.split("<think>")[0].strip()[:120] for line in builtin_corpus(200, seed=1)]
     servers = {

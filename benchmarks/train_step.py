@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from benchmarks.model_throughput import matmul_peak
 from nanoseek import ModelConfig, Transformer, save_model
-from nanoseek.flops import flops_per_token
+from nanoseek.model.flops import flops_per_token
 from nanoseek.train.optim import build_optimizer, expert_bias_step
 
 

@@ -1,5 +1,5 @@
 import sys
 
-from nanoseek.cli import main
+from nanoseek.cli.main import main
 
 sys.exit(main())

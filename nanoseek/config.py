@@ -1,7 +1,8 @@
-"""ModelConfig: the DeepSeek-V3 hyper-parameters under Hugging Face's field names, and named presets.
+"""ModelConfig: DeepSeek V2/V3/V3.2/V4 hyper-parameters under Hugging Face's field names, and config.json I/O.
 
-A model directory's `config.json` is the HF `DeepseekV3Config` JSON (or `DeepseekV2Config` for V2 checkpoints),
-so the same file is read by nanoseek, `transformers`, vLLM and llama.cpp's converter.
+A model directory's `config.json` is the HF config JSON of its `model_type` (`DeepseekV3Config`, ...V32, ...V4, or
+V2 for V2 checkpoints), so the same file is read by nanoseek, `transformers`, vLLM and llama.cpp's converter. The
+named presets are data in presets.py.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from nanoseek.io import atomic_write_text
+from nanoseek.presets import PRESETS
 
 
 @dataclass
@@ -46,6 +49,25 @@ class ModelConfig:
     aux_loss_alpha: float = 0.0001  # sequence-wise balance loss weight (V3 report: 1e-4)
     # MTP (V3 report, sec. 2.2)
     num_nextn_predict_layers: int = 1
+    # DeepSeek Sparse Attention's lightning indexer (V3.2 report, sec. 2.1); read when model_type is deepseek_v32
+    index_n_heads: int = 64  # n_I
+    index_head_dim: int = 128  # d_I; RoPE (half-split) on its first qk_rope_head_dim dims
+    index_topk: int = 2048  # keys each query attends to; dense causal attention while the context is shorter
+    # DeepSeek-V4 (read when model_type is deepseek_v4; defaults are transformers' DeepseekV4Config's). V4 reuses
+    # q_lora_rank, qk_rope_head_dim (RoPE on the LAST dims of each head), index_* (its indexer picks compressed
+    # entries), rope_scaling (YaRN on compressed layers only), and the MoE fields (no dense layers, no groups).
+    head_dim: int = 512  # width of every query head and of the single shared K=V head
+    sliding_window: int = 128  # W: every layer attends to the last W tokens, itself included
+    layer_types: list[str] | None = None  # per layer: one of V4_LAYER_TYPES
+    compress_rates: dict[str, int] = field(default_factory=lambda: dict(V4_COMPRESS_RATES))  # tokens per entry
+    compress_rope_theta: float = 160000.0  # RoPE base of the compressed layers (rope_theta: sliding-only layers)
+    o_groups: int = 8  # grouped output projection: heads in o_groups groups, each to o_lora_rank dims
+    o_lora_rank: int = 1024
+    hc_mult: int = 4  # mHC: residual streams per token
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    mlp_layer_types: list[str] | None = None  # per layer: "hash_moe" (experts by token id) or "moe"
+    swiglu_limit: float = 10.0  # experts clamp gate <= limit and |up| <= limit before SiLU(gate) * up
     # positions and norms
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
@@ -63,6 +85,8 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
 
     def __post_init__(self) -> None:
+        if self.is_v4:
+            _resolve_v4_layer_types(self)
         self.validate()
 
     # ----------------------------------------------------------------- derived
@@ -87,6 +111,25 @@ class ModelConfig:
             m = yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
             scale *= m * m
         return scale
+
+    @property
+    def sparse_attention(self) -> bool:
+        """True for DeepSeek-V3.2: every MLA layer has a lightning indexer choosing index_topk keys per query."""
+        return self.model_type == "deepseek_v32"
+
+    @property
+    def latent_cache_width(self) -> int:
+        """Numbers cached per token per layer: [c_KV | rope(k_pe)], plus the indexer key [d_I] for V3.2."""
+        return self.kv_lora_rank + self.qk_rope_head_dim + (self.index_head_dim if self.sparse_attention else 0)
+
+    @property
+    def is_v4(self) -> bool:
+        """True for DeepSeek-V4: hybrid compressed attention, mHC residual streams, hash-routed first layers."""
+        return self.model_type == "deepseek_v4"
+
+    def compress_rate(self, layer_idx: int) -> int:
+        """V4: tokens pooled into one compressed KV entry in layer layer_idx (0: sliding window only)."""
+        return self.compress_rates.get(self.layer_types[layer_idx], 0)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense_replace and self.n_routed_experts > 0
@@ -125,14 +168,25 @@ class ModelConfig:
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
         need(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported; DeepSeek uses 'silu'")
         need(
-            self.model_type in ("deepseek_v3", "deepseek_v2"),
-            f"model_type must be 'deepseek_v3' or 'deepseek_v2', got {self.model_type!r}",
+            self.model_type in _ARCHITECTURES,
+            f"model_type must be one of {', '.join(_ARCHITECTURES)}, got {self.model_type!r}",
         )
+        if self.is_v4:
+            _validate_v4(self, need)
+        if self.sparse_attention:
+            need(self.q_lora_rank is not None, "deepseek_v32 needs q_lora_rank: the indexer reads the query latent")
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                v = getattr(self, name)
+                need(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+            need(
+                self.qk_rope_head_dim <= self.index_head_dim,
+                f"index_head_dim ({self.index_head_dim}) must be >= qk_rope_head_dim ({self.qk_rope_head_dim})",
+            )
         if self.n_routed_experts > 0 and self.first_k_dense_replace < self.num_hidden_layers:
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be > 0 for MoE layers")
             need(
-                self.scoring_func in ("sigmoid", "softmax"),
-                f"scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}",
+                self.scoring_func in ("sigmoid", "softmax", "sqrtsoftplus"),
+                f"scoring_func must be 'sigmoid', 'softmax' or 'sqrtsoftplus', got {self.scoring_func!r}",
             )
             need(
                 self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"),
@@ -172,10 +226,17 @@ class ModelConfig:
         """Build from an HF config dict (DeepseekV3Config v4/v5 layout, or DeepseekV2Config)."""
         d = dict(d)
         model_type = d.get("model_type", "deepseek_v3")
-        if model_type not in ("deepseek_v3", "deepseek_v2"):
+        if model_type not in _ARCHITECTURES:
             raise ValueError(
-                f"config.json has model_type {model_type!r}; nanoseek loads 'deepseek_v3' and 'deepseek_v2' models"
+                f"config.json has model_type {model_type!r}; nanoseek loads {', '.join(map(repr, _ARCHITECTURES))} "
+                "models"
             )
+        if model_type == "deepseek_v32":
+            _fold_v32_layer_types(d)
+        if model_type == "deepseek_v4":
+            _fold_v4(d)
+        else:
+            d.pop("head_dim", None)  # V2/V3 configs put qk_rope_head_dim there; nanoseek's head_dim is V4's
         # aliases used by HF
         if "num_local_experts" in d:
             d.setdefault("n_routed_experts", d.pop("num_local_experts"))
@@ -220,7 +281,13 @@ class ModelConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         d = {**self.extra, **d}
         v3 = self.model_type == "deepseek_v3"
-        d["architectures"] = ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"]
+        d["architectures"] = [_ARCHITECTURES[self.model_type]]
+        if not (self.sparse_attention or self.is_v4):  # the indexer fields mean nothing to V2/V3 readers
+            for k in ("index_n_heads", "index_head_dim", "index_topk"):
+                d.pop(k)
+        if not self.is_v4:
+            for k in _V4_FIELDS:
+                d.pop(k)
         d["num_key_value_heads"] = self.num_attention_heads  # MLA expands to per-head K/V (HF default 128)
         d["qk_head_dim"] = self.qk_head_dim
         if v3:
@@ -237,6 +304,8 @@ class ModelConfig:
                 rs.setdefault("beta_fast", 32.0)
                 rs.setdefault("beta_slow", 1.0)
             d["rope_scaling"] = rs
+        if self.is_v4:
+            _v4_to_dict(self, d)
         return d
 
     @classmethod
@@ -270,176 +339,186 @@ class ModelConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    @classmethod
-    def parse_overrides(cls, items: list[str]) -> dict[str, Any]:
-        """["num_hidden_layers=12", "q_lora_rank=None", ...] -> {field: typed value}, for `--set` options."""
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
-        out: dict[str, Any] = {}
-        for item in items:
-            key, sep, text = item.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or key not in fields:
-                hint = f"unknown field {key!r}" if sep else "expected KEY=VALUE"
-                raise ValueError(f"--set {item!r}: {hint}; config fields: {', '.join(fields)}")
-            kind = str(fields[key].type)
-            text = text.strip()
-            try:
-                if text == "None" and "None" in kind:
-                    value: Any = None
-                elif kind.startswith("int"):
-                    value = int(text)
-                elif kind.startswith("float"):
-                    value = float(text)
-                elif kind.startswith("bool"):
-                    if text.lower() not in ("true", "false", "1", "0"):
-                        raise ValueError(text)
-                    value = text.lower() in ("true", "1")
-                elif kind.startswith("dict"):
-                    value = json.loads(text)
-                else:
-                    value = text
-            except ValueError:
-                raise ValueError(f"--set {item!r}: {key} takes a value of type {kind}") from None
-            out[key] = value
-        return out
+
+_ARCHITECTURES = {
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
+    "deepseek_v4": "DeepseekV4ForCausalLM",
+}
+
+# DeepSeek-V4 layer kinds (transformers' names): window only; + CSA (entries of 4 tokens, an indexer picks
+# index_topk of them); + HCA (entries of 128 tokens, all attended)
+SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+V4_LAYER_TYPES = (SLIDING, CSA, HCA)
+V4_COMPRESS_RATES = {CSA: 4, HCA: 128}
+_V4_FIELDS = (
+    "head_dim",
+    "sliding_window",
+    "layer_types",
+    "compress_rates",
+    "compress_rope_theta",
+    "o_groups",
+    "o_lora_rank",
+    "hc_mult",
+    "hc_sinkhorn_iters",
+    "hc_eps",
+    "mlp_layer_types",
+    "swiglu_limit",
+)
+# V3 fields a V4 model does not have; `intermediate_size` would even be read as moe_intermediate_size by HF
+_V3_ONLY = (
+    "intermediate_size",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "n_group",
+    "topk_group",
+    "first_k_dense_replace",
+    "moe_layer_freq",
+    "qk_head_dim",
+    "rope_interleave",
+)
+# transformers' DeepseekV4Config defaults (= V4-Flash) where they differ from, or are not, this dataclass's
+_V4_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=4096,
+    num_hidden_layers=43,
+    num_attention_heads=64,
+    q_lora_rank=1024,
+    moe_intermediate_size=2048,
+    n_routed_experts=256,
+    n_shared_experts=1,
+    num_experts_per_tok=6,
+    scoring_func="sqrtsoftplus",
+    routed_scaling_factor=1.5,
+    max_position_embeddings=1048576,
+    index_n_heads=64,
+    index_head_dim=128,
+    index_topk=512,
+)
+
+
+def _fold_v4(d: dict[str, Any]) -> None:
+    """A DeepseekV4Config dict (transformers' or DeepSeek's hub config.json) -> nanoseek's fields, in place.
+
+    As transformers does: missing fields take its defaults; the hub's legacy fields (`compress_ratios` per layer,
+    `num_hash_layers`, `compress_rate_csa/hca`, `qk_rope_head_dim`) fold into layer_types, mlp_layer_types,
+    compress_rates and the rotary width (`partial_rotary_factor` * head_dim wins); nested rope_parameters
+    {main, compress} become rope_theta, compress_rope_theta and rope_scaling (a flat rope_scaling wins).
+    """
+    for alias, name in (("intermediate_size", "moe_intermediate_size"), ("num_local_experts", "n_routed_experts")):
+        if alias in d:
+            d.setdefault(name, d.pop(alias))
+    prf = d.pop("partial_rotary_factor", None)
+    rp = d.get("rope_parameters")
+    if isinstance(rp, dict) and isinstance(rp.get("main"), dict):
+        d.pop("rope_parameters")
+        main, comp = rp["main"], dict(rp.get("compress") or {})
+        d["rope_theta"] = main.get("rope_theta", d.get("rope_theta", 10000.0))
+        d["compress_rope_theta"] = comp.pop("rope_theta", d.get("compress_rope_theta", 160000.0))
+        prf = prf if prf is not None else main.get("partial_rotary_factor")
+        comp.pop("partial_rotary_factor", None)
+        if comp.get("rope_type", comp.get("type", "default")) != "default" and not d.get("rope_scaling"):
+            d["rope_scaling"] = comp
+    for k, v in _V4_DEFAULTS.items():
+        d.setdefault(k, v)
+    d.setdefault("head_dim", 512)
+    if prf is None and "qk_rope_head_dim" not in d:
+        prf = 64 / 512
+    if prf is not None:
+        d["qk_rope_head_dim"] = int(d["head_dim"] * prf)
+    rates = dict(d.get("compress_rates") or V4_COMPRESS_RATES)
+    for legacy, kind in (("compress_rate_csa", CSA), ("compress_rate_hca", HCA)):
+        if d.get(legacy) is not None:
+            rates[kind] = d.pop(legacy)
+    d["compress_rates"] = rates
+    ratios = d.pop("compress_ratios", None)
+    if d.get("layer_types") is None and ratios is not None:
+        by_ratio = {0: SLIDING, rates[CSA]: CSA, rates[HCA]: HCA}
+        bad = sorted(set(ratios) - set(by_ratio))
+        if bad:
+            raise ValueError(
+                f"config.json compress_ratios has rates {bad}; V4 layers compress by 0, {list(rates.values())}"
+            )
+        d["layer_types"] = [by_ratio[r] for r in ratios]
+    n_hash = d.pop("num_hash_layers", None)
+    if d.get("mlp_layer_types") is None and n_hash is not None:
+        d["mlp_layer_types"] = ["hash_moe"] * n_hash + ["moe"] * max(0, d["num_hidden_layers"] - n_hash)
+
+
+def _resolve_v4_layer_types(c: ModelConfig) -> None:
+    """Fill V4's per-layer schedules as transformers does (lists may be longer than num_hidden_layers: the hub
+    counts MTP layers) and pin the V3-only MoE fields: V4 has no dense layers and no expert groups."""
+    n = c.num_hidden_layers
+    if c.layer_types is None:  # transformers' default: two HCA layers, then CSA / HCA alternating
+        c.layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
+    if c.mlp_layer_types is None:  # transformers' default: three hash-routed layers
+        c.mlp_layer_types = ["hash_moe"] * min(n, 3) + ["moe"] * max(0, n - 3)
+    c.layer_types, c.mlp_layer_types = list(c.layer_types[:n]), list(c.mlp_layer_types[:n])
+    c.first_k_dense_replace, c.n_group, c.topk_group = 0, 1, 1
+
+
+def _validate_v4(c: ModelConfig, need) -> None:
+    n = c.num_hidden_layers
+    need(len(c.layer_types) == n, f"layer_types has {len(c.layer_types)} entries for {n} layers")
+    bad = sorted(set(c.layer_types) - set(V4_LAYER_TYPES))
+    need(not bad, f"layer_types entries must be in {V4_LAYER_TYPES}, got {bad}")
+    need(len(c.mlp_layer_types) == n, f"mlp_layer_types has {len(c.mlp_layer_types)} entries for {n} layers")
+    bad = sorted(set(c.mlp_layer_types) - {"hash_moe", "moe"})
+    need(not bad, f"mlp_layer_types entries must be 'hash_moe' or 'moe', got {bad}")
+    for kind in set(c.layer_types) - {SLIDING}:
+        need(c.compress_rates.get(kind, 0) > 0, f"compress_rates[{kind!r}] must be a positive integer")
+    need(c.q_lora_rank is not None, "deepseek_v4 needs q_lora_rank (queries and the indexer read its latent)")
+    need(c.head_dim > 0 and c.qk_rope_head_dim <= c.head_dim, "qk_rope_head_dim must be <= head_dim")
+    need(c.sliding_window >= 1, f"sliding_window must be >= 1, got {c.sliding_window}")
+    need(
+        c.o_groups >= 1 and c.num_attention_heads % c.o_groups == 0,
+        f"num_attention_heads ({c.num_attention_heads}) must be divisible by o_groups ({c.o_groups})",
+    )
+    need(
+        c.o_lora_rank >= 1 and c.hc_mult >= 1 and c.hc_sinkhorn_iters >= 1,
+        "o_lora_rank, hc_mult, hc_sinkhorn_iters >= 1",
+    )
+    need(c.n_routed_experts > 0 and c.n_shared_experts == 1, "deepseek_v4 has routed experts and one shared expert")
+    need(c.swiglu_limit > 0, f"swiglu_limit must be > 0 (transformers clamps with it always), got {c.swiglu_limit}")
+    if CSA in c.layer_types:
+        need(min(c.index_n_heads, c.index_head_dim, c.index_topk) > 0, "index_n_heads/head_dim/topk must be > 0")
+        need(c.qk_rope_head_dim <= c.index_head_dim, "index_head_dim must be >= qk_rope_head_dim")
+
+
+def _v4_to_dict(c: ModelConfig, d: dict[str, Any]) -> None:
+    """config.json for V4: transformers' fields, plus the legacy forms DeepSeek's reference code and llama.cpp's
+    converter read (compress_ratios, num_hash_layers, qk_rope_head_dim; transformers ignores them here)."""
+    for k in _V3_ONLY:
+        d.pop(k, None)
+    d["num_key_value_heads"] = 1
+    d["partial_rotary_factor"] = c.qk_rope_head_dim / c.head_dim
+    d["compress_ratios"] = [c.compress_rate(i) for i in range(c.num_hidden_layers)]
+    if c.rope_scaling:  # as given: V4 applies no YaRN magnitude factor, so no mscale keys are added
+        kind = c.rope_scaling.get("type", c.rope_scaling.get("rope_type"))
+        d["rope_scaling"] = {**c.rope_scaling, "type": kind, "rope_type": kind}
+    n_hash = next((i for i, kind in enumerate(c.mlp_layer_types) if kind != "hash_moe"), c.num_hidden_layers)
+    if "hash_moe" not in c.mlp_layer_types[n_hash:]:
+        d["num_hash_layers"] = n_hash
+
+
+def _fold_v32_layer_types(d: dict[str, Any]) -> None:
+    """transformers' V3.2 config lists per-layer kinds; nanoseek derives them from first_k_dense_replace.
+
+    Pops `mlp_layer_types` (a dense prefix then MoE layers, as DeepSeek ships) and `layer_types` (every layer
+    "indexed_attention") from d, refusing patterns nanoseek cannot build.
+    """
+    mlp = d.pop("mlp_layer_types", None)
+    if mlp is not None:
+        n_dense = next((i for i, kind in enumerate(mlp) if kind != "dense"), len(mlp))
+        if any(kind != "sparse" for kind in mlp[n_dense:]):
+            raise ValueError(f"config.json mlp_layer_types {mlp} is not dense layers followed by MoE layers")
+        d["first_k_dense_replace"] = n_dense
+    layers = d.pop("layer_types", None)
+    if layers is not None and any(kind != "indexed_attention" for kind in layers):
+        raise ValueError(f"config.json layer_types {layers}: deepseek_v32 layers are all 'indexed_attention'")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature m = 0.1 * mscale * ln(s) + 1 (1 when s <= 1)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via a temp file in the same directory and os.replace, so readers never see half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-_YARN_V3 = {
-    "type": "yarn",
-    "factor": 40.0,
-    "original_max_position_embeddings": 4096,
-    "beta_fast": 32.0,
-    "beta_slow": 1.0,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # unit tests: every feature on (q_lora, group-limited routing, dense + MoE layers, MTP), tiny sizes
-    "tiny": dict(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        q_lora_rank=24,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        routed_scaling_factor=2.5,
-        first_k_dense_replace=1,
-        num_nextn_predict_layers=1,
-        max_position_embeddings=256,
-    ),
-    # ~1.7M params: learns 2-3 operand arithmetic in 5 minutes on 2 CPU cores (shared/cpu-feasibility.md)
-    "cpu-small": dict(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=384,
-        moe_intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        q_lora_rank=64,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
-        routed_scaling_factor=1.0,
-        first_k_dense_replace=1,
-        num_nextn_predict_layers=1,
-        max_position_embeddings=1024,
-    ),
-    # ~165M total params, a single-GPU research model
-    "gpu-small": dict(
-        vocab_size=16384,
-        hidden_size=768,
-        intermediate_size=2048,
-        moe_intermediate_size=256,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        q_lora_rank=384,
-        kv_lora_rank=256,
-        qk_nope_head_dim=64,
-        qk_rope_head_dim=32,
-        v_head_dim=64,
-        n_routed_experts=16,
-        n_shared_experts=1,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-        first_k_dense_replace=1,
-        num_nextn_predict_layers=1,
-        max_position_embeddings=4096,
-    ),
-    # real shapes (instantiate on the meta device to inspect)
-    "deepseek-v2-lite": dict(
-        model_type="deepseek_v2",
-        vocab_size=102400,
-        hidden_size=2048,
-        intermediate_size=10944,
-        moe_intermediate_size=1408,
-        num_hidden_layers=27,
-        num_attention_heads=16,
-        q_lora_rank=None,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        n_routed_experts=64,
-        n_shared_experts=2,
-        num_experts_per_tok=6,
-        n_group=1,
-        topk_group=1,
-        routed_scaling_factor=1.0,
-        norm_topk_prob=False,
-        scoring_func="softmax",
-        topk_method="greedy",
-        first_k_dense_replace=1,
-        num_nextn_predict_layers=0,
-        max_position_embeddings=163840,
-        rope_scaling={**_YARN_V3, "mscale": 0.707, "mscale_all_dim": 0.707},
-        bos_token_id=100000,
-        eos_token_id=100001,
-        torch_dtype="bfloat16",
-    ),
-    "deepseek-v3": dict(
-        max_position_embeddings=163840,
-        rope_scaling=dict(_YARN_V3),
-        torch_dtype="bfloat16",
-    ),
-}

@@ -6,11 +6,8 @@ directories load in `transformers.AutoTokenizer` and DeepSeek checkpoints' token
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
-import tempfile
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +15,8 @@ from pathlib import Path
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
+
+from nanoseek.io import atomic_write_text
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -69,18 +68,6 @@ def _deepseek_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 def _raise_exception(message: str) -> None:
     raise ValueError(f"chat template: {message}")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _byte_level_chars() -> dict[str, int]:
@@ -202,8 +189,8 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_config.json into out_dir (each atomically)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out / "tokenizer.json", self.to_json())
-        _atomic_write_text(
+        atomic_write_text(out / "tokenizer.json", self.to_json())
+        atomic_write_text(
             out / "tokenizer_config.json", json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False)
         )
 
@@ -282,59 +269,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
     if bad:  # guards the compatibility argument above
         raise RuntimeError(f"tokenizer learned multi-digit tokens {bad[:5]}")
     return tokenizer
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _input_texts(paths: list[str]) -> Iterable[str]:
-    from nanoseek.data.shards import iter_documents  # lazy: data imports the tokenizer
-
-    for doc, _ in iter_documents(paths):
-        yield doc if isinstance(doc, str) else "\n".join(m["content"] for m in doc)
-
-
-def _cmd_train(args: argparse.Namespace) -> None:
-    if not args.input and not args.builtin:
-        raise ValueError("nothing to train on: pass --input PATH... and/or --builtin")
-    texts: list[Iterable[str]] = []
-    if args.input:
-        texts.append(_input_texts(args.input))
-    if args.builtin:
-        from nanoseek.data.tasks import builtin_corpus
-
-        texts.append(builtin_corpus(n=args.n, seed=args.seed))
-    tok = train_tokenizer((t for it in texts for t in it), args.vocab_size)
-    tok.save(args.out)
-    print(f"saved tokenizer ({tok.vocab_size} tokens, hash {tok.hash()[:12]}) to {args.out}")
-
-
-def _cmd_info(args: argparse.Namespace) -> None:
-    tok = Tokenizer.from_pretrained(args.path)
-    print(f"vocab size: {tok.vocab_size}")
-    print(f"hash: {tok.hash()}")
-    for name in ("bos", "eos", "pad", "user", "assistant", "think_start", "think_end"):
-        i = getattr(tok, f"{name}_id")
-        print(f"{name:12s} {i!s:>7}  {tok.id_to_token(i) if i is not None else '-'}")
-    messages = [{"role": "user", "content": args.sample}]
-    ids = tok.encode_chat(messages, add_generation_prompt=True)
-    print(f"sample: {tok.apply_chat_template(messages, add_generation_prompt=True)!r}")
-    print(f"ids ({len(ids)}): {ids}")
-    print(f"tokens: {[tok.decode([i]) for i in ids]}")
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("tokenizer", help="train or inspect a byte-level BPE tokenizer")
-    sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
-    t = sub.add_parser("train", help="train a tokenizer and save tokenizer.json + tokenizer_config.json")
-    t.add_argument("--out", required=True, help="output directory")
-    t.add_argument("--input", nargs="*", default=[], help=".txt / .jsonl files or directories")
-    t.add_argument("--builtin", action="store_true", help="also train on the built-in task corpus")
-    t.add_argument("--n", type=int, default=20000, help="built-in problems per task")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    t.set_defaults(func=_cmd_train)
-    i = sub.add_parser("info", help="print vocab size, special tokens and a sample encoding")
-    i.add_argument("path", help="tokenizer directory or tokenizer.json")
-    i.add_argument("--sample", default="What is 8+79*9-66? 你好, world!")
-    i.set_defaults(func=_cmd_info)

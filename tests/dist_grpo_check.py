@@ -18,9 +18,11 @@ import torch
 from nanoseek import ModelConfig, Transformer
 from nanoseek.distributed.data_parallel import Parallel
 from nanoseek.distributed.process_group import all_reduce, init_distributed, shutdown
+from nanoseek.tasks.sources import ListPrompts
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.grpo import GRPOConfig, ListPrompts, Rollout, grpo, policy_update
+from nanoseek.train.grpo import GRPOConfig, grpo, policy_update
 from nanoseek.train.optim import build_optimizer
+from nanoseek.train.rollouts import Rollout
 
 tok = Tokenizer.from_pretrained(sys.argv[1])
 out = Path(sys.argv[2])

@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-import nanoseek.train.loop as loop
-from nanoseek.cli import main
+import nanoseek.train.pretrain as loop
+from nanoseek.cli.main import main
 from nanoseek.data.shards import TokenLoader
 
 rank = int(os.environ.get("RANK", "0"))

@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
+from helpers import memorise, tiny_model
 
-from nanoseek import ModelConfig, Transformer, save_model
+from nanoseek import save_model
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
-from nanoseek.train.sft import chat_example, inputs_and_targets
 
 REPO = Path(__file__).resolve().parents[1]
 KNOWN = {
@@ -35,30 +34,10 @@ def memorised_model(out: Path, steps: int = 120, max_position_embeddings: int = 
     """Save a tiny model that answers KNOWN's questions (greedy) into `out`; returns its tokenizer."""
     texts = [f"{q} {a}" for q, a in KNOWN.items()] * 20 + ["hello world, the quick brown fox " * 4] * 5
     tok = train_tokenizer(texts, vocab_size=320)
-    torch.manual_seed(0)
-    c = ModelConfig.from_preset(
-        "tiny",
-        vocab_size=tok.vocab_size,
-        bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id,
-        max_position_embeddings=max_position_embeddings,
-    )
-    model = Transformer(c)
-    pairs = []
-    for q, a in KNOWN.items():
-        messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        pairs.append(inputs_and_targets(*chat_example(tok, messages)))
-    T = max(len(x) for x, _ in pairs)
-    x, y = torch.full((len(pairs), T), tok.pad_id), torch.full((len(pairs), T), -100)
-    for i, (xi, yi) in enumerate(pairs):
-        x[i, : len(xi)], y[i, : len(yi)] = torch.tensor(xi), torch.tensor(yi)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = model.compute_loss(x, y).main
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.02, loss.item()
+    model = tiny_model(tok, max_position_embeddings=max_position_embeddings)
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in KNOWN.items()]
+    loss = memorise(model, tok, chats, steps)
+    assert loss < 0.02, loss
     save_model(model, out, tokenizer=tok)
     return tok
 
@@ -71,7 +50,9 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", str(model_dir), "--port", str(self.port), *args]
+        # on the CPU whatever the machine has: tests compare its replies with engines in the test process
+        serve = ["serve", "--model", str(model_dir), "--port", str(self.port), "--device", "cpu", *args]
+        cmd = [sys.executable, "-m", "nanoseek", *serve]
         self.log = Path(model_dir).parent / f"serve-{self.port}.log"
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)

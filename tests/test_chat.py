@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer, save_model
-from nanoseek.cli import main
-from nanoseek.infer.chat import DIM, RESET, ThinkPrinter, fit_history
+from nanoseek.cli.chat import DIM, RESET, ThinkPrinter, fit_history
+from nanoseek.cli.main import main
 from nanoseek.tokenizer import train_tokenizer
 
 
@@ -96,3 +96,11 @@ def test_history_is_truncated_to_the_context(model_dir):
     assert dropped > 0 and len(ids) <= full // 2 and history[dropped]["role"] == "user"
     with pytest.raises(ValueError, match="does not fit"):
         fit_history(tok, [], [{"role": "user", "content": "x " * 200}], budget=10)
+
+
+def test_generate_chat_and_serve_default_to_device_auto_like_training():
+    from nanoseek.cli.main import build_parser
+
+    parser = build_parser()
+    for command in ("generate", "chat", "serve"):
+        assert parser.parse_args([command, "--model", "m"]).device == "auto"  # cuda when available, else cpu

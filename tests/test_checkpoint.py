@@ -6,17 +6,17 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import nanoseek.checkpoint as ckpt
+import nanoseek.checkpoint.hf as ckpt
 from nanoseek import ModelConfig, Transformer, load_model, save_model
-from nanoseek.checkpoint import dequantize_fp8
+from nanoseek.checkpoint.hf import dequantize_fp8
 
 
 def _model(**kw) -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(ModelConfig.from_preset("tiny", **kw)).eval()
+    return tiny_model(**kw).eval()
 
 
 def _same(a: Transformer, b: Transformer) -> None:

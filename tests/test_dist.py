@@ -17,22 +17,31 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer, save_model
-from nanoseek.cli import main
+from nanoseek.checkpoint.dcp import is_distributed_checkpoint, model_from_checkpoint
+from nanoseek.checkpoint.run import latest_checkpoint
+from nanoseek.cli.main import main
 from nanoseek.data.shards import prepare
-from nanoseek.data.tasks import builtin_corpus
-from nanoseek.distributed.checkpoint import is_distributed_checkpoint, model_from_checkpoint
 from nanoseek.distributed.plan import count_parameters, make_plan, state_bytes
-from nanoseek.flops import flops_per_token
-from nanoseek.report import read_metrics
-from nanoseek.tokenizer import Tokenizer, train_tokenizer
-from nanoseek.train.checkpointing import latest_checkpoint
+from nanoseek.model.flops import flops_per_token
+from nanoseek.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(__file__).with_name("dist_launch.py")
 LAYOUTS = {"ddp": ["--dp", "ddp"], "fsdp": ["--dp", "fsdp"], "ep": ["--dp", "ddp", "--ep", "2"]}
 STEPS = 6
-COMMON = ["--preset", "tiny", "--seq-len", "32", "--lr", "1e-2", "--warmup", "2", "--eval-every", "0"]
+LR = 1e-2
+COMMON = ["--preset", "tiny", "--seq-len", "32", "--lr", str(LR), "--warmup", "2", "--eval-every", "0"]
 COMMON += ["--grad-accum", "2", "--bias-gamma", "1e-2", "--save-every", "3"]
+
+# Runs on another number of processes sum the same gradients in another order. float32 rounding changes a gradient
+# by a hair, and AdamW, which divides by the gradient's own running size, can turn a hair on a near-zero gradient
+# into a visible part of a step; but it never moves a weight by more than about lr per step. So weights may differ
+# by a small fraction (half a percent) of the most AdamW can move them, lr x steps, and losses by what such weights
+# change: 3e-4 and 1e-4 here, while a real bug (a batch read twice, gradients not averaged) moves weights by whole
+# steps. Runs on the same processes reduce in the same order and must agree to rounding (1e-6).
+REDUCTION_ORDER = 5e-3
+CROSS_PROCESS_ATOL = REDUCTION_ORDER * LR * STEPS
+LOSS_ATOL = 1e-4
 
 
 def torchrun(
@@ -52,7 +61,7 @@ def weights(step_dir: Path) -> dict[str, torch.Tensor]:
     return model_from_checkpoint(step_dir).state_dict()
 
 
-def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
+def assert_same_weights(a: Path, b: Path, atol: float = CROSS_PROCESS_ATOL) -> None:
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -60,12 +69,10 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tok, tok_dir, tmp_path_factory) -> dict[str, Path]:
     """The same 6 steps (global batch 8 = 2 micro-batches x 2 sequences x 2 ranks, or 2 x 4 x 1 rank) three ways."""
     root = tmp_path_factory.mktemp("dist")
-    tok = train_tokenizer(builtin_corpus(200, seed=0), vocab_size=320)
-    tok.save(root / "tok")
-    prepare(tok, root / "data", builtin=["arithmetic"], n=300, seed=0, tokenizer_path=str(root / "tok"))
+    prepare(tok, root / "data", builtin=["arithmetic"], n=300, seed=0, tokenizer_path=str(tok_dir))
     data = ["--data", str(root / "data"), "--steps", str(STEPS)]
     out = {"data": root / "data"}
     out["one"] = root / "one"
@@ -85,7 +92,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_two_processes_match_one_process_with_the_same_global_batch(runs, dp):
     one, two = runs["one"], runs[dp]
     assert metric(two, "step") == list(range(1, STEPS + 1))  # rank 0 alone writes metrics
-    assert metric(two, "loss") == pytest.approx(metric(one, "loss"), abs=1e-5)
+    assert metric(two, "loss") == pytest.approx(metric(one, "loss"), abs=LOSS_ATOL)
     # gradients are averaged over ranks, not summed: a sum would double the (pre-clipping) norm
     assert metric(two, "grad_norm") == pytest.approx(metric(one, "grad_norm"), rel=1e-4)
     assert metric(two, "tokens")[-1] == metric(one, "tokens")[-1] == STEPS * 8 * 32
@@ -119,9 +126,9 @@ def test_fsdp_checkpoint_resumes_exactly_on_one_and_on_two_processes(runs, tmp_p
     two = _resume(runs["fsdp"], tmp_path / "on2", at=3)
     proc = torchrun("train", "--out", str(two), "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for run in (one, two):
-        assert metric(run, "loss") == pytest.approx(metric(runs["fsdp"], "loss"), abs=1e-6)
-        assert_same_weights(full, run / "checkpoints" / f"step_{STEPS}", atol=1e-6)
+    for run, atol in ((one, CROSS_PROCESS_ATOL), (two, 1e-6)):  # on one process: another reduction order
+        assert metric(run, "loss") == pytest.approx(metric(runs["fsdp"], "loss"), abs=min(atol, LOSS_ATOL))
+        assert_same_weights(full, run / "checkpoints" / f"step_{STEPS}", atol=atol)
 
 
 def test_a_rank_killed_during_a_distributed_save_leaves_the_previous_checkpoint(runs, tmp_path):
@@ -134,14 +141,14 @@ def test_a_rank_killed_during_a_distributed_save_leaves_the_previous_checkpoint(
     assert any(d.name.startswith(".tmp-step_6") for d in root.iterdir())  # the half-written save, never picked
     assert main(["train", "--out", str(run), "--resume"]) == 0  # loadable: continue on one process
     assert not any(d.name.startswith(".tmp-") for d in root.iterdir())
-    assert_same_weights(runs["fsdp"] / "checkpoints" / f"step_{STEPS}", root / f"step_{STEPS}", atol=1e-6)
+    assert_same_weights(runs["fsdp"] / "checkpoints" / f"step_{STEPS}", root / f"step_{STEPS}")
 
 
 def test_one_process_checkpoint_resumes_on_two_fsdp_processes(runs, tmp_path):
     run = _resume(runs["one"], tmp_path / "grow", at=3)
     proc = torchrun("train", "--out", str(run), "--resume", "--dp", "fsdp")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert metric(run, "loss") == pytest.approx(metric(runs["one"], "loss"), abs=1e-5)
+    assert metric(run, "loss") == pytest.approx(metric(runs["one"], "loss"), abs=LOSS_ATOL)
     assert_same_weights(runs["one"] / "checkpoints" / f"step_{STEPS}", run / "checkpoints" / f"step_{STEPS}")
 
 
@@ -214,20 +221,21 @@ def test_expert_parallel_forward_and_gradients_equal_one_process(tmp_path):
 def test_expert_parallel_checkpoint_resumes_on_one_process(runs, tmp_path):
     run = _resume(runs["ep"], tmp_path / "on1", at=3)
     assert main(["train", "--out", str(run), "--resume"]) == 0  # saved with --ep 2: one process runs all experts
-    assert metric(run, "loss") == pytest.approx(metric(runs["ep"], "loss"), abs=1e-6)
-    assert_same_weights(runs["ep"] / "checkpoints" / f"step_{STEPS}", run / "checkpoints" / f"step_{STEPS}", atol=1e-6)
+    assert metric(run, "loss") == pytest.approx(metric(runs["ep"], "loss"), abs=LOSS_ATOL)
+    assert_same_weights(runs["ep"] / "checkpoints" / f"step_{STEPS}", run / "checkpoints" / f"step_{STEPS}")
 
 
-def test_grpo_under_ddp_equals_one_process_update_and_keeps_ranks_in_step(runs, tmp_path):
-    tok = runs["data"].parent / "tok"
-    proc = torchrun(str(tok), str(tmp_path), script=Path(__file__).with_name("dist_grpo_check.py"))
+def test_grpo_under_ddp_equals_one_process_update_and_keeps_ranks_in_step(tok_dir, tmp_path):
+    proc = torchrun(str(tok_dir), str(tmp_path), script=Path(__file__).with_name("dist_grpo_check.py"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert r["update_max_diff"] <= 1e-5  # each rank's own rollouts, averaged = one process over all of them
+        # each rank's own rollouts, averaged = one process over all of them: the same bound as above, for one update
+        # of mu = 2 passes at lr 1e-3 (the loss and gradient norm of the second pass follow the first's weights)
+        assert r["update_max_diff"] <= REDUCTION_ORDER * 1e-3 * 2
         assert r["tokens"][0] == r["tokens"][1]  # normalised by every rank's completion tokens
-        assert r["loss"][0] == pytest.approx(r["loss"][1], abs=1e-6)
-        assert r["grad_norm"][0] == pytest.approx(r["grad_norm"][1], rel=1e-5)
+        assert r["loss"][0] == pytest.approx(r["loss"][1], abs=1e-5)
+        assert r["grad_norm"][0] == pytest.approx(r["grad_norm"][1], rel=1e-4)
         assert r["ranks_differ_by"] == 0.0  # after a grpo() run both ranks hold the same policy
     assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]  # rank 0 logs
 
@@ -238,17 +246,16 @@ def test_fsdp2_with_expert_parallel_on_a_2d_mesh_matches_one_process(runs, tmp_p
     argv = ["train", *COMMON, "--data", str(runs["data"]), "--steps", str(STEPS), "--batch-size", "1"]
     proc = torchrun(*argv, "--dp", "fsdp", "--ep", "2", "--out", str(tmp_path / "run"), nproc=4, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert metric(tmp_path / "run", "loss") == pytest.approx(metric(runs["one"], "loss"), abs=1e-5)
+    assert metric(tmp_path / "run", "loss") == pytest.approx(metric(runs["one"], "loss"), abs=LOSS_ATOL)
     assert metric(tmp_path / "run", "grad_norm") == pytest.approx(metric(runs["one"], "grad_norm"), rel=1e-4)
     assert_same_weights(
         runs["one"] / "checkpoints" / f"step_{STEPS}", tmp_path / "run" / "checkpoints" / f"step_{STEPS}"
     )
 
 
-def test_sft_under_torchrun_with_a_time_budget_ends_every_rank_together_and_resumes_on_one_process(runs, tmp_path):
+def test_sft_under_torchrun_with_a_time_budget_ends_every_rank_together_and_resumes_on_one_process(tok, tmp_path):
     """SFT through the shared loop, FSDP2, a distributed checkpoint; --time-budget: every rank reads the same
     clock, so all stop after the same step (one stopping early would leave the other waiting forever)."""
-    tok = Tokenizer.from_pretrained(runs["data"].parent / "tok")
     torch.manual_seed(0)
     config = ModelConfig.from_preset(
         "tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id

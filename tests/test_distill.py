@@ -10,14 +10,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from helpers import memorise, tiny_model
 
-from nanoseek import ModelConfig, Transformer, load_model, save_model
-from nanoseek.cli import main
-from nanoseek.data.tasks import builtin_corpus
+from nanoseek import load_model, save_model
+from nanoseek.checkpoint.run import checkpoint_dirs
+from nanoseek.cli.main import main
+from nanoseek.tasks.problems import builtin_corpus
 from nanoseek.tokenizer import train_tokenizer
-from nanoseek.train.checkpointing import checkpoint_dirs
-from nanoseek.train.distill import Sample, chat_completions_url, rejection_sample, write_traces
-from nanoseek.train.sft import chat_example, inputs_and_targets
+from nanoseek.train.distill import DistillJob, Sample, chat_completions_url, rejection_sample, run_distill, write_traces
+from nanoseek.train.pretrain import TrainConfig
+from nanoseek.train.sft import SFT_DEFAULTS
 
 KNOWN = {"What is 2+3?": "<think>2+3=5</think> 5", "What is 4*2?": "<think>4*2=8</think> 8"}
 
@@ -32,31 +34,18 @@ def write_prompts(path, rows: list[dict]) -> str:
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer(builtin_corpus(200, seed=0), vocab_size=320)
-
-
-@pytest.fixture(scope="module")
 def teacher_dir(tok, tmp_path_factory):
     """A tiny model that has memorised the KNOWN answers (so a random init still gets something right)."""
-    torch.manual_seed(0)
-    c = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    model = Transformer(c)
-    pairs = [inputs_and_targets(*chat_example(tok, trace(p, a)["messages"])) for p, a in KNOWN.items()]
-    T = max(len(x) for x, _ in pairs)
-    x, y = torch.full((len(pairs), T), tok.pad_id), torch.full((len(pairs), T), -100)
-    for i, (xi, yi) in enumerate(pairs):
-        x[i, : len(xi)], y[i, : len(yi)] = torch.tensor(xi), torch.tensor(yi)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = model.compute_loss(x, y).main
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05
+    model = tiny_model(tok)
+    assert memorise(model, tok, [trace(p, a)["messages"] for p, a in KNOWN.items()], steps=60) < 0.05
     out = tmp_path_factory.mktemp("teacher")
     save_model(model, out, tokenizer=tok)
     return out
+
+
+def sft(**train) -> TrainConfig:
+    """The student's SFT settings: SFT's defaults and `train`."""
+    return TrainConfig(**{**SFT_DEFAULTS, **train})
 
 
 # ------------------------------------------------------------------------------------------ rejection sampling
@@ -200,19 +189,20 @@ def test_url_teacher_speaks_openai_chat_completions(tmp_path, monkeypatch):
     assert stats["teacher_model"] == "teacher-x" and "by_level" not in stats
 
 
-def test_url_teacher_http_errors_name_the_url_and_the_fix(tmp_path, capsys):
+def test_url_teacher_http_errors_name_the_url_and_the_fix(tmp_path):
     stub = Stub(lambda body: (404, {"error": {"message": f"model {body['model']} does not exist"}}))
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "What is 2+3?", "answer": "5"}])
+    job = DistillJob(str(tmp_path / "out"), prompts, teacher_url=stub.url, teacher_model="nope", sft=False)
     try:
-        args = ["distill", "--teacher-url", stub.url, "--teacher-model", "nope", "--task", prompts, "--no-sft"]
-        assert main([*args, "--out", str(tmp_path / "out")]) == 1
+        with pytest.raises(ValueError) as e:
+            run_distill(job)
     finally:
         stub.close()
-    err = capsys.readouterr().err
+    err = str(e.value)
     assert f"{stub.url}/v1/chat/completions answered HTTP 404" in err and "model nope does not exist" in err
     assert "--teacher-model" in err
-    assert main([*args, "--out", str(tmp_path / "out")]) == 1  # the server is gone now
-    assert "cannot reach teacher" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cannot reach teacher"):  # the server is gone now
+        run_distill(job)
     assert not (tmp_path / "out" / "traces.jsonl").exists()
 
 
@@ -222,21 +212,21 @@ def test_chat_completions_url():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def test_cli_distills_a_local_teacher_into_a_student(teacher_dir, tmp_path):
+def test_distills_a_local_teacher_into_a_student(teacher_dir, tmp_path):
     prompts = [{"prompt": p, "answer": a.split()[-1]} for p, a in KNOWN.items()]
     prompts.append({"prompt": "What is 1+1?", "answer": "2"})  # never learned: no correct sample
     task = write_prompts(tmp_path / "p.jsonl", prompts)
     out = tmp_path / "out"
-    args = ["distill", "--teacher", str(teacher_dir), "--task", task, "--samples", "4", "--max-tokens", "16"]
-    args += ["--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--out", str(out)]
-    assert main(args) == 0
+    job = DistillJob(str(out), task, teacher=str(teacher_dir), samples=4, max_tokens=16)
+    job.train = sft(steps=3, batch_size=2, lr=1e-3)
+    result = run_distill(job)
     rows = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
-    assert rows == [trace(p, a) for p, a in KNOWN.items()]
+    assert rows == [trace(p, a) for p, a in KNOWN.items()] and result["traces"] == str(out / "traces.jsonl")
     stats = json.loads((out / "distill.json").read_text())
     assert stats["prompts"] == 3 and stats["samples"] == 12 and stats["prompts_with_trace"] == 2
-    assert stats["kept"] == 2 and stats["rejected"]["wrong"] >= 4
+    assert stats["kept"] == 2 and stats["rejected"]["wrong"] >= 4 and result["stats"]["kept"] == 2
     ckpt = checkpoint_dirs(out / "sft")[-1]  # the student (default: the teacher itself) after 3 SFT steps
-    assert ckpt.name == "step_3" and (ckpt / "tokenizer.json").is_file()
+    assert ckpt.name == "step_3" and (ckpt / "tokenizer.json").is_file() and result["sft"]["checkpoint"] == str(ckpt)
     student, teacher = load_model(ckpt).state_dict(), load_model(teacher_dir).state_dict()
     assert any(not torch.equal(student[k], teacher[k]) for k in teacher)
     saved = json.loads((out / "sft" / "args.json").read_text())
@@ -244,43 +234,50 @@ def test_cli_distills_a_local_teacher_into_a_student(teacher_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def test_nothing_kept_is_an_error_and_no_sft_starts(teacher_dir, tmp_path, capsys):
+def test_nothing_kept_is_an_error_and_no_sft_starts(teacher_dir, tmp_path):
     stub = Stub(lambda body: (200, {"choices": [choice("<think>hmm</think> 7")] * body["n"]}))
     task = write_prompts(tmp_path / "p.jsonl", [{"prompt": "What is 2+3?", "answer": "5"}])
     out = tmp_path / "out"
+    job = DistillJob(str(out), task, teacher_url=stub.url, teacher_model="m", student=str(teacher_dir))
+    job.train = sft(steps=2)
     try:
-        args = ["distill", "--teacher-url", stub.url, "--teacher-model", "m", "--task", task, "--out", str(out)]
-        assert main([*args, "--student", str(teacher_dir), "--steps", "2"]) == 1
+        with pytest.raises(ValueError) as e:
+            run_distill(job)
     finally:
         stub.close()
-    err = capsys.readouterr().err
+    err = str(e.value)
     assert "no trace kept" in err and "4 wrong" in err and "--samples" in err and "--temperature" in err
     assert not (out / "traces.jsonl").exists() and not (out / "sft").exists()
     assert json.loads((out / "distill.json").read_text())["kept"] == 0
 
 
-def test_bad_options_fail_clearly_before_generating(teacher_dir, tmp_path, capsys):
+def test_bad_settings_fail_clearly_before_generating(teacher_dir, tmp_path, capsys):
     empty = write_prompts(tmp_path / "empty.jsonl", [])
     other_tok = train_tokenizer(builtin_corpus(50, seed=1), vocab_size=300)
-    c = ModelConfig.from_preset("tiny", vocab_size=other_tok.vocab_size)
-    save_model(Transformer(c), tmp_path / "other", tokenizer=other_tok)
-    base = ["distill", "--out", str(tmp_path / "out"), "--task", "arithmetic", "--n", "2"]
-    t = ["--teacher", str(teacher_dir)]
+    save_model(tiny_model(other_tok), tmp_path / "other", tokenizer=other_tok)
+    out, t, one = str(tmp_path / "out"), str(teacher_dir), sft(steps=1)
     cases = [
-        (base, "pass one teacher"),
-        ([*base, *t, "--teacher-url", "http://x"], "pass one teacher"),
-        ([*base, "--teacher-url", "http://x"], "--teacher-model"),
-        ([*base, "--teacher", str(tmp_path / "missing"), "--no-sft"], "not a model dir"),
-        ([*base, "--teacher-url", "http://x", "--teacher-model", "m", "--steps", "1"], "--student"),
-        ([*base, *t], "--steps N and/or --time-budget"),
-        ([*base, *t, "--student", str(tmp_path / "other"), "--steps", "1"], "different tokenizer"),
-        (["distill", "--out", str(tmp_path / "o"), *t, "--task", empty, "--no-sft"], "no prompts"),
-        (["distill", "--out", str(tmp_path / "o"), *t, "--task", "nofile.jsonl", "--no-sft"], "no such file"),
-        ([*base, *t, "--samples", "0", "--no-sft"], "--samples must be >= 1"),
+        (DistillJob(out, "arithmetic", n=2), "pass one teacher"),
+        (DistillJob(out, "arithmetic", n=2, teacher=t, teacher_url="http://x"), "pass one teacher"),
+        (DistillJob(out, "arithmetic", n=2, teacher_url="http://x"), "--teacher-model"),
+        (DistillJob(out, "arithmetic", n=2, teacher=str(tmp_path / "missing"), sft=False), "not a model dir"),
+        (DistillJob(out, "arithmetic", n=2, teacher_url="http://x", teacher_model="m", train=one), "--student"),
+        (DistillJob(out, "arithmetic", n=2, teacher=t), "--steps N and/or --time-budget"),
+        (DistillJob(out, "arithmetic", teacher=t, student=str(tmp_path / "other"), train=one), "different tokenizer"),
+        (DistillJob(out, empty, teacher=t, sft=False), "no prompts"),
+        (DistillJob(out, "nofile.jsonl", teacher=t, sft=False), "no such file"),
+        (DistillJob(out, "arithmetic", teacher=t, samples=0, sft=False), "--samples must be >= 1"),
     ]
-    for argv, message in cases:
-        assert main(argv) == 1, argv
-        assert message in capsys.readouterr().err, argv
+    for job, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            run_distill(job)
+    assert not (tmp_path / "out").exists()
+    # the command line: the same errors as `nanoseek distill: error: ...` and status 1, nothing generated
+    base = ["distill", "--out", out, "--task", "arithmetic", "--n", "2"]
+    assert main([*base, "--teacher", t, "--samples", "0", "--no-sft"]) == 1
+    assert "nanoseek distill: error: --samples must be >= 1, got 0" in capsys.readouterr().err
+    assert main([*base, "--teacher", t, "--student", str(tmp_path / "other"), "--steps", "1"]) == 1
+    assert "different tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -293,9 +290,10 @@ def test_distill_from_a_running_nanoseek_serve(teacher_dir, tmp_path):
     task = write_prompts(tmp_path / "p.jsonl", prompts)
     out = tmp_path / "out"
     with ServeProcess(teacher_dir, "--served-model-name", "teacher", "--max-batch", "8") as server:
-        args = ["distill", "--teacher-url", server.base_url, "--teacher-model", "teacher", "--task", task]
-        args += ["--samples", "2", "--temperature", "0", "--max-tokens", "16", "--student", str(teacher_dir)]
-        assert main([*args, "--steps", "2", "--batch-size", "2", "--out", str(out)]) == 0
+        job = DistillJob(str(out), task, teacher_url=server.base_url, teacher_model="teacher", samples=2)
+        job.temperature, job.max_tokens, job.student = 0.0, 16, str(teacher_dir)
+        job.train = sft(steps=2, batch_size=2)
+        run_distill(job)
     rows = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
     assert rows == [trace(p, a) for p, a in KNOWN.items()]  # greedy teacher: both memorised answers, verified
     assert json.loads((out / "distill.json").read_text())["kept"] == 2

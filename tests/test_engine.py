@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import MIXED
 
 from nanoseek import ModelConfig, Transformer, save_model
 from nanoseek.infer.cache import LatentCache
-from nanoseek.infer.engine import Engine
+from nanoseek.infer.engine import Engine, single_thread
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.sequence import Sequence
 
 
 @pytest.fixture(scope="module")
@@ -126,27 +128,30 @@ def test_compiled_engine_matches_eager_engine(trained):
         for m in moes:  # no gathered-expert path: eager sorts tokens (grouped GEMM), compiled runs dense experts
             m.gather_max_tokens = 0
         engine, modes = Engine(trained, max_batch_size=8, compile=True), []
-        step_fn = engine._step_fn
-        engine._step_fn = lambda ids, kv, slots, *a: (
+        step_fn = engine.runner.step_fn
+        engine.runner.step_fn = lambda ids, kv, slots, *a: (
             modes.append((ids.shape[1], slots is None)) or step_fn(ids, kv, slots, *a)
         )
         compiled = engine.generate(prompts, params)
         assert (1, True) in modes and (1, False) in modes  # decoding: both the in-place and the gathered rows ran
         assert (16, False) in modes  # prefill: prompts padded to 16
         with torch.inference_mode():  # compiled prefill = eager prefill: logits, hidden states, cache entries
-            got = engine._prefill([5, 9, 17, 3, 42], torch.tensor([2])), engine.cache.kv[:, 2, :5].clone()
-            engine.compiled = False
-            want = engine._prefill([5, 9, 17, 3, 42], torch.tensor([2])), engine.cache.kv[:, 2, :5].clone()
-            engine.compiled = True
+            got = engine.runner.prefill([5, 9, 17, 3, 42], torch.tensor([2])), engine.cache.kv[:, 2, :5].clone()
+            engine.runner.compiled = False
+            want = engine.runner.prefill([5, 9, 17, 3, 42], torch.tensor([2])), engine.cache.kv[:, 2, :5].clone()
+            engine.runner.compiled = True
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         spec = Engine(trained, max_batch_size=8, speculative=True, compile=True)
         speculative = spec.generate(prompts, params)
-        kv = LatentCache(trained.config, n_slots=4, max_len=32).kv.normal_()  # logits too, not only argmaxes
-        args = (torch.tensor([[5], [9], [17], [3]]), kv, torch.arange(4), torch.tensor([3, 7, 0, 12]), 16)
-        with torch.inference_mode():
-            torch.testing.assert_close(
-                torch.compile(trained.cached_step)(*args)[0], trained.cached_step(*args)[0], atol=1e-4, rtol=1e-4
+        # logits too, not only argmaxes: a decode step over a random cache, at a shape the engine compiled
+        kv = torch.randn_like(engine.cache.kv)
+        with torch.inference_mode(), single_thread():
+            ids, start = (
+                torch.tensor([[5], [9], [17], [3], [42], [8], [77], [21]]),
+                torch.tensor([3, 7, 0, 12, 1, 5, 9, 15]),
             )
+            got, want = step_fn(ids, kv, None, start, 16)[0], trained.cached_step(ids, kv, None, start, 16)[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     finally:
         for m, limit in zip(moes, limits):
             m.gather_max_tokens = limit
@@ -263,11 +268,35 @@ def test_stop_strings_and_streaming_with_a_tokenizer():
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)).eval()
     e = Engine(model, tokenizer=tok)
-    free = e.generate("abc", max_tokens=12, temperature=0)[0]
-    assert free.text == tok.decode(free.token_ids)
-    if len(free.text) > 2:
-        stop = free.text[1:3]
-        cut = e.generate("abc", max_tokens=12, temperature=0, stop=[stop])[0]
-        assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
-    streamed = "".join(e.stream("abc", max_tokens=12, temperature=0))
+    free = e.generate("abc", max_tokens=12, temperature=0, ignore_eos=True)[0]  # 12 tokens, whatever they are
+    assert free.text == tok.decode(free.token_ids) and len(free.text) >= 4
+    stop = free.text[1:3]
+    cut = e.generate("abc", max_tokens=12, temperature=0, ignore_eos=True, stop=[stop])[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
+    streamed = "".join(e.stream("abc", max_tokens=12, temperature=0, ignore_eos=True))
     assert streamed == free.text
+
+
+def test_text_grows_token_by_token_and_equals_a_whole_decode(wide_tok):
+    """Each token's bytes are decoded alone (the first bytes of a character wait for the rest): at every step the
+    text is the complete characters of tokenizer.decode(output so far), and at the end all of it."""
+    g = torch.Generator().manual_seed(0)
+    cases = [wide_tok.encode(MIXED), torch.randint(0, wide_tok.vocab_size, (400,), generator=g).tolist()]
+    cases.append([t for c in "你好½ok" for t in wide_tok.encode(c)])  # multi-byte characters, maybe split
+    for ids in cases:
+        seq = Sequence(0, [1], SamplingParams())
+        for n in range(1, len(ids) + 1):
+            assert not seq.add_text(wide_tok.token_bytes(ids[n - 1]), [])
+            whole = wide_tok.decode(ids[:n])
+            assert whole.startswith(seq.text) and set(whole[len(seq.text) :]) <= {"\ufffd"}
+        seq.finish_text()
+        assert seq.text == wide_tok.decode(ids)
+
+
+def test_a_stop_string_split_over_tokens_cuts_the_text_before_it():
+    seq = Sequence(0, [1], SamplingParams())
+    assert not seq.add_text(b"12+3", ["+34=", "zz"]) and not seq.add_text(b"4", ["+34=", "zz"])
+    assert seq.add_text(b"=46", ["+34=", "zz"]) and seq.text == "12"
+    seq = Sequence(0, [1], SamplingParams())
+    assert not seq.add_text("你".encode()[:2], ["好"]) and seq.text == ""  # half a character waits
+    assert seq.add_text("你".encode()[2:] + "好".encode(), ["好"]) and seq.text == "你"

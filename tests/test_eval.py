@@ -8,23 +8,14 @@ import math
 import pytest
 import torch
 
-from nanoseek import ModelConfig, Transformer, save_model
-from nanoseek.cli import main
-from nanoseek.data.tasks import builtin_corpus, generate
-from nanoseek.eval import (
-    Item,
-    compare,
-    evaluate,
-    has_format,
-    is_correct,
-    load_problems,
-    pass_at_k,
-    prompt_ids,
-    to_item,
-)
+from nanoseek import load_model
+from nanoseek.cli.main import main
+from nanoseek.eval.evaluate import compare, evaluate, pass_at_k
 from nanoseek.infer.engine import Completion, Engine
-from nanoseek.tokenizer import train_tokenizer
-from nanoseek.train.grpo import accuracy_reward
+from nanoseek.tasks.problems import generate
+from nanoseek.tasks.rewards import accuracy_reward
+from nanoseek.tasks.sources import load_problems, prompt_ids
+from nanoseek.tasks.verify import Item, has_format, is_correct, to_item
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,15 +28,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer(builtin_corpus(200), vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def engine(tok) -> Engine:
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
-    return Engine(model, tok, max_batch_size=32)
+def engine(tiny_model_dir, tok) -> Engine:
+    return Engine(load_model(tiny_model_dir), tok, max_batch_size=32)
 
 
 class OracleEngine:
@@ -190,16 +174,22 @@ def test_load_problems_builtin_and_jsonl(tmp_path):
         load_problems("arithmetik")
 
 
-def test_cli_prints_json_and_table(engine, tmp_path, capsys):
-    save_model(engine.model, tmp_path / "m")
-    engine.tokenizer.save(tmp_path / "m")
-    args = ["eval", "--model", str(tmp_path / "m"), "--task", "arithmetic", "--max-tokens", "4"]
-    assert main([*args, "--level", "2x1", "3x1", "--n", "3", "--k", "2", "--json"]) == 0
+def test_cli_prints_json_and_table(tiny_model_dir, capsys):
+    args = ["eval", "--model", str(tiny_model_dir), "--task", "arithmetic", "--max-tokens", "4"]
+    assert main([*args, "--levels", "2x1", "3x1", "--n", "3", "--k", "2", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert {"accuracy", "format_rate", "mean_length", "n", "levels", "pass@2", "sampled_accuracy"} <= set(r)
     assert r["n"] == 6 and r["levels"]["3x1"]["n"] == 3 and "results" not in r
-    assert main([*args, "--level", "2x1", "--n", "2", "--format", "chat"]) == 0
+    assert main([*args, "--levels", "2x1", "--n", "2", "--format", "chat"]) == 0
     table = capsys.readouterr().out
     assert "2x1" in table and "all" in table and "accuracy" in table
     assert main([*args, "--task", "nope.jsonl"]) == 1  # a user error, not a traceback
     assert math.isfinite(r["mean_length"])
+
+
+def test_cli_old_level_spelling_still_works_with_a_deprecation_message(tiny_model_dir, capsys):
+    args = ["eval", "--model", str(tiny_model_dir), "--task", "arithmetic", "--max-tokens", "2", "--n", "2", "--json"]
+    assert main([*args, "--level", "2x1", "3x1", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["levels"].keys() == {"2x1", "3x1"}
+    assert "--level is deprecated" in err and "use --levels" in err

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer, save_model
-from nanoseek.data.tasks import builtin_corpus
-from nanoseek.gguf_export import check_llama_cpp_compatible, export_gguf
+from nanoseek.export.gguf import check_llama_cpp_compatible, export_gguf
 from nanoseek.infer.engine import Engine
-from nanoseek.tokenizer import ASSISTANT, BOS, EOS, SPECIAL_TOKENS, THINK_START, USER, train_tokenizer
+from nanoseek.tokenizer import ASSISTANT, BOS, EOS, SPECIAL_TOKENS, THINK_START, USER
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -47,11 +46,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer(builtin_corpus(300, seed=0) + TEXTS * 20, vocab_size=600)
-
-
 def _model_dir(tmp_path_factory, tok, name: str) -> tuple[Transformer, object]:
     cfg = ModelConfig.from_preset(
         "tiny",
@@ -73,8 +67,8 @@ def _model_dir(tmp_path_factory, tok, name: str) -> tuple[Transformer, object]:
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def exported(request, tmp_path_factory, tok):
-    model, d = _model_dir(tmp_path_factory, tok, request.param)
+def exported(request, tmp_path_factory, wide_tok):
+    model, d = _model_dir(tmp_path_factory, wide_tok, request.param)
     path = export_gguf(d / "model", d / "model.gguf", dtype="f32")
     llm = llama_cpp.Llama(
         str(path),
@@ -91,8 +85,8 @@ def exported(request, tmp_path_factory, tok):
 
 
 @pytest.fixture(scope="module")
-def vocab_only(tmp_path_factory, tok):
-    _, d = _model_dir(tmp_path_factory, tok, "plain_q+no_groups")
+def vocab_only(tmp_path_factory, wide_tok):
+    _, d = _model_dir(tmp_path_factory, wide_tok, "plain_q+no_groups")
     path = export_gguf(d / "model", d / "model.gguf", dtype="f32")
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     yield llm
@@ -105,11 +99,11 @@ def _llama_logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
-def test_llama_cpp_logits_match_nanoseek(exported, tok):
+def test_llama_cpp_logits_match_nanoseek(exported, wide_tok):
     model, llm, _ = exported
     assert llm.n_vocab() == model.config.vocab_size
     for prompt in PROMPTS:
-        ids = tok.encode(prompt, bos=True)
+        ids = wide_tok.encode(prompt, bos=True)
         with torch.no_grad():
             ours = model(torch.tensor([ids]))[0].numpy()
         theirs = _llama_logits(llm, ids)
@@ -118,11 +112,11 @@ def test_llama_cpp_logits_match_nanoseek(exported, tok):
         assert diff < 1e-3, f"{prompt!r}: max |logits diff| = {diff}"
 
 
-def test_llama_cpp_greedy_continuation_equals_engine(exported, tok):
+def test_llama_cpp_greedy_continuation_equals_engine(exported, wide_tok):
     model, llm, _ = exported
-    engine = Engine(model, tok, max_batch_size=4)
+    engine = Engine(model, wide_tok, max_batch_size=4)
     engine.eos_ids = set()  # 64 tokens whatever comes: EOS is just another token on both sides
-    prompts = [tok.encode(p, bos=True) for p in PROMPTS[:3]]
+    prompts = [wide_tok.encode(p, bos=True) for p in PROMPTS[:3]]
     ours = engine.generate(prompts, max_tokens=64, temperature=0)
     for ids, done in zip(prompts, ours):
         llm.reset()
@@ -152,19 +146,19 @@ def _fuzz_strings(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def test_llama_cpp_tokenizes_like_us(vocab_only, tok):
+def test_llama_cpp_tokenizes_like_us(vocab_only, wide_tok):
     assert vocab_only.metadata["tokenizer.ggml.pre"] == "deepseek-v3"
     mismatches = []
     for text in _fuzz_strings(600):
-        ours = tok.encode(text)
+        ours = wide_tok.encode(text)
         theirs = vocab_only.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         if ours != theirs:
             mismatches.append((text, ours, theirs))
         assert vocab_only.detokenize(theirs, special=True).decode("utf-8") == text
     assert not mismatches, f"{len(mismatches)} strings differ, e.g. {mismatches[:3]}"
     # llama.cpp adds BOS as our tokenizer_config's add_bos_token does
-    assert vocab_only.tokenize(b"What is 2+3?") == tok.encode("What is 2+3?", bos=True)
-    assert (vocab_only.token_bos(), vocab_only.token_eos()) == (tok.bos_id, tok.eos_id)
+    assert vocab_only.tokenize(b"What is 2+3?") == wide_tok.encode("What is 2+3?", bos=True)
+    assert (vocab_only.token_bos(), vocab_only.token_eos()) == (wide_tok.bos_id, wide_tok.eos_id)
 
 
 CHATS = [
@@ -183,7 +177,7 @@ CHATS = [
 ]
 
 
-def test_gguf_chat_template_renders_our_prompts(vocab_only, tok):
+def test_gguf_chat_template_renders_our_prompts(vocab_only, wide_tok):
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     template = vocab_only.metadata["tokenizer.chat_template"]
@@ -193,7 +187,7 @@ def test_gguf_chat_template_renders_our_prompts(vocab_only, tok):
     # what llama-cpp-python's chat completions render from the GGUF (Jinja, the template we stored)
     formatter = Jinja2ChatFormatter(template=template, bos_token=bos, eos_token=eos)
     for messages in CHATS:
-        ours = tok.apply_chat_template(messages, add_generation_prompt=True)
+        ours = wide_tok.apply_chat_template(messages, add_generation_prompt=True)
         assert formatter(messages=messages).prompt == ours
     # llama.cpp's built-in renderer (llama-cli without --jinja, llama-server's fallback) recognises the template
     # as DeepSeek-V3's; it leaves BOS to the tokenizer and ends a system message with "\n\n", so compare chats
@@ -208,17 +202,17 @@ def test_gguf_chat_template_renders_our_prompts(vocab_only, tok):
         n = llama_cpp.llama_chat_apply_template(tmpl, arr, len(messages), True, buf, len(buf))
         assert 0 < n <= len(buf)
         rendered = buf.raw[:n].decode()
-        assert BOS + rendered == tok.apply_chat_template(messages, add_generation_prompt=True)
+        assert BOS + rendered == wide_tok.apply_chat_template(messages, add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
-def test_quantised_exports_load_and_stay_close(exported, dtype, tok):
+def test_quantised_exports_load_and_stay_close(exported, dtype, wide_tok):
     model, _, d = exported
     path = export_gguf(d / "model", d / f"model-{dtype}.gguf", dtype=dtype)
     assert path.stat().st_size < (d / "model.gguf").stat().st_size
     llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
     try:
-        ids = tok.encode(PROMPTS[1], bos=True)
+        ids = wide_tok.encode(PROMPTS[1], bos=True)
         with torch.no_grad():
             ours = model(torch.tensor([ids]))[0].numpy()
         diff = np.abs(ours - _llama_logits(llm, ids))
@@ -245,7 +239,7 @@ def test_export_refuses_what_llama_cpp_cannot_run(tmp_path):
     for overrides, field in bad:
         with pytest.raises(ValueError, match=field.replace(".", r"\.")):
             check_llama_cpp_compatible(base.replace(**overrides))
-    from nanoseek.cli import main
+    from nanoseek.cli.main import main
 
     cfg = base.replace(n_group=2, topk_group=2)
     save_model(Transformer(cfg), tmp_path / "m")
@@ -253,17 +247,15 @@ def test_export_refuses_what_llama_cpp_cannot_run(tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_export_command_writes_gguf_without_mtp_and_a_modelfile(tmp_path, tok):
+def test_export_command_writes_gguf_without_mtp_and_a_modelfile(tmp_path, tiny_model_dir):
     import gguf
 
-    from nanoseek.cli import main
+    from nanoseek.cli.main import main
 
-    cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)  # with an MTP layer, which is left out
+    cfg = ModelConfig.from_json(tiny_model_dir)  # the tiny preset, with an MTP layer, which is left out
     assert cfg.num_nextn_predict_layers == 1
-    torch.manual_seed(0)
-    save_model(Transformer(cfg), tmp_path / "m", tokenizer=tok)
     out = tmp_path / "out" / "m.gguf"
-    argv = ["export", "--format", "gguf", "--model", str(tmp_path / "m"), "--out", str(out), "--dtype", "q8_0"]
+    argv = ["export", "--format", "gguf", "--model", str(tiny_model_dir), "--out", str(out), "--dtype", "q8_0"]
     assert main(argv) == 0
     reader = gguf.GGUFReader(str(out))
     names = {t.name for t in reader.tensors}

@@ -3,45 +3,25 @@ pass, rewards and verifiers, and a tiny-model run whose reward must rise (guards
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
 import torch
+from helpers import tiny_model
 
-from nanoseek import ModelConfig, Transformer, load_model, save_model
-from nanoseek.cli import main
-from nanoseek.data.tasks import builtin_corpus
-from nanoseek.eval import answer_matches
-from nanoseek.report import read_metrics
-from nanoseek.tokenizer import train_tokenizer
-from nanoseek.train.checkpointing import checkpoint_dirs
-from nanoseek.train.grpo import (
-    GRPOConfig,
-    ListPrompts,
-    Rollout,
-    TaskPrompts,
-    accuracy_reward,
-    format_reward,
-    group_advantages,
-    grpo,
-    grpo_loss,
-    k3_kl,
-    overlong_penalty,
-    policy_update,
-    token_logprobs,
-)
+from nanoseek import load_model, save_model
+from nanoseek.checkpoint.run import checkpoint_dirs
+from nanoseek.cli.main import main
+from nanoseek.tasks.rewards import accuracy_reward, format_reward, overlong_penalty
+from nanoseek.tasks.sources import ListPrompts, TaskPrompts
+from nanoseek.tasks.verify import answer_matches
+from nanoseek.train.grpo import GRPOConfig, GRPOJob, grpo, policy_update, run_grpo
+from nanoseek.train.grpo_loss import group_advantages, grpo_loss, k3_kl, pad_batch, token_logprobs
+from nanoseek.train.metrics import read_metrics
 from nanoseek.train.optim import build_optimizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer(builtin_corpus(200, seed=0), vocab_size=320)
-
-
-def tiny_model(tok, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    c = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    return Transformer(c)
+from nanoseek.train.rollouts import Rollout
 
 
 # ------------------------------------------------------------------------------------------------ advantages
@@ -139,8 +119,6 @@ def test_policy_gradient_is_exactly_zero_when_all_rewards_are_equal(tok):
     rollouts = _rollouts(tok)
     adv, zero = group_advantages(torch.full((1, 4), 0.7))
     assert zero.all()
-    from nanoseek.train.grpo import pad_batch
-
     ids, mask = pad_batch(rollouts, tok.pad_id)
     logp, _ = token_logprobs(model, ids)
     loss, _ = grpo_loss(logp, logp.detach(), adv[0], mask)
@@ -207,14 +185,19 @@ def test_grpo_raises_a_trivially_learnable_reward(tok, tmp_path):
     }
 
 
-def test_cli_run_logs_eval_and_resumes_exactly(tok, tmp_path):
+def test_run_logs_eval_and_resumes_exactly(tok, tmp_path):
     save_model(tiny_model(tok), tmp_path / "m", tokenizer=tok)
-    args = ["grpo", "--model", str(tmp_path / "m"), "--task", "arithmetic", "--levels", "2x1", "--group-size", "4"]
-    args += ["--prompts-per-step", "2", "--max-new-tokens", "4", "--lr", "1e-2", "--eval-every", "1", "--eval-n", "2"]
-    args += ["--reward-truncated", "--format-reward", "0.5", "--beta", "0.05", "--save-every", "1"]
-    assert main([*args, "--out", str(tmp_path / "a"), "--steps", "2"]) == 0
-    assert main([*args, "--out", str(tmp_path / "b"), "--steps", "1"]) == 0
-    assert main(["grpo", "--out", str(tmp_path / "b"), "--resume", "--steps", "2"]) == 0
+    cfg = GRPOConfig(
+        steps=2, group_size=4, prompts_per_step=2, max_new_tokens=4, lr=1e-2, eval_every=1, eval_n=2,
+        zero_truncated=False, format_reward=0.5, beta=0.05, save_every=1,
+    )  # fmt: skip
+    job = GRPOJob(str(tmp_path / "m"), "arithmetic", str(tmp_path / "a"), levels=["2x1"], grpo=cfg)
+    summary = run_grpo(job)
+    assert summary["step"] == 2 and summary["run_dir"] == str(tmp_path / "a") and "eval_accuracy" in summary
+    run_grpo(dataclasses.replace(job, out=str(tmp_path / "b"), grpo=dataclasses.replace(cfg, steps=1)))
+    with pytest.raises(ValueError, match="--lr 0.02 differs from the run's saved 0.01"):  # a resume keeps its settings
+        run_grpo(dataclasses.replace(job, out=str(tmp_path / "b"), resume=True, grpo=dataclasses.replace(cfg, lr=2e-2)))
+    assert main(["grpo", "--out", str(tmp_path / "b"), "--resume", "--steps", "2"]) == 0  # the CLI fills in the rest
     a, b = (load_model(checkpoint_dirs(tmp_path / r)[-1]).state_dict() for r in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = read_metrics(tmp_path / "a" / "metrics.jsonl")
@@ -222,3 +205,19 @@ def test_cli_run_logs_eval_and_resumes_exactly(tok, tmp_path):
     assert {"eval_accuracy", "eval_response_len", "eval_format_rate"} <= records[0].keys() <= records[2].keys()
     assert all(r.get("first_pass_ratio_dev", 0.0) == 0.0 for r in records)
     assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_cli_options_make_the_job_and_resume_refuses_changed_settings(tok, tmp_path, capsys):
+    save_model(tiny_model(tok), tmp_path / "m", tokenizer=tok)
+    args = ["grpo", "--model", str(tmp_path / "m"), "--task", "arithmetic", "--levels", "2x1", "--group-size", "2"]
+    args += ["--prompts-per-step", "2", "--max-new-tokens", "2", "--eval-every", "0", "--reward-truncated"]
+    args += ["--no-std-scaling", "--length-penalty", "8", "2", "--out", str(tmp_path / "run"), "--steps", "1"]
+    assert main(args) == 0
+    assert "done: step 1" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert (saved["group_size"], saved["zero_truncated"], saved["std_scaling"]) == (2, False, False)
+    assert saved["length_penalty"] == [8, 2] and saved["levels"] == ["2x1"] and saved["device"] == "auto"
+    assert main(["grpo", "--out", str(tmp_path / "run"), "--resume", "--steps", "2", "--group-size", "4"]) == 1
+    assert "--group-size 4 differs from the run's saved 2" in capsys.readouterr().err
+    assert main(["grpo", "--out", str(tmp_path / "run"), "--steps", "2"]) == 1  # a run dir with checkpoints
+    assert "pass --resume" in capsys.readouterr().err

@@ -6,13 +6,10 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_config as tiny
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model.moe import Gate
-
-
-def tiny(**kw) -> ModelConfig:
-    return ModelConfig.from_preset("tiny", **kw)
 
 
 # ------------------------------------------------------------------------------------------- config

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek.cli import COMMANDS, build_parser
+from nanoseek.cli.main import COMMANDS, build_parser
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -36,6 +36,23 @@ def test_readme_quick_start_is_two_commands_set_up_then_run():
     assert len(commands) == 2
     assert commands[0].startswith("pip install torch==2.13.0 && pip install -e . && nanoseek speedrun")
     assert commands[1].startswith("pip install torch==2.13.0") and commands[1].endswith("python -m pytest -q")
+
+
+def test_readme_test_command_builds_llama_cpp_like_ci():
+    """Command 2 compiles llama-cpp-python with the flags CI sets (without them the build takes far longer), and the
+    README says how long the first install takes."""
+    text = README.read_text()
+    block = re.search(r"## Quick start\n.*?```bash\n(.*?)```", text, flags=re.S).group(1)
+    command2 = [ln for ln in block.splitlines() if ln.strip() and not ln.startswith("#")][1]
+    ci = (README.parent / ".ci" / "run").read_text()
+    for flag in re.findall(r'export (CMAKE_\w+)="\$\{\w+:-([^}]+)\}"', ci):
+        name, value = flag
+        assert f"{name}={value}" in command2.replace('"', ""), (
+            f"README command 2 lacks {name}={value} (.ci/run sets it)"
+        )
+    assert re.search(r"[Tt]he first time, command 2 takes about \d+-\d+ minutes to install", text), (
+        "README must say how long the install takes"
+    )
 
 
 def test_every_readme_command_parses():

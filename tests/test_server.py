@@ -148,23 +148,24 @@ def test_n_choices_and_seeds_reproduce(client):
 
     first = ask(7)
     assert ask(7) == first
-    assert len(set(first)) > 1  # choices are different samples
-    assert ask(8) != first
+    # choice i samples with seed + i: the choices are different draws, and each one is reproducible on its own
+    # (asserted as an identity, not as "the samples happen to differ", which a peaked model may not do)
+    assert ask(8)[:3] == first[1:]
 
 
 def test_stop_strings_cut_the_text_in_full_and_streamed_replies(client, engine):
-    full = greedy(engine, "hello world", 24).text
-    assert len(full) > 6
-    stop = full[3:6]
-    r = client.completions.create(
-        model="tiny-r1", prompt="hello world", max_tokens=24, temperature=0, stop=[stop, "zzz"]
-    )
+    ids = chat_prompt(engine, "What is 2+3?")  # a memorised answer, so the text is known whatever the CPU
+    full = greedy(engine, ids, 24).text
+    assert full == KNOWN["What is 2+3?"]
+    stop = "+3="
     cut = full[: full.find(stop)]
+    r = client.completions.create(model="tiny-r1", prompt=ids, max_tokens=24, temperature=0, stop=[stop, "zzz"])
     assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
     stream = client.completions.create(
-        model="tiny-r1", prompt="hello world", max_tokens=24, temperature=0, stop=stop, stream=True
+        model="tiny-r1", prompt=ids, max_tokens=24, temperature=0, stop=stop, stream=True
     )
-    assert "".join(c.choices[0].text for c in stream if c.choices) == cut
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert "".join(c.text for c in chunks) == cut and chunks[-1].finish_reason == "stop"
 
 
 def test_logprobs_in_chat_and_completions(client, engine):
@@ -341,7 +342,7 @@ def test_engine_abort_frees_the_slot(engine):
 
 
 def test_engine_loop_reports_every_token_and_stops_cleanly(engine):
-    from nanoseek.infer.server import Server
+    from nanoseek.infer.server.app import Server
 
     s = Server(engine, "m")
     s.loop.start()

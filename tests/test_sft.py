@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
+from helpers import tiny_model
 
-from nanoseek import ModelConfig, Transformer, load_model, save_model
-from nanoseek.cli import main
-from nanoseek.data.tasks import builtin_corpus, generate
-from nanoseek.model.transformer import IGNORE_INDEX
-from nanoseek.report import read_metrics
-from nanoseek.tokenizer import train_tokenizer
-from nanoseek.train.checkpointing import checkpoint_dirs
-from nanoseek.train.sft import (
+from nanoseek import load_model, save_model
+from nanoseek.checkpoint.run import checkpoint_dirs
+from nanoseek.cli.main import main
+from nanoseek.data.chat import (
     SFTLoader,
     builtin_conversations,
     chat_example,
@@ -22,11 +20,11 @@ from nanoseek.train.sft import (
     inputs_and_targets,
     jsonl_conversations,
 )
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer(builtin_corpus(200, seed=0), vocab_size=320)
+from nanoseek.model.transformer import IGNORE_INDEX
+from nanoseek.tasks.problems import generate
+from nanoseek.train.metrics import read_metrics
+from nanoseek.train.pretrain import TrainConfig
+from nanoseek.train.sft import SFT_DEFAULTS, SFTJob, run_sft
 
 
 def test_mask_targets_exactly_the_assistant_content_and_its_eos(tok):
@@ -98,14 +96,13 @@ def test_loader_pads_right_buckets_by_length_and_resumes(tok):
         assert torch.equal(a, c) and torch.equal(b, d)
 
 
-def test_cli_sft_trains_on_builtin_chat_and_resumes_exactly(tok, tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    c = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    save_model(Transformer(c), tmp_path / "m", tokenizer=tok)
-    args = ["sft", "--model", str(tmp_path / "m"), "--data", "builtin:arithmetic", "--n", "200", "--steps", "8"]
-    args += ["--worked-fraction", "0.5", "--batch-size", "8", "--lr", "1e-2", "--warmup", "2", "--eval-every", "4"]
-    args += ["--save-every", "4"]
-    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+def test_sft_trains_on_builtin_chat_and_resumes_exactly(tok, tmp_path, monkeypatch, capsys):
+    save_model(tiny_model(tok), tmp_path / "m", tokenizer=tok)
+    cfg = TrainConfig(**{**SFT_DEFAULTS, "steps": 8, "batch_size": 8, "lr": 1e-2, "warmup": 2, "eval_every": 4})
+    job = SFTJob(str(tmp_path / "m"), "builtin:arithmetic", str(tmp_path / "a"), worked_fraction=0.5, n=200)
+    job.train = dataclasses.replace(cfg, save_every=4)
+    summary = run_sft(job)
+    assert summary["step"] == 8 and summary["checkpoint"].endswith("step_8")
     calls, next_batch = {"n": 0}, SFTLoader.next_batch
 
     def interrupt_after_step_4(self):
@@ -115,9 +112,13 @@ def test_cli_sft_trains_on_builtin_chat_and_resumes_exactly(tok, tmp_path, monke
         return next_batch(self)
 
     monkeypatch.setattr(SFTLoader, "next_batch", interrupt_after_step_4)
-    assert main([*args, "--out", str(tmp_path / "b")]) == 130  # Ctrl-C during step 5
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C during step 5 reaches the caller
+        run_sft(dataclasses.replace(job, out=str(tmp_path / "b")))
     monkeypatch.undo()
-    assert main(["sft", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    with pytest.raises(ValueError, match="--worked-fraction 1.0 differs from the run's saved 0.5"):
+        run_sft(dataclasses.replace(job, out=str(tmp_path / "b"), resume=True, worked_fraction=1.0))
+    assert main(["sft", "--out", str(tmp_path / "b"), "--resume"]) == 0  # the CLI fills in the saved settings
+    assert "done: step 8" in capsys.readouterr().out
     a, b = (load_model(checkpoint_dirs(tmp_path / r)[-1]).state_dict() for r in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = read_metrics(tmp_path / "a" / "metrics.jsonl")
@@ -126,3 +127,16 @@ def test_cli_sft_trains_on_builtin_chat_and_resumes_exactly(tok, tmp_path, monke
     assert (tmp_path / "a" / "plots" / "loss.png").is_file()
     saved = json.loads((tmp_path / "a" / "args.json").read_text())
     assert saved["worked_fraction"] == 0.5 and saved["seq_len"] < 64  # seq_len defaults to the longest example
+    assert saved["lr"] == 1e-2 and saved["eval_batches"] == SFT_DEFAULTS["eval_batches"]
+
+
+def test_cli_options_override_the_sft_defaults(tok, tmp_path):
+    save_model(tiny_model(tok), tmp_path / "m", tokenizer=tok)
+    args = ["sft", "--model", str(tmp_path / "m"), "--data", "builtin:countdown", "--problems", "40", "--steps", "1"]
+    args += ["--worked-fraction", "0", "--levels", "3", "--data-seed", "2", "--seq-len", "48", "--eval-every", "0"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    saved = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert (saved["n"], saved["worked_fraction"], saved["levels"], saved["data_seed"]) == (40, 0.0, ["3"], 2)
+    assert (saved["seq_len"], saved["lr"], saved["batch_size"]) == (48, SFT_DEFAULTS["lr"], SFT_DEFAULTS["batch_size"])
+    assert saved["model"] == str(tmp_path / "m") and saved["data"] == "builtin:countdown"
+    assert main([*args, "--out", str(tmp_path / "bad"), "--worked-fraction", "2"]) == 1

@@ -5,20 +5,6 @@ import pytest
 import torch
 
 from nanoseek.data.shards import TokenLoader, load_manifest, prepare
-from nanoseek.data.tasks import builtin_corpus
-from nanoseek.tokenizer import train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer(builtin_corpus(200, seed=0) + ["Hello world. A story.\n"] * 10, vocab_size=320)
-
-
-@pytest.fixture(scope="module")
-def data(tok, tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "builtin"
-    prepare(tok, out, builtin=["arithmetic", "countdown"], n=1500, seed=0)
-    return out
 
 
 def read_split(out, manifest, split):
@@ -55,12 +41,12 @@ def test_prepare_txt_and_jsonl_text_and_messages(tok, tmp_path):
     }
 
 
-def test_builtin_manifest_counts_equal_shard_lengths(tok, data):
-    m = load_manifest(data)
+def test_builtin_manifest_counts_equal_shard_lengths(tok, builtin_data):
+    m = load_manifest(builtin_data)
     assert m["tokenizer_hash"] == tok.hash() and m["vocab_size"] == tok.vocab_size
     for split in ("train", "val"):
         info = m["splits"][split]
-        arr = read_split(data, m, split)
+        arr = read_split(builtin_data, m, split)
         assert arr.dtype == np.uint16 and len(arr) == info["tokens"] == sum(s["tokens"] for s in info["shards"])
         assert (arr == tok.bos_id).sum() == info["documents"] == (arr == tok.eos_id).sum()
     assert 0 < m["splits"]["val"]["documents"] < 0.2 * m["splits"]["train"]["documents"]
@@ -118,12 +104,12 @@ def test_empty_and_missing_input_are_clear_errors(tok, tmp_path):
         load_manifest(tmp_path)
 
 
-def test_loader_targets_are_inputs_shifted_by_one(data):
-    loader = TokenLoader(data, "train", batch_size=4, seq_len=32, seed=0)
+def test_loader_targets_are_inputs_shifted_by_one(builtin_data):
+    loader = TokenLoader(builtin_data, "train", batch_size=4, seq_len=32, seed=0)
     x, y = loader.next_batch()
     assert x.shape == y.shape == (4, 32) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
-    flat = torch.from_numpy(read_split(data, load_manifest(data), "train").astype(np.int64))
+    flat = torch.from_numpy(read_split(builtin_data, load_manifest(builtin_data), "train").astype(np.int64))
     row = x[0].tolist()
     starts = [i for i in range(len(flat) - 33) if flat[i : i + 32].tolist() == row]
     assert starts and flat[starts[0] + 32] == y[0, -1]  # the window really comes from the shard
@@ -133,51 +119,58 @@ def _window_keys(loader, n):
     return [tuple(row.tolist()) for _ in range(n) for row in loader.next_batch()[0]]
 
 
-def test_ranks_see_disjoint_windows(data):
-    r0 = TokenLoader(data, "train", batch_size=4, seq_len=32, rank=0, world_size=2, seed=1)
-    r1 = TokenLoader(data, "train", batch_size=4, seq_len=32, rank=1, world_size=2, seed=1)
+def test_ranks_see_disjoint_windows(builtin_data):
+    r0 = TokenLoader(builtin_data, "train", batch_size=4, seq_len=32, rank=0, world_size=2, seed=1)
+    r1 = TokenLoader(builtin_data, "train", batch_size=4, seq_len=32, rank=1, world_size=2, seed=1)
     n = r0.batches_per_epoch
     k0, k1 = _window_keys(r0, n), _window_keys(r1, n)
     assert len(set(k0)) == len(k0) and not set(k0) & set(k1)
 
 
-def test_resume_from_state_dict_reproduces_next_batches(data):
-    a = TokenLoader(data, "train", batch_size=2, seq_len=64, seed=3)
+def test_resume_from_state_dict_reproduces_next_batches(builtin_data):
+    a = TokenLoader(builtin_data, "train", batch_size=2, seq_len=64, seed=3)
     steps = a.batches_per_epoch + 3  # cross an epoch boundary too
     for _ in range(steps - 5):
         a.next_batch()
     state = json.loads(json.dumps(a.state_dict()))  # survives a JSON round trip
     expected = [a.next_batch() for _ in range(5)]
-    b = TokenLoader(data, "train", batch_size=2, seq_len=64, seed=3)
+    b = TokenLoader(builtin_data, "train", batch_size=2, seq_len=64, seed=3)
     b.load_state_dict(state)
     for (ex, ey), (x, y) in zip(expected, (b.next_batch() for _ in range(5))):
         assert torch.equal(ex, x) and torch.equal(ey, y)
 
 
-def test_loader_errors_are_clear(data):
+def test_loader_errors_are_clear(builtin_data):
     with pytest.raises(ValueError, match="too few"):
-        TokenLoader(data, "val", batch_size=10**5, seq_len=64)
+        TokenLoader(builtin_data, "val", batch_size=10**5, seq_len=64)
     with pytest.raises(ValueError, match="no split"):
-        TokenLoader(data, "dev", batch_size=1, seq_len=8)
+        TokenLoader(builtin_data, "dev", batch_size=1, seq_len=8)
 
 
-def test_cli_prepare(tok, tmp_path, capsys):
-    from nanoseek.cli import main
+def test_cli_prepare(tok_dir, tmp_path, capsys):
+    from nanoseek.cli.main import main
 
-    tok.save(tmp_path / "tok")
     out = tmp_path / "data"
-    argv = [
-        "prepare",
-        "--tokenizer",
-        str(tmp_path / "tok"),
-        "--builtin",
-        "arithmetic,countdown",
-        "--n",
-        "100",
-    ]
+    argv = ["prepare", "--tokenizer", str(tok_dir), "--builtin", "arithmetic", "countdown", "--n", "100"]
     assert main(argv + ["--out", str(out)]) == 0
     assert load_manifest(out)["sources"] == {"builtin": 200}
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{}\n")
-    assert main(["prepare", "--tokenizer", str(tmp_path / "tok"), "--input", str(bad), "--out", str(out)]) == 1
+    assert main(["prepare", "--tokenizer", str(tok_dir), "--input", str(bad), "--out", str(out)]) == 1
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_cli_prepare_builtin_spellings(tok_dir, tmp_path, capsys):
+    from nanoseek.cli.main import main
+
+    base = ["prepare", "--tokenizer", str(tok_dir), "--n", "20", "--val-fraction", "0"]
+    assert main([*base, "--builtin", "--out", str(tmp_path / "all")]) == 0  # no names: every built-in task
+    assert "deprecated" not in capsys.readouterr().err
+    assert main([*base, "--builtin", "arithmetic,countdown", "--out", str(tmp_path / "old")]) == 0  # old spelling
+    assert "comma-separated) is deprecated" in capsys.readouterr().err
+    for name in ("all", "old"):
+        assert load_manifest(tmp_path / name)["splits"] == load_manifest(tmp_path / "all")["splits"]
+        assert load_manifest(tmp_path / name)["sources"] == {"builtin": 40}
+    with pytest.raises(SystemExit):
+        main([*base, "--builtin", "sudoku", "--out", str(tmp_path / "bad")])
+    assert "unknown task(s) sudoku" in capsys.readouterr().err

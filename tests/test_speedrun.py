@@ -1,8 +1,7 @@
-"""`nanoseek speedrun` (smoke recipe): the whole pipeline, its report, and resuming after Ctrl-C or kill -9."""
+"""The speedrun (smoke recipe): the whole pipeline, its report, resuming after Ctrl-C or kill -9, and its CLI."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -13,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek import speedrun
-from nanoseek.cli import main
-from nanoseek.speedrun import make_recipe
+import nanoseek.speedrun.stages as stages
+from nanoseek.cli.common import parse_set
+from nanoseek.cli.main import main
+from nanoseek.speedrun.recipe import Recipe, make_recipe
+from nanoseek.speedrun.stages import run_speedrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,8 @@ def _results(run: Path) -> dict:
 def reference(tmp_path_factory) -> Path:
     """One uninterrupted smoke speedrun."""
     out = tmp_path_factory.mktemp("speedrun") / "ref"
-    assert main(["speedrun", "--preset", "smoke", "--out", str(out)]) == 0
+    report = run_speedrun(out, "smoke")
+    assert report == json.loads((out / "report.json").read_text())  # what it returns is what it wrote
     return out
 
 
@@ -79,13 +81,14 @@ def test_ctrl_c_in_grpo_then_rerun_continues_and_reports_the_same(reference, tmp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(grpo, "sample_groups", interrupt_second)
-    assert main(["speedrun", "--preset", "smoke", "--out", str(out)]) == 130
-    assert "run the same command again to continue" in capsys.readouterr().out
+    with pytest.raises(KeyboardInterrupt):
+        run_speedrun(out, "smoke")
     assert not (out / "report.json").exists()
-    stages = json.loads((out / "stages.json").read_text())
-    assert "sft" in stages and "grpo" not in stages
+    done = json.loads((out / "stages.json").read_text())
+    assert "sft" in done and "grpo" not in done
     monkeypatch.setattr(grpo, "sample_groups", real)
-    assert main(["speedrun", "--preset", "smoke", "--out", str(out)]) == 0
+    capsys.readouterr()
+    run_speedrun(out, "smoke")
     log = capsys.readouterr().out
     assert "== pretrain: done already, skipped" in log and "grpo: continuing the interrupted stage" in log
     assert _results(out) == _results(reference)
@@ -119,23 +122,57 @@ def test_a_run_folder_refuses_another_recipe(tmp_path):
     out.mkdir()
     (out / "recipe.json").write_text(json.dumps({"preset": "smoke", "seed": 0, "grpo_lr": 1.0}))
     with pytest.raises(ValueError, match="holds a speedrun with another recipe"):
-        speedrun.run(argparse.Namespace(out=str(out), preset="smoke", set=[], seed=0))
+        run_speedrun(out, "smoke", seed=0, overrides={})
 
 
-def test_recipe_overrides_are_typed_and_checked():
-    r = make_recipe("cpu", ["grpo_lr=1e-5", "worked_fraction=0.25", "grpo_dynamic_sampling=true"])
+def test_recipe_overrides_are_checked():
+    r = make_recipe("cpu", {"grpo_lr": 1e-5, "worked_fraction": 0.25, "grpo_dynamic_sampling": True})
     assert r.grpo_lr == 1e-5 and r.worked_fraction == 0.25 and r.grpo_dynamic_sampling is True
-    with pytest.raises(ValueError, match="FIELD=VALUE"):
-        make_recipe("cpu", ["no_such_field=1"])
+    with pytest.raises(ValueError, match="unknown recipe field"):
+        make_recipe("cpu", {"no_such_field": 1})
     with pytest.raises(ValueError, match="worked_fraction"):
-        make_recipe("cpu", ["worked_fraction=2"])
-    assert make_recipe("gpu", []).model_preset == "gpu-small"
+        make_recipe("cpu", {"worked_fraction": 2})
+    with pytest.raises(ValueError, match="unknown speedrun preset"):
+        make_recipe("laptop")
+    assert make_recipe("gpu").model_preset == "gpu-small"
+
+
+def test_set_values_take_the_recipe_fields_types_with_one_boolean_syntax():
+    items = ["grpo_lr=1e-5", "grpo_steps=7", "grpo_dynamic_sampling=yes", "compile=off", "grpo_levels=3x12 4x12"]
+    assert parse_set(items, Recipe) == {
+        "grpo_lr": 1e-5,
+        "grpo_steps": 7,
+        "grpo_dynamic_sampling": True,
+        "compile": False,
+        "grpo_levels": "3x12 4x12",
+    }
+    for word, value in (("true", True), ("No", False), ("1", True), ("0", False), ("ON", True)):
+        assert parse_set([f"compile={word}"], Recipe) == {"compile": value}
+    with pytest.raises(ValueError, match="compile takes a bool"):
+        parse_set(["compile=maybe"], Recipe)
+
+
+def test_cli_speedrun_parses_set_booleans_and_ctrl_c_prints_how_to_continue(tmp_path, monkeypatch, capsys):
+    def interrupted(*args):  # Ctrl-C once recipe.json is written, before any stage
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "run_stages", interrupted)
+    out = tmp_path / "run"
+    argv = ["speedrun", "--preset", "smoke", "--out", str(out), "--set", "grpo_dynamic_sampling=yes"]
+    assert main([*argv, "--set", "compile=no"]) == 130
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["grpo_dynamic_sampling"] is True and recipe["compile"] is False and recipe["preset"] == "smoke"
+    hint = capsys.readouterr().out
+    assert "run the same command again to continue" in hint
+    assert f"--out {out} --preset smoke --seed 0 --set grpo_dynamic_sampling=yes --set compile=no" in hint
+    assert main([*argv, "--set", "compile=maybe"]) == 1  # a user error, no traceback
+    assert "compile takes a bool" in capsys.readouterr().err
 
 
 def test_loss_plot_leaves_out_mtp_when_it_is_off(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
-    from nanoseek.report import plot_metrics
+    from nanoseek.train.metrics import plot_metrics
 
     labels: list[str] = []
     real = Axes.plot

@@ -4,17 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoseek.data.tasks import (
-    ARITHMETIC_LEVELS,
-    COUNTDOWN_LEVELS,
-    countdown_value,
-    extract_answer,
-    generate,
-    split_of,
-    verify,
-    verify_arithmetic,
-    verify_countdown,
-)
+from nanoseek.tasks.problems import ARITHMETIC_LEVELS, COUNTDOWN_LEVELS, generate, split_of
+from nanoseek.tasks.verify import countdown_value, extract_answer, verify, verify_arithmetic, verify_countdown
 
 
 def test_arithmetic_worked_example_multiplies_first():

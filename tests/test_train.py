@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import signal
@@ -9,29 +10,37 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer, load_model
-from nanoseek.cli import main
-from nanoseek.data.shards import TokenLoader, load_manifest, prepare
-from nanoseek.data.tasks import builtin_corpus
-from nanoseek.report import read_metrics
-from nanoseek.tokenizer import train_tokenizer
-from nanoseek.train.checkpointing import checkpoint_dirs, latest_checkpoint
+from nanoseek.checkpoint.run import checkpoint_dirs, latest_checkpoint
+from nanoseek.cli.common import parse_set, run_stage
+from nanoseek.cli.main import build_parser, main
+from nanoseek.data.shards import TokenLoader, load_manifest
+from nanoseek.distributed.process_group import DistEnv
+from nanoseek.train.distill import DistillJob
+from nanoseek.train.grpo import GRPOConfig, GRPOJob
+from nanoseek.train.metrics import read_metrics
 from nanoseek.train.optim import build_optimizer, expert_bias_step, max_load_violation
+from nanoseek.train.pretrain import NonFiniteLoss, PretrainJob, TrainConfig, run_pretrain
 from nanoseek.train.schedule import cosine_decay, lr_at, warmup_factor, wsd_decay
+from nanoseek.train.sft import SFTJob
 
 REQUIRED_KEYS = {"step", "loss", "lr", "tokens_per_s", "mtp_loss", "aux_loss", "grad_norm", "mfu"}
 REQUIRED_KEYS |= {"max_load_violation", "elapsed_s"}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    tok = train_tokenizer(builtin_corpus(200, seed=0), vocab_size=320)
-    tok.save(root / "tok")
-    prepare(tok, root / "data", builtin=["arithmetic", "countdown"], n=400, seed=0, tokenizer_path=str(root / "tok"))
-    return root / "data"
+def data(builtin_data):
+    """Token shards of the built-in tasks (conftest's, read-only)."""
+    return builtin_data
+
+
+def job(data, out, **train) -> PretrainJob:
+    """A tiny-preset pretraining job: batch 4 x 32 tokens, lr 1e-2, no val loss unless asked."""
+    cfg = TrainConfig(**{"batch_size": 4, "seq_len": 32, "lr": 1e-2, "warmup": 5, "eval_every": 0, **train})
+    return PretrainJob(out=str(out), data=str(data), preset="tiny", train=cfg)
 
 
 def run_train(data, out, *extra: str) -> int:
+    """`nanoseek train` with the same settings as `job`, for the tests of the command line itself."""
     argv = ["train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--batch-size", "4"]
     argv += ["--seq-len", "32", "--lr", "1e-2", "--warmup", "5", "--eval-every", "0", *extra]
     return main(argv)
@@ -94,7 +103,9 @@ def test_bias_update_follows_the_sign_rule():
 # ----------------------------------------------------------------------------------------- end to end
 def test_run_writes_metrics_plots_and_keeps_last_k_while_loss_falls(data, tmp_path):
     run = tmp_path / "run"
-    assert run_train(data, run, "--steps", "30", "--save-every", "5", "--keep-last", "2", "--eval-every", "10") == 0
+    summary = run_pretrain(job(data, run, steps=30, save_every=5, keep_last=2, eval_every=10))
+    assert summary["step"] == 30 and summary["checkpoint"] == str(run / "checkpoints" / "step_30")
+    assert summary["run_dir"] == str(run) and summary["val_loss"] < summary["first_loss"] - 1.5
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 31))
     assert all(REQUIRED_KEYS <= r.keys() for r in records)
@@ -118,9 +129,9 @@ def test_run_writes_metrics_plots_and_keeps_last_k_while_loss_falls(data, tmp_pa
     assert biases.abs().sum() > 0 and torch.allclose(biases / 1e-3, (biases / 1e-3).round(), atol=1e-3)
 
 
-def test_resume_after_interruption_is_exact(data, tmp_path, monkeypatch):
-    args = ("--steps", "40", "--save-every", "20", "--grad-accum", "2")
-    assert run_train(data, tmp_path / "full", *args) == 0
+def test_resume_after_interruption_is_exact(data, tmp_path, monkeypatch, capsys):
+    settings = dict(steps=40, save_every=20, grad_accum=2)
+    run_pretrain(job(data, tmp_path / "full", **settings))
 
     calls = {"n": 0}
     next_batch = TokenLoader.next_batch
@@ -132,10 +143,12 @@ def test_resume_after_interruption_is_exact(data, tmp_path, monkeypatch):
         return next_batch(self)
 
     monkeypatch.setattr(TokenLoader, "next_batch", interrupt_after_step_20)
-    assert run_train(data, tmp_path / "split", *args) == 130  # Ctrl-C
+    assert run_train(data, tmp_path / "split", "--steps", "40", "--save-every", "20", "--grad-accum", "2") == 130
+    split = tmp_path / "split"
+    assert f"interrupted; continue from step_20 with `nanoseek train --out {split} --resume`" in capsys.readouterr().err
     monkeypatch.undo()
-    assert latest_checkpoint(tmp_path / "split").name == "step_20"
-    assert main(["train", "--out", str(tmp_path / "split"), "--resume"]) == 0
+    assert latest_checkpoint(split).name == "step_20"
+    assert main(["train", "--out", str(split), "--resume"]) == 0  # the saved settings, filled in by the CLI
 
     full, split = tmp_path / "full" / "checkpoints" / "step_40", tmp_path / "split" / "checkpoints" / "step_40"
     assert loss_at(tmp_path / "split", 40) == loss_at(tmp_path / "full", 40)
@@ -148,38 +161,52 @@ def test_resume_after_interruption_is_exact(data, tmp_path, monkeypatch):
 
 def test_set_overrides_preset_fields_and_names_bad_ones(data, tmp_path, capsys):
     run = tmp_path / "deeper"
-    sets = ["--set", "num_hidden_layers=3", "--set", "q_lora_rank=None", "--set", "norm_topk_prob=false"]
+    sets = ["--set", "num_hidden_layers=3", "--set", "q_lora_rank=None", "--set", "norm_topk_prob=no"]
     assert run_train(data, run, "--steps", "2", *sets) == 0
     c = ModelConfig.from_json(run / "checkpoints" / "step_2")
     assert (c.num_hidden_layers, c.q_lora_rank, c.norm_topk_prob) == (3, None, False)
-    assert json.loads((run / "args.json").read_text())["set"] == sets[1::2]
-    assert ModelConfig.parse_overrides(["routed_scaling_factor=2.5", 'rope_scaling={"type": "yarn", "factor": 4}']) == {
+    overrides = {"num_hidden_layers": 3, "q_lora_rank": None, "norm_topk_prob": False}
+    assert json.loads((run / "args.json").read_text())["overrides"] == overrides
+    assert parse_set(["routed_scaling_factor=2.5", 'rope_scaling={"type": "yarn", "factor": 4}'], ModelConfig) == {
         "routed_scaling_factor": 2.5,
         "rope_scaling": {"type": "yarn", "factor": 4},
     }
     for bad, message in [
         ("num_layers=3", "unknown field 'num_layers'"),
-        ("num_hidden_layers=three", "num_hidden_layers takes a value of type int"),
+        ("num_hidden_layers=three", "num_hidden_layers takes a int"),
+        ("norm_topk_prob=maybe", "norm_topk_prob takes a bool"),
         ("vocab_size=99", "decided by the data's tokenizer"),
-        ("hidden_size", "expected KEY=VALUE"),
+        ("hidden_size", "expected FIELD=VALUE"),
     ]:
         assert run_train(data, tmp_path / "bad", "--steps", "1", "--set", bad) == 1
         assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--set changes a new model's config"):  # a resumed run keeps its config
+        run_pretrain(dataclasses.replace(job(data, run, steps=3), resume=True, overrides={"num_hidden_layers": 3}))
 
 
-def test_resume_refuses_changed_hyperparameters(data, tmp_path):
-    assert run_train(data, tmp_path / "run", "--steps", "2") == 0
-    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--lr", "5e-3"]) == 1
-    assert run_train(data, tmp_path / "run", "--steps", "2") == 1  # existing checkpoints need --resume
-    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "3"]) == 0  # extend the run
-    assert latest_checkpoint(tmp_path / "run").name == "step_3"
+def test_resume_refuses_changed_hyperparameters(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    run_pretrain(job(data, run, steps=2))
+    with pytest.raises(ValueError, match="--lr 0.005 differs from the run's saved 0.01"):
+        run_pretrain(dataclasses.replace(job(data, run, steps=2, lr=5e-3), resume=True))
+    assert main(["train", "--out", str(run), "--resume", "--lr", "5e-3"]) == 1
+    assert "--lr 0.005 differs from the run's saved 0.01" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="pass --resume"):  # existing checkpoints need --resume
+        run_pretrain(job(data, run, steps=2))
+    assert run_train(data, run, "--steps", "2") == 1
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3"]) == 0  # extend the run
+    assert latest_checkpoint(run).name == "step_3"
+    run_pretrain(dataclasses.replace(job(data, run, steps=4, log_every=2), resume=True))  # overridable settings
+    assert latest_checkpoint(run).name == "step_4"
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        run_pretrain(dataclasses.replace(job(data, tmp_path / "none", steps=1), resume=True))
 
 
 KILL_DURING_SECOND_SAVE = textwrap.dedent(
     """
     import os, signal, sys
-    import nanoseek.train.checkpointing as ck
-    from nanoseek.cli import main
+    import nanoseek.checkpoint.run as ck
+    from nanoseek.cli.main import build_parser, main
 
     write, saves = ck._write_trainer_state, []
 
@@ -216,7 +243,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint_and_resume_works(data, tm
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 21))
 
 
-def test_nonfinite_loss_stops_with_message_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+def test_nonfinite_loss_stops_with_message_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
     compute_loss, calls = Transformer.compute_loss, {"n": 0}
 
     def nan_at_step_8(self, inputs, targets, **kwargs):
@@ -228,27 +255,46 @@ def test_nonfinite_loss_stops_with_message_and_keeps_last_good_checkpoint(data, 
 
     monkeypatch.setattr(Transformer, "compute_loss", nan_at_step_8)
     run = tmp_path / "run"
-    assert run_train(data, run, "--steps", "10", "--save-every", "5") == 1
-    err = capsys.readouterr().err
-    assert "step 8: non-finite loss" in err and "step_5" in err
+    with pytest.raises(NonFiniteLoss, match="step 8: non-finite loss") as e:
+        run_pretrain(job(data, run, steps=10, save_every=5))
+    assert "step_5" in str(e.value)
     assert [d.name for d in checkpoint_dirs(run)] == ["step_5"]
     assert all(torch.isfinite(t).all() for t in weights(run / "checkpoints" / "step_5").values())
     assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 7
+    assert (run / "plots" / "loss.png").is_file()  # the plots show what happened
+
+
+def test_the_cli_turns_a_stopped_stage_into_a_message_and_an_exit_status(tmp_path, capsys):
+    def stopped(error: BaseException):
+        def stage(job, env):
+            raise error
+
+        return stage
+
+    job = PretrainJob(out=str(tmp_path / "run"))
+    assert run_stage("train", stopped(NonFiniteLoss("step 3: non-finite loss")), job, DistEnv(), str) == 1
+    assert "nanoseek train: error: step 3: non-finite loss" in capsys.readouterr().err
+    assert run_stage("sft", stopped(KeyboardInterrupt()), job, DistEnv(), str) == 130
+    assert "nanoseek sft: interrupted; no checkpoint was written" in capsys.readouterr().err
+    assert run_stage("grpo", lambda job, env: {"step": 3}, job, DistEnv(), lambda s: f"done {s['step']}") == 0
+    assert capsys.readouterr().out == "done 3\n"
+    assert run_stage("train", lambda job, env: {}, job, DistEnv(rank=1, world_size=2), lambda s: "done") == 0
+    assert capsys.readouterr().out == ""  # rank 0 alone speaks
 
 
 def test_bias_update_balances_expert_loads(data, tmp_path):
-    def late_violation(gamma: str) -> float:
+    def late_violation(gamma: float) -> float:
         run = tmp_path / f"gamma{gamma}"
-        assert run_train(data, run, "--steps", "40", "--bias-gamma", gamma, "--aux-alpha", "0") == 0
+        run_pretrain(job(data, run, steps=40, bias_gamma=gamma, aux_alpha=0.0))
         records = read_metrics(run / "metrics.jsonl")[-10:]
         return sum(sum(r["max_load_violation"]) for r in records) / len(records)
 
-    assert late_violation("0.01") < late_violation("0")
+    assert late_violation(0.01) < late_violation(0.0)
 
 
 def test_time_budget_sizes_the_run_and_the_schedule(data, tmp_path):
     run = tmp_path / "run"
-    assert run_train(data, run, "--time-budget", "1.5", "--warmup", "0", "--min-lr-ratio", "0") == 0
+    run_pretrain(job(data, run, time_budget=1.5, warmup=0, min_lr_ratio=0.0))
     records = read_metrics(run / "metrics.jsonl")
     assert len(records) > 5 and records[-1]["elapsed_s"] >= 1.5
     lrs = [r["lr"] for r in records]
@@ -257,3 +303,18 @@ def test_time_budget_sizes_the_run_and_the_schedule(data, tmp_path):
         assert r["lr"] >= 1e-2 * cosine_decay(r["elapsed_s"] / 1.5, min_ratio=0.0) - 1e-12
     state = json.loads((latest_checkpoint(run) / "trainer_state" / "state.json").read_text())
     assert state["elapsed_s"] >= 1.5 and state["step"] == records[-1]["step"]
+
+
+def test_every_setting_of_a_stage_is_an_option_of_its_command():
+    """The commands build their jobs from the options by field name: each config field needs its option."""
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    options = {name: {a.dest for a in commands[name]._actions} for name in ("train", "sft", "grpo", "distill")}
+    for name, config in (("train", TrainConfig), ("sft", TrainConfig), ("grpo", GRPOConfig)):
+        assert {f.name for f in dataclasses.fields(config)} <= options[name], name
+    assert {"preset", "set", "init_from", "data", "tokenizer", "out", "resume"} <= options["train"]
+    assert {f.name for f in dataclasses.fields(SFTJob)} - {"train"} <= options["sft"]
+    assert {f.name for f in dataclasses.fields(GRPOJob)} - {"grpo"} <= options["grpo"]
+    distill = {f.name for f in dataclasses.fields(DistillJob)} - {"api_key", "sft", "train"}
+    assert (
+        distill | {"api_key_env", "no_sft", "steps", "time_budget", "lr", "batch_size", "seq_len"} <= options["distill"]
+    )

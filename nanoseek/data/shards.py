@@ -11,13 +11,10 @@ template, which supplies BOS and EOS itself); a directory means every .txt/.json
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nanoseek.io import atomic_write_text, replace_dir, temp_dir_beside
 from nanoseek.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
@@ -147,17 +145,11 @@ def _is_val(ids: list[int], val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def _replace_data_dir(tmp: Path, out: Path) -> None:
     """Move the finished tmp dir to out; an earlier data dir there is replaced, anything else kept."""
-    if out.exists():
-        if not (out / MANIFEST).is_file():
-            raise ValueError(f"{out} exists and is not a nanoseek data dir (no {MANIFEST}): choose another --out")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise ValueError(f"{out} exists and is not a nanoseek data dir (no {MANIFEST}): choose another --out")
+    replace_dir(tmp, out)
 
 
 def prepare(
@@ -180,16 +172,14 @@ def prepare(
         _expand(inputs)  # fail on a bad path before any work
         docs.append(iter_documents(inputs))
     if builtin:
-        from nanoseek.data.tasks import builtin_corpus
+        from nanoseek.tasks.problems import builtin_corpus
 
         docs.append((text, "builtin") for text in builtin_corpus(n, seed, tuple(builtin)))
     if not docs:
-        raise ValueError("no input: pass --input PATH... and/or --builtin arithmetic,countdown")
+        raise ValueError("no input: pass --input PATH... and/or --builtin arithmetic countdown")
 
     out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the data dir it becomes should not be
+    tmp = temp_dir_beside(out)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32)
     writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
     sources: dict[str, int] = {}
@@ -234,8 +224,8 @@ def prepare(
             "val_fraction": val_fraction,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out)
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        _replace_data_dir(tmp, out)
     except BaseException:
         for w in writers.values():
             w.close()
@@ -366,33 +356,26 @@ class TokenLoader:
         self._windows = self._epoch_windows(self.epoch)
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- the tokenizer of a data dir
 
 
-def _cmd_prepare(args: argparse.Namespace) -> None:
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer)
-    builtin = [t.strip() for t in args.builtin.split(",") if t.strip()] if args.builtin else []
-    m = prepare(
-        tokenizer,
-        args.out,
-        inputs=args.input,
-        builtin=builtin,
-        n=args.n,
-        seed=args.seed,
-        val_fraction=args.val_fraction,
-        tokenizer_path=str(args.tokenizer),
+def find_tokenizer(data_dir: Path, manifest: dict, path: str | Path | None = None) -> Tokenizer:
+    """The tokenizer the data was prepared with: `path`, else the data dir, else the manifest's recorded path
+    (as written, then relative to the data dir and to its parent); its hash must match the manifest's."""
+    recorded = manifest.get("tokenizer")
+    candidates = [Path(path)] if path else [data_dir]
+    if not path and recorded:
+        candidates += [Path(recorded), data_dir / recorded, data_dir.parent / recorded]
+    for c in candidates:
+        file = c / "tokenizer.json" if c.is_dir() else c
+        if not file.is_file():
+            continue
+        tok = Tokenizer.from_pretrained(c)
+        if tok.hash() == manifest.get("tokenizer_hash"):
+            return tok
+        if path:
+            raise ValueError(f"tokenizer {path} is not the one {data_dir} was prepared with (hash differs)")
+    raise FileNotFoundError(
+        f"cannot find the tokenizer of {data_dir} (manifest records {recorded!r}): pass --tokenizer DIR "
+        "so checkpoints carry it"
     )
-    counts = ", ".join(f"{s}: {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in m["splits"].items())
-    print(f"wrote {args.out} ({m['dtype']}; {counts})")
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("prepare", help="tokenize text into token shards + manifest.json")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json")
-    p.add_argument("--input", nargs="*", default=[], help=".txt (one document each) / .jsonl files or dirs")
-    p.add_argument("--builtin", default="", help="built-in tasks, e.g. arithmetic,countdown")
-    p.add_argument("--n", type=int, default=10000, help="built-in problems per task")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for val")
-    p.add_argument("--out", required=True, help="output data directory")
-    p.set_defaults(func=_cmd_prepare)

@@ -3,6 +3,7 @@
 process_group.py    torchrun environment -> process group + device mesh (nccl on CUDA, gloo on CPU)
 data_parallel.py    DDP / FSDP2 wrapping, gradient-sync control, the expert-count all-reduce
 expert_parallel.py  routed experts split over ranks, token dispatch with all-to-all
-checkpoint.py       distributed checkpoints (torch.distributed.checkpoint) and `nanoseek export`
-plan.py             `nanoseek plan`: memory, layout, time and cost of a training run
+plan.py             memory, layout, time and cost of a training run (`nanoseek plan`)
+
+Distributed checkpoints live in nanoseek/checkpoint/dcp.py.
 """

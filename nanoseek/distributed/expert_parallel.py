@@ -41,6 +41,7 @@ class ExpertParallel(nn.Module):
         if n_experts % ep:
             raise ValueError(f"--ep {ep} must divide n_routed_experts ({n_experts})")
         self.inter_dim, self.n_experts, self.ep, self.mesh = experts.inter_dim, n_experts, ep, ep_mesh
+        self.limit = experts.limit  # V4's SwiGLU clamp
         self.group = ep_mesh.get_group()
         # every rank holds the same full weights (same seed or checkpoint); each keeps its own slice
         self.w13 = nn.Parameter(distribute_tensor(experts.w13.detach(), ep_mesh, [Shard(0)], src_data_rank=None))
@@ -60,7 +61,7 @@ class ExpertParallel(nn.Module):
         if x_recv.shape[0] == 0:  # no rows for this rank's experts: empty output, zero (not missing) gradients
             y_recv = x_recv + 0 * (w13.sum() + w2.sum())  # (grouped_mm's backward rejects empty inputs)
         else:
-            y = grouped_swiglu(x_recv.index_select(0, order), recv.sum(0), w13, w2)
+            y = grouped_swiglu(x_recv.index_select(0, order), recv.sum(0), w13, w2, self.limit)
             y_recv = torch.empty_like(y).index_copy(0, order, y)  # back to rank-major
         return funcol.all_to_all_single_autograd(y_recv, send_splits, recv_splits, self.group)
 

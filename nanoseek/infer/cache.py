@@ -23,13 +23,13 @@ class LatentCache:
     ) -> None:
         self.n_layers = config.num_hidden_layers if n_layers is None else n_layers
         self.n_slots, self.max_len = n_slots, max_len
-        self.width = config.kv_lora_rank + config.qk_rope_head_dim
+        self.width = config.latent_cache_width
         self.kv = torch.zeros(self.n_layers, n_slots, max_len, self.width, dtype=dtype, device=device)
         self.lengths = [0] * n_slots  # tokens stored per slot
         self._free = list(range(n_slots - 1, -1, -1))
 
     def bytes_per_token(self) -> int:
-        """(kv_lora_rank + qk_rope_head_dim) x layers x dtype size."""
+        """(kv_lora_rank + qk_rope_head_dim [+ index_head_dim for V3.2]) x layers x dtype size."""
         return self.width * self.n_layers * self.kv.element_size()
 
     @property

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nanoseek.infer.engine import Engine, Sequence
+from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.sequence import Sequence
 
 
 @dataclass

@@ -24,6 +24,7 @@ class ReasoningSplitter:
     reasoning, and only when the output opens with `<think>` (or the prompt already did)."""
 
     def __init__(self, starts_in_think: bool = False) -> None:
+        self.starts_in_think = starts_in_think
         self.state = "think" if starts_in_think else "start"  # start -> think -> answer
         self.pending = ""  # text held back: it may be the start of a tag
         self.started = {"reasoning": False, "content": False}  # whether a part has had non-space text

@@ -9,6 +9,9 @@
 Training uses this expanded form (one SDPA call). With a cache, only [c_KV | rope(k_pe)] is stored per token
 and `forward_cached`, for decoding, uses the absorbed form: kv_b_proj's key half is folded into the query and
 its value half into the output, so attention runs over the latents directly.
+
+DeepSeek-V3.2 (config.sparse_attention): a lightning indexer (indexer.py) picks index_topk keys per query and
+the others are masked out; its keys are cached after the latent: [c_KV | rope(k_pe) | k^I].
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.indexer import Indexer
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope
 
@@ -46,11 +50,21 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * c.v_head_dim, c.hidden_size, bias=bias)
+        self.indexer = Indexer(c) if c.sparse_attention else None
 
-    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q_nope [B, T, H, d_nope] and roped q_pe [B, T, H, d_R]."""
+    def q_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """c_Q [B, T, q_r]: feeds q_b_proj and, in V3.2, the indexer's queries."""
+        return self.q_a_layernorm(self.q_a_proj(x))
+
+    def query(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_q: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_nope [B, T, H, d_nope] and roped q_pe [B, T, H, d_R] (c_q: the query latent, if already made)."""
         B, T, _ = x.shape
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_latent(x) if c_q is None else c_q)
         q_nope, q_pe = q.view(B, T, self.n_heads, self.qk_head_dim).split(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1
         )
@@ -65,8 +79,13 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Causal self-attention over x [B, T, d]; cos/sin [T, 1, d_R/2] (or [B, T, 1, d_R/2])."""
         B, T, _ = x.shape
-        q_nope, q_pe = self.query(x, cos, sin)
+        c_q = None if self.q_lora_rank is None else self.q_latent(x)
+        q_nope, q_pe = self.query(x, cos, sin, c_q)
         c_kv, k_pe = self.latent(x, cos, sin)
+        mask = None  # None: plain causal
+        if self.indexer is not None and T > self.indexer.topk:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = self._select(x, c_q, cos, sin, self.indexer.keys(x, cos, sin), causal).unsqueeze(1)
         kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)  # [B, T, H, d_qk]
@@ -74,10 +93,21 @@ class MLA(nn.Module):
         if self.v_head_dim < self.qk_head_dim:  # fused (flash) SDPA kernels want one head dim: pad v, slice o
             v = F.pad(v, (0, self.qk_head_dim - self.v_head_dim))
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.softmax_scale,
         )  # [B, H, T, d_qk or d_v]
         o = o[..., : self.v_head_dim].transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim)
         return self.o_proj(o)
+
+    def _select(self, x, c_q, cos, sin, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """DSA: [B, Tq, S] keys each query attends to (top-k of the visible by index score). No gradient flows
+        through a top-k choice; the indexer is trained by its own loss on `Indexer.scores` (V3.2 report 2.1.1)."""
+        with torch.no_grad():
+            return self.indexer.select(self.indexer.scores(x, c_q, cos, sin, keys), visible)
 
     def forward_cached(
         self,
@@ -94,27 +124,38 @@ class MLA(nn.Module):
         """Attention for new tokens x [N, T, d] of N sequences whose past sits in rows `slots` of this layer's cache
         (None: rows 0..N-1, read in place without a gather).
 
-        kv_cache [n_slots, max_len, d_c + d_R] holds [c_KV | rope(k_pe)] per position. Row n's new tokens are at
+        kv_cache [n_slots, max_len, W] holds [c_KV | rope(k_pe)] per position (W = config.latent_cache_width; V3.2
+        appends the indexer key, whose top-k choice then masks the attention). Row n's new tokens are at
         positions start[n] .. start[n] + T - 1; they attend to cached positions < start[n] among the first
         cache_len (a fixed bound, so shapes never depend on tensor values: compiled decoding) and causally to
-        each other. The cache is only read: returns (output [N, T, d], the new tokens' entries [N, T, d_c + d_R])
+        each other. The cache is only read: returns (output [N, T, d], the new tokens' entries [N, T, W])
         for the caller to store (see `write_latents`). absorb (default: T <= 4 queries) picks the absorbed form,
         cheaper when few queries read a long prefix. query_rows [N] (absorbed form): every new token's entry is
         made but only new token query_rows[n] of row n is attended from; output [N, 1, d] (MTP drafting from
         the last kept position, or from a prompt's last token).
         """
         N, T, _ = x.shape
-        new = torch.cat(self.latent(x, cos, sin), dim=-1)  # [N, T, d_c + d_R]
+        entries = self.latent(x, cos, sin)
+        if self.indexer is not None:
+            entries += (self.indexer.keys(x, cos, sin),)
+        new = torch.cat(entries, dim=-1)  # [N, T, W]
         if query_rows is not None:
             cos, sin = (c.expand(N, *c.shape[-3:]) for c in (cos, sin))  # [T, 1, d_R/2] -> [N, T, 1, d_R/2]
             x, cos, sin = (pick_rows(t, query_rows) for t in (x, cos, sin))
         Tq = x.shape[1]  # queries per row
-        q_nope, q_pe = self.query(x, cos, sin)  # [N, Tq, H, *]
+        c_q = None if self.q_lora_rank is None else self.q_latent(x)
+        q_nope, q_pe = self.query(x, cos, sin, c_q)  # [N, Tq, H, *]
         if slots is None:  # rows are cache rows 0..N-1: read the cache in place
             past = kv_cache[:N, :cache_len].to(x.dtype)
         else:
-            past = kv_cache[:, :cache_len].index_select(0, slots).to(x.dtype)  # [N, cache_len, d_c + d_R]
+            past = kv_cache[:, :cache_len].index_select(0, slots).to(x.dtype)  # [N, cache_len, W]
         H, dn, dv, dc = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
+        dl = dc + self.qk_rope_head_dim  # the MLA latent part of an entry
+        selected = None  # V3.2 with more than index_topk keys: [N, Tq, cache_len + T] chosen and visible
+        if self.indexer is not None and cache_len + T > self.indexer.topk:
+            keys = torch.cat((past[..., dl:], new[..., dl:]), dim=1)  # [N, cache_len + T, d_I]
+            selected = self._select(x, c_q, cos, sin, keys, _visible(start, cache_len, T, query_rows))
+        past, new_kv = past[..., :dl], new[..., :dl]
         if absorb if absorb is not None else Tq <= 4:
             # k and v of every head come from the same latent (MQA over c_KV): fold heads into query rows.
             # Past and new keys are scored separately (no copy of the past), then share one softmax.
@@ -122,9 +163,10 @@ class MLA(nn.Module):
             q_lat = torch.bmm(q_nope.reshape(N * Tq, H, dn).transpose(0, 1), w[:, :dn])  # [H, N*Tq, d_c]: W_UK
             q_lat = q_lat.transpose(0, 1).reshape(N, Tq * H, dc)
             q = torch.cat((q_lat, q_pe.reshape(N, Tq * H, -1)), dim=-1)  # [N, Tq*H, d_c + d_R]
-            scores = torch.cat((torch.bmm(q, past.mT), torch.bmm(q, new.mT)), dim=-1)  # [N, Tq*H, cache_len + T]
+            scores = torch.cat((torch.bmm(q, past.mT), torch.bmm(q, new_kv.mT)), dim=-1)  # [N, Tq*H, S]
             scores = scores.mul_(self.softmax_scale).view(N, Tq, H, cache_len + T)
-            visible = _visible(start, cache_len, T, query_rows).unsqueeze(2)  # [N, Tq, 1, cache_len + T]
+            visible = _visible(start, cache_len, T, query_rows) if selected is None else selected
+            visible = visible.unsqueeze(2)  # [N, Tq, 1, cache_len + T]
             scores = scores.masked_fill_(~visible, float("-inf"))
             p = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype).view(N, Tq * H, cache_len + T)
             o_lat = torch.bmm(p[..., :cache_len], past[..., :dc]) + torch.bmm(p[..., cache_len:], new[..., :dc])
@@ -133,16 +175,16 @@ class MLA(nn.Module):
             return self.o_proj(o.reshape(N, Tq, H * dv)), new
         if query_rows is not None:
             raise ValueError("query_rows needs the absorbed form (absorb=None or True)")
-        kv = torch.cat((past, new), dim=1)  # [N, S, *]
+        kv = torch.cat((past, new_kv), dim=1)  # [N, S, *]
         S = cache_len + T
         k_nope, v = self.kv_b_proj(kv[..., :dc]).view(N, S, H, dn + dv).split([dn, dv], dim=-1)
         k = torch.cat((k_nope, kv[..., dc:].unsqueeze(2).expand(N, S, H, self.qk_rope_head_dim)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
-        if cache_len == 0:  # a fresh prefill: plain causal attention, the fused (flash) kernel; pad v as in forward
+        if cache_len == 0 and selected is None:  # a fresh prefill: plain causal, the fused (flash) kernel; pad v
             v = F.pad(v, (0, self.qk_head_dim - dv)) if dv < self.qk_head_dim else v
             mask, causal = None, True
         else:
-            mask, causal = _visible(start, cache_len, T).unsqueeze(1), False
+            mask, causal = (_visible(start, cache_len, T) if selected is None else selected).unsqueeze(1), False
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),

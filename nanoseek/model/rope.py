@@ -62,3 +62,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate interleaved pairs of x [..., T, heads, d_R] by cos/sin [..., T, 1, d_R/2]; output de-interleaved."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate half-split pairs (j, j + d/2) of x [..., T, heads, d] by cos/sin [..., T, 1, d/2] ("NEOX" pairing).
+
+    The V3.2 lightning indexer's RoPE (transformers, llama.cpp, DeepSeek's code after its 2025-11-17 fix);
+    the main MLA uses the interleaved pairing of `apply_rope`.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def apply_rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V4's RoPE: rotate interleaved pairs (2j, 2j+1) of the LAST 2 * cos.shape[-1] dims of x
+    [..., T, heads, d] by cos/sin [..., T, 1, d_R/2], pairs kept in place (V4 reads keys as values, so the
+    layout must survive; -sin undoes the rotation). The leading d - d_R dims pass through."""
+    rope_dim = 2 * cos.shape[-1]
+    nope, rot = x[..., :-rope_dim], x[..., -rope_dim:]
+    x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return torch.cat((nope, rot), dim=-1)

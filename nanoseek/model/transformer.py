@@ -1,4 +1,5 @@
-"""The DeepSeek-V3 decoder: embedding -> num_hidden_layers Blocks -> RMSNorm -> lm_head, plus MTP modules.
+"""The DeepSeek-V3 decoder: embedding -> num_hidden_layers Blocks -> RMSNorm -> lm_head, plus MTP modules; and the
+DeepSeek-V4 decoder, TransformerV4: embedding -> hc_mult streams -> BlockV4s -> HyperHead -> RMSNorm -> lm_head.
 
 Module names follow the HF checkpoint (`embed_tokens`, `layers.N.self_attn.kv_b_proj`, `norm`, `lm_head`), so
 `checkpoint.py` only has to prefix `model.`, restack routed experts and move MTP modules to index N+k.
@@ -15,8 +16,11 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
+from nanoseek.model.block_v4 import BlockV4, RopeTables
+from nanoseek.model.compressed_attention import CompressedAttention, Compressor
+from nanoseek.model.hyper_connections import HyperConnection, HyperHead
 from nanoseek.model.mla import write_latents
-from nanoseek.model.moe import Experts, MoE
+from nanoseek.model.moe import Experts, MoE, hash_table
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import rope_cos_sin, rope_frequencies
@@ -37,6 +41,13 @@ class Losses:
 
 
 class Transformer(nn.Module):
+    def __new__(cls, config: ModelConfig | None = None, *args, **kwargs):
+        """Transformer(config) is the DeepSeek-V4 decoder (TransformerV4, a subclass) when config.model_type is
+        deepseek_v4, so every caller builds either family the same way."""
+        if cls is Transformer and config is not None and config.is_v4:
+            cls = TransformerV4
+        return super().__new__(cls)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = c = config
@@ -66,6 +77,9 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, nn.LayerNorm):  # the V3.2 indexer's k_norm
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
             elif isinstance(module, Experts):
                 nn.init.normal_(module.w13, 0.0, std)
                 nn.init.normal_(module.w2, 0.0, out_std)
@@ -105,9 +119,9 @@ class Transformer(nn.Module):
         cache_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Incremental forward: new tokens [N, T] of the sequences in cache rows `slots`, starting at
-        positions `start` [N]; their latents are written to kv_cache [layers, n_slots, max_len, d_c + d_R]
-        (see nanoseek.infer.cache). cache_len: cached positions to read (default max(start)).
-        Returns (logits [N, T or 1, V], final-normed hidden [N, T, d])."""
+        positions `start` [N]; their latents are written to kv_cache [layers, n_slots, max_len, W]
+        (W = config.latent_cache_width; see nanoseek.infer.cache). cache_len: cached positions to read (default
+        max(start)). Returns (logits [N, T or 1, V], final-normed hidden [N, T, d])."""
         cache_len = int(start.max()) if cache_len is None else cache_len
         logits, h, new = self.cached_step(input_ids, kv_cache, slots, start, cache_len, last_only)
         write_latents(kv_cache, slots, start, new)
@@ -156,28 +170,6 @@ class Transformer(nn.Module):
         x = module.combine(h, self.embed_tokens(next_tokens))
         x, new = module.block.forward_cached(x, cos, sin, kv_cache, slots, start, cache_len, query_rows=query_rows)
         return self.lm_head(module.shared_head.norm(x)), new
-
-    def speculative_greedy_step(
-        self,
-        ids: torch.Tensor,
-        kv_cache: torch.Tensor,
-        mtp_cache: torch.Tensor,
-        slots: torch.Tensor | None,
-        start: torch.Tensor,
-        cache_len: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One greedy self-speculative step as a single pure function (what the engine compiles): verify ids
-        [N, 2] = [last token, MTP's draft] with the main model, then draft the next token with MTP from the
-        positions that were kept. Returns (greedy tokens [N, 2], accepted [N] = draft was the argmax, next draft
-        [N], new main-cache entries [L, N, 2, W], new MTP-cache entries [N, 2, W])."""
-        logits, h, new = self.cached_step(ids, kv_cache, slots, start, cache_len)
-        tokens = logits.argmax(dim=-1)  # [N, 2]
-        accepted = tokens[:, 0] == ids[:, 1]
-        # MTP position start sees (h_start, token start+1) = t0; position start+1 (used only if accepted): t1
-        nxt = torch.stack((tokens[:, 0], torch.where(accepted, tokens[:, 1], tokens[:, 0])), dim=1)
-        kept = accepted.long()  # the last kept position: the draft comes from there (both get MTP-cache entries)
-        mtp_logits, mtp_new = self.mtp_cached_step(h, nxt, mtp_cache, slots, start, cache_len, query_rows=kept)
-        return tokens, accepted, mtp_logits[:, 0].argmax(dim=-1), new, mtp_new
 
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp: bool = True) -> Losses:
         """Next-token loss, MTP loss and balance loss. targets[b, t] = input_ids[b, t+1] (IGNORE_INDEX to skip).
@@ -253,6 +245,109 @@ class Transformer(nn.Module):
                 n = n * self.config.num_experts_per_tok // self.config.n_routed_experts
             total += n
         return total
+
+
+class TransformerV4(Transformer):
+    """DeepSeek-V4 (V4 report sec. 2): the token's embedding is copied into hc_mult residual streams, BlockV4s
+    (block_v4.py) mix them, HyperHead collapses them before the final norm. Shares Transformer's loss terms, MoE
+    bookkeeping and parameter counting; module names follow transformers' DeepseekV4 (`attn_hc`, `hc_head`), and
+    checkpoint/hub_v4.py maps them to DeepSeek's hub names. Not built yet: V4's MTP block (transformers has none
+    either), decode caches (window, compressed entries, partial windows) and an indexer training loss."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        nn.Module.__init__(self)
+        self.config = c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList([BlockV4(c, i) for i in range(c.num_hidden_layers)])
+        self.hc_head = HyperHead(c)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList()  # V4's MTP block is not built yet (transformers has none either)
+        # two rope sets: "main" (rope_theta, no YaRN) for sliding-only layers, "compress" (compress_rope_theta,
+        # YaRN without a cos/sin magnitude factor unless attention_factor says so) for CSA/HCA layers
+        main, _ = rope_frequencies(c.replace(rope_scaling=None))
+        compress, _ = rope_frequencies(c.replace(rope_theta=c.compress_rope_theta))
+        factor = float(c.yarn.get("attention_factor", 1.0)) if c.yarn else 1.0
+        self.inv_freqs = {"main": (main, 1.0), "compress": (compress, factor)}  # fp32 tensors, not buffers
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) matrices (output projections scaled by 1/sqrt(2 layers)), unit norms,
+        transformers' mHC start (base 0, scale 1), zero sinks / position biases / balancing bias, and a fresh
+        frozen hash table per hash-routed layer."""
+        c = self.config
+        std = c.initializer_range
+        out_std = std / math.sqrt(2 * c.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, out_std if name.endswith(("o_b_proj", "down_proj")) else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.w13, 0.0, std)
+                nn.init.normal_(module.w2, 0.0, out_std)
+            elif isinstance(module, HyperConnection):
+                nn.init.normal_(module.fn, 0.0, std)
+                nn.init.zeros_(module.base)
+                nn.init.ones_(module.scale)
+            elif isinstance(module, HyperHead):
+                nn.init.normal_(module.hc_fn, 0.0, std)
+                nn.init.zeros_(module.hc_base)
+                nn.init.ones_(module.hc_scale)
+            elif isinstance(module, CompressedAttention):
+                nn.init.zeros_(module.sinks)
+            elif isinstance(module, Compressor):
+                nn.init.zeros_(module.position_bias)
+        for i, layer in enumerate(self.layers):
+            gate = layer.mlp.gate
+            nn.init.normal_(gate.weight, 0.0, std)
+            if gate.tid2eid is not None:
+                table = hash_table(c.vocab_size, c.n_routed_experts, c.num_experts_per_tok, seed=i)
+                gate.tid2eid.copy_(table)
+            else:
+                gate.e_score_correction_bias.zero_()
+
+    # --------------------------------------------------------------- forward
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        """{"main", "compress"}: cos, sin [T, 1, d_R/2] for positions [T]."""
+        tables = {}
+        for name, (inv_freq, factor) in self.inv_freqs.items():
+            cos, sin = rope_cos_sin(inv_freq.to(positions.device), factor, positions, dtype)
+            tables[name] = (cos.unsqueeze(-2), sin.unsqueeze(-2))
+        return tables
+
+    def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, RopeTables]:
+        """Final-normed hidden states [B, T, d] (after the streams' collapse) and the rope tables used."""
+        self._check_input(input_ids)
+        x = self.embed_tokens(input_ids)
+        rope = self.rope_tables(torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype)
+        streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)  # hc copies of the embedding
+        for layer in self.layers:
+            streams = layer(streams, rope, input_ids)
+        return self.norm(self.hc_head(streams)), rope
+
+    def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp: bool = True) -> Losses:
+        """Next-token loss and balance loss (targets[b, t] = input_ids[b, t+1], IGNORE_INDEX to skip); the MTP
+        term is 0 until V4's MTP block exists."""
+        h, _ = self.hidden(input_ids)
+        V = self.config.vocab_size
+        main = F.cross_entropy(self.lm_head(h).view(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        zero = main.new_zeros(())
+        aux_terms = [m.aux_loss for m in self.moe_layers() if self.training and m.aux_loss is not None]
+        return Losses(main=main, mtp=zero, aux=torch.stack(aux_terms).sum() if aux_terms else zero)
+
+    def cached_step(self, *args, **kwargs):
+        raise NotImplementedError(
+            "DeepSeek-V4 has no decode cache in nanoseek yet (sliding window + compressed entries); "
+            "use the full forward"
+        )
+
+    forward_cached = mtp_cached_step = cached_step
 
 
 def _shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:

@@ -12,42 +12,40 @@
    exact-value check for `{prompt, answer}` lines). Identical
    (prompt, completion) pairs are kept once, and at most `--keep-per-prompt` per prompt, in sample order.
 4. `OUT/traces.jsonl` (one `{"messages": [user, assistant]}` per line, what `nanoseek sft --data` reads),
-   `OUT/distill.json` (counts, acceptance rate, rejections by reason, per level), then `nanoseek sft` of the
+   `OUT/distill.json` (counts, acceptance rate, rejections by reason, per level), then SFT (`run_sft`) of the
    student on the traces into `OUT/sft/` (skipped with `--no-sft`). The student defaults to a local teacher
    itself (rejection-sampling fine-tuning, R1 sec. 2.3.3); it must share a local teacher's tokenizer.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
-import sys
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from nanoseek.checkpoint import resolve_model_dir
-from nanoseek.config import atomic_write_text
-from nanoseek.data.tasks import LEVELS, THINK_END, THINK_START
-from nanoseek.eval import NO_LEVEL, read_prompt_file
+from nanoseek.checkpoint.run import resolve_model_dir, resume_point
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.io import atomic_write_text
+from nanoseek.tasks.problems import LEVELS, THINK_END, THINK_START
+from nanoseek.tasks.rewards import accuracy_reward, format_reward, has_reasoning
+from nanoseek.tasks.sources import prompt_ids, read_prompt_file, task_eval_examples
+from nanoseek.tasks.verify import NO_LEVEL
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.checkpointing import resume_point
-from nanoseek.train.grpo import accuracy_reward, format_reward, has_reasoning, prompt_ids, task_eval_examples
-from nanoseek.train.loop import resolve_device
+from nanoseek.train.pretrain import TrainConfig
+from nanoseek.train.run import resolve_device
+from nanoseek.train.sft import SFT_DEFAULTS, SFTJob, run_sft
 
 DEFAULT_N = 1000  # built-in prompts when --n is not given
-SFT_OPTIONS = ("steps", "time_budget", "lr", "batch_size", "seq_len", "seed", "device")  # passed on to `sft`
 
 
 @dataclass
@@ -244,7 +242,7 @@ def write_traces(path: str | Path, traces: list[dict]) -> None:
     atomic_write_text(Path(path), "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in traces))
 
 
-# ====================================================================================================== CLI
+# ================================================================================================ the stage
 def load_prompts(task: str, levels: list[str] | None, n: int | None, split: str, seed: int) -> list[dict]:
     """Distinct built-in RL prompts (n, spread over the levels), or the first n lines of a {prompt, answer} .jsonl."""
     if task in LEVELS:
@@ -278,88 +276,58 @@ def model_tokenizer(path: str, flag: str) -> Tokenizer:
     return Tokenizer.from_pretrained(p)
 
 
-def make_teacher(args: argparse.Namespace) -> Teacher:
-    """The teacher the options name: a local model dir (Engine) or an OpenAI-compatible URL."""
-    if args.teacher_url:
-        api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-        return URLTeacher(
-            args.teacher_url,
-            args.teacher_model,
-            args.samples,
-            args.temperature,
-            args.max_tokens,
-            api_key,
-            args.concurrency,
-        )
-    engine = Engine.from_pretrained(args.teacher, device=resolve_device(args.device), max_batch_size=args.gen_batch)
-    return EngineTeacher(engine, args.samples, args.temperature, args.max_tokens, args.seed)
+@dataclass
+class DistillJob:
+    """One distillation: prompts of `task` -> `samples` completions each from the teacher (a local model dir or
+    run folder, or an OpenAI-compatible server) -> the verified-correct ones into OUT/traces.jsonl, counts into
+    OUT/distill.json -> SFT of the student (default: a local teacher itself) into OUT/sft unless sft is False."""
+
+    out: str
+    task: str  # arithmetic | countdown | a .jsonl of {prompt, answer}
+    teacher: str | None = None
+    teacher_url: str | None = None
+    teacher_model: str | None = None  # with teacher_url: the model name to request
+    api_key: str | None = None  # with teacher_url
+    concurrency: int = 4  # with teacher_url: requests in flight
+    gen_batch: int = 64  # with teacher: sequences decoded together
+    levels: list[str] | None = None  # built-in task levels (None: all)
+    split: str = "train"  # built-in split to draw prompts from
+    n: int | None = None  # built-in: distinct problems (DEFAULT_N); file: the first n lines (None: all)
+    seed: int = 0  # prompts and sampling
+    samples: int = 4  # completions per prompt
+    temperature: float = 0.7
+    max_tokens: int = 256  # completion length cap; cut completions are rejected
+    keep_per_prompt: int = 1
+    require_think: bool = True  # keep only `<think>reasoning</think> answer` completions
+    sft: bool = True  # fine-tune the student on the traces (False: only write them)
+    student: str | None = None  # default: a local teacher itself
+    device: str = "auto"  # the local teacher's (the student's: train.device)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**SFT_DEFAULTS))  # the student's SFT
 
 
-def run_sft(argv: list[str]) -> int:
-    """`nanoseek sft ARGV`, in this process (the command's own code path)."""
-    from nanoseek.train import sft
+def run_distill(job: DistillJob) -> dict[str, Any]:
+    """Rejection-sample the teacher, write the traces and their counts, then SFT the student on them.
 
-    parser = argparse.ArgumentParser(prog="nanoseek")
-    sft.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["sft", *argv])
-    return args.func(args)
-
-
-def _check_args(args: argparse.Namespace) -> str | None:
-    """Validate the options before any generation; returns the student dir (None with --no-sft)."""
-    if bool(args.teacher) == bool(args.teacher_url):
-        raise ValueError("pass one teacher: --teacher MODEL_DIR, or --teacher-url URL --teacher-model NAME")
-    if args.teacher_url and not args.teacher_model:
-        raise ValueError("--teacher-url needs --teacher-model NAME (a model the server serves)")
-    for name in ("samples", "keep_per_prompt", "max_tokens", "gen_batch", "concurrency", "n"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.teacher:
-        args.teacher = _model_dir(args.teacher, "--teacher")
-    if args.student:
-        args.student = _model_dir(args.student, "--student")
-    teacher_tok = model_tokenizer(args.teacher, "--teacher") if args.teacher else None
-    if args.no_sft:
-        return None
-    student = args.student or args.teacher
-    if not student:
-        raise ValueError("a URL teacher needs --student MODEL_DIR to fine-tune (or --no-sft to only write traces)")
-    student_tok = model_tokenizer(student, "--student")
-    if teacher_tok is not None and teacher_tok.hash() != student_tok.hash():
-        raise ValueError(
-            f"--student {student} has a different tokenizer from --teacher {args.teacher}: the student must share "
-            "the teacher's tokenizer (or write the traces with --no-sft and fine-tune with `nanoseek sft`)"
-        )
-    if args.steps is None and args.time_budget is None:
-        raise ValueError("say how long to fine-tune the student: --steps N and/or --time-budget SECONDS (or --no-sft)")
-    resume_point(Path(args.out) / "sft", resume=False)  # fail now, not after generating, if OUT/sft holds a run
-    return student
-
-
-def _cmd_distill(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    student = _check_args(args)
-    examples = load_prompts(args.task, args.levels, args.n, args.split, args.seed)
-    teacher = make_teacher(args)
-    source = args.teacher or f"{args.teacher_url} ({args.teacher_model})"
-    print(f"distill: {len(examples)} prompts from {args.task}, {args.samples} samples each from {source}")
-    chunk = args.concurrency if args.teacher_url else max(1, 4 * args.gen_batch // args.samples)  # keep slots busy
-    try:
-        traces, stats = rejection_sample(teacher, examples, args.keep_per_prompt, args.require_think, chunk)
-    except KeyboardInterrupt:
-        print("\nnanoseek distill: interrupted; no traces written", file=sys.stderr)
-        return 130
+    Returns {"traces": path, "stats": counts (as in distill.json), "sft": run_sft's summary or None}. Every
+    setting is checked before any generation (ValueError / FileNotFoundError); no trace kept is a ValueError
+    (no SFT starts). KeyboardInterrupt passes through: while sampling, nothing is written.
+    """
+    out = Path(job.out)
+    teacher_dir, student = _check(job)
+    examples = load_prompts(job.task, job.levels, job.n, job.split, job.seed)
+    teacher = make_teacher(job, teacher_dir)
+    source = teacher_dir or f"{job.teacher_url} ({job.teacher_model})"
+    print(f"distill: {len(examples)} prompts from {job.task}, {job.samples} samples each from {source}")
+    chunk = job.concurrency if job.teacher_url else max(1, 4 * job.gen_batch // job.samples)  # keep slots busy
+    traces, stats = rejection_sample(teacher, examples, job.keep_per_prompt, job.require_think, chunk)
     del teacher  # free the teacher's memory before the student loads
-    settings = {k: getattr(args, k) for k in ("teacher", "teacher_url", "teacher_model", "task", "levels", "split")}
-    settings |= {k: getattr(args, k) for k in ("seed", "samples", "temperature", "max_tokens", "keep_per_prompt")}
-    settings["require_think"] = args.require_think
+    settings = {k: getattr(job, k) for k in ("teacher_url", "teacher_model", "task", "levels", "split", "seed")}
+    settings |= {k: getattr(job, k) for k in ("samples", "temperature", "max_tokens", "keep_per_prompt")}
+    settings |= {"teacher": teacher_dir, "require_think": job.require_think}
     atomic_write_text(out / "distill.json", json.dumps({**settings, **stats}, indent=2) + "\n")
     rej = stats["rejected"]
     why = (
-        f"{rej['truncated']} cut at --max-tokens {args.max_tokens}, {rej['bad_format']} not <think>...</think> "
+        f"{rej['truncated']} cut at --max-tokens {job.max_tokens}, {rej['bad_format']} not <think>...</think> "
         f"answer, {rej['wrong']} wrong"
     )
     if not traces:
@@ -372,49 +340,50 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         f"distill: kept {stats['kept']} traces for {stats['prompts_with_trace']}/{stats['prompts']} prompts; "
         f"{100 * stats['acceptance_rate']:.1f}% of {stats['samples']} samples correct ({why}) -> {out / 'traces.jsonl'}"
     )
-    if student is None:
-        return 0
-    argv = ["--model", student, "--data", str(out / "traces.jsonl"), "--out", str(out / "sft")]
-    for name in SFT_OPTIONS:
-        if getattr(args, name) is not None:
-            argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    print(f"distill: fine-tuning the student: nanoseek sft {' '.join(argv)}")
-    return run_sft(argv)
+    result: dict[str, Any] = {"traces": str(out / "traces.jsonl"), "stats": stats, "sft": None}
+    if student is not None:
+        print(f"distill: fine-tuning the student {student} on the traces -> {out / 'sft'}")
+        result["sft"] = run_sft(SFTJob(model=student, data=result["traces"], out=str(out / "sft"), train=job.train))
+    return result
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("distill", help="teacher traces -> keep verified-correct ones -> SFT a student")
-    p.add_argument("--out", required=True, help="output dir: traces.jsonl, distill.json, sft/")
-    t = p.add_argument_group("teacher (one of)")
-    t.add_argument("--teacher", help="a nanoseek / HF model dir with its tokenizer")
-    t.add_argument("--teacher-url", help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
-    t.add_argument("--teacher-model", help="with --teacher-url: the model name to request")
-    t.add_argument("--api-key-env", default="OPENAI_API_KEY", help="with --teacher-url: env var holding the API key")
-    t.add_argument("--concurrency", type=int, default=4, help="with --teacher-url: requests in flight (default 4)")
-    t.add_argument("--gen-batch", type=int, default=64, help="with --teacher: sequences decoded together (64)")
-    d = p.add_argument_group("prompts and rejection sampling")
-    d.add_argument("--task", required=True, help="arithmetic | countdown | a .jsonl of {prompt, answer}")
-    d.add_argument("--levels", nargs="*", help="built-in task levels (default: all)")
-    d.add_argument("--split", default="train", help="built-in split to draw prompts from (default train)")
-    d.add_argument("--n", type=int, help=f"prompts: built-in distinct problems ({DEFAULT_N}), file: first N (all)")
-    d.add_argument("--seed", type=int, default=0, help="prompt and sampling seed, also the SFT seed (default 0)")
-    d.add_argument("--samples", type=int, default=4, help="completions per prompt (default 4)")
-    d.add_argument("--temperature", type=float, default=0.7, help="teacher sampling temperature (default 0.7)")
-    d.add_argument("--max-tokens", type=int, default=256, help="completion length cap; cut ones are rejected (256)")
-    d.add_argument("--keep-per-prompt", type=int, default=1, help="correct traces kept per prompt (default 1)")
-    d.add_argument(
-        "--no-require-think",
-        dest="require_think",
-        action="store_false",
-        help="also keep correct answers without the <think>...</think> answer format",
-    )
-    s = p.add_argument_group("student SFT")
-    s.add_argument("--no-sft", action="store_true", help="only write the traces")
-    s.add_argument("--student", help="model dir to fine-tune (default: a local --teacher itself)")
-    s.add_argument("--steps", type=int, help="SFT optimizer steps")
-    s.add_argument("--time-budget", type=float, help="SFT seconds")
-    s.add_argument("--lr", type=float, help="SFT peak learning rate (sft's default)")
-    s.add_argument("--batch-size", type=int, help="SFT sequences per batch (sft's default)")
-    s.add_argument("--seq-len", type=int, help="SFT tokens per sequence (default: the longest trace)")
-    s.add_argument("--device", default="auto", help="cpu, cuda or auto (default), for the teacher and the SFT")
-    p.set_defaults(func=_cmd_distill)
+def make_teacher(job: DistillJob, teacher_dir: str | None) -> Teacher:
+    """The job's teacher: a local model dir (sampled with the Engine) or an OpenAI-compatible URL."""
+    if job.teacher_url:
+        return URLTeacher(
+            job.teacher_url, job.teacher_model, job.samples, job.temperature, job.max_tokens, job.api_key,
+            job.concurrency,
+        )  # fmt: skip
+    engine = Engine.from_pretrained(teacher_dir, device=resolve_device(job.device), max_batch_size=job.gen_batch)
+    return EngineTeacher(engine, job.samples, job.temperature, job.max_tokens, job.seed)
+
+
+def _check(job: DistillJob) -> tuple[str | None, str | None]:
+    """Validate the job before any generation; returns (the teacher's model dir, the student's: None without SFT)."""
+    if bool(job.teacher) == bool(job.teacher_url):
+        raise ValueError("pass one teacher: --teacher MODEL_DIR, or --teacher-url URL --teacher-model NAME")
+    if job.teacher_url and not job.teacher_model:
+        raise ValueError("--teacher-url needs --teacher-model NAME (a model the server serves)")
+    for name in ("samples", "keep_per_prompt", "max_tokens", "gen_batch", "concurrency", "n"):
+        value = getattr(job, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if job.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {job.temperature}")
+    teacher = _model_dir(job.teacher, "--teacher") if job.teacher else None
+    teacher_tok = model_tokenizer(teacher, "--teacher") if teacher else None
+    if not job.sft:
+        return teacher, None
+    student = _model_dir(job.student, "--student") if job.student else teacher
+    if not student:
+        raise ValueError("a URL teacher needs --student MODEL_DIR to fine-tune (or --no-sft to only write traces)")
+    student_tok = model_tokenizer(student, "--student")
+    if teacher_tok is not None and teacher_tok.hash() != student_tok.hash():
+        raise ValueError(
+            f"--student {student} has a different tokenizer from --teacher {teacher}: the student must share "
+            "the teacher's tokenizer (or write the traces with --no-sft and fine-tune with `nanoseek sft`)"
+        )
+    if job.train.steps is None and job.train.time_budget is None:
+        raise ValueError("say how long to fine-tune the student: --steps N and/or --time-budget SECONDS (or --no-sft)")
+    resume_point(Path(job.out) / "sft", resume=False)  # fail now, not after generating, if OUT/sft holds a run
+    return teacher, student

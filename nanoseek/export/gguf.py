@@ -1,0 +1,279 @@
+"""Export a model directory to one GGUF file for llama.cpp and ollama (architecture `deepseek2`, MLA).
+
+What llama.cpp's own converter (`convert_hf_to_gguf.py`, DeepseekV2Model) writes for DeepSeek-V3, from our
+config and weights: MLA as MQA over the latent (`head_count_kv = 1`, key/value lengths in both forms),
+`kv_b_proj` split into `attn_k_b` (transposed) and `attn_v_b`, routed experts stacked, the balancing bias as
+`exp_probs_b`, sigmoid gating written explicitly (llama.cpp loads deepseek2 as softmax otherwise), MTP layers
+left out, and the tokenizer embedded with the pre-tokenizer named `deepseek-v3` (our split rules are DeepSeek-V3's,
+so llama.cpp and ollama pick the same regexes). Configs llama.cpp would run differently are refused up front.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.io import atomic_path
+
+ARCH = "deepseek2"
+DTYPES = ("f32", "f16", "bf16", "q8_0")
+QK8_0 = 32  # q8_0 block: rows must be a multiple of it (as in llama.cpp's converter, others fall back to f16)
+
+
+def check_llama_cpp_compatible(config: ModelConfig) -> None:
+    """Raise ValueError naming the field when llama.cpp's deepseek2 cannot run this config exactly."""
+
+    def need(cond: bool, field: str, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"cannot export to GGUF: {field} {msg}")
+
+    c = config
+    moe = c.n_routed_experts > 0 and c.first_k_dense_replace < c.num_hidden_layers
+    need(c.qk_nope_head_dim >= 1, "qk_nope_head_dim", f"must be >= 1 for llama.cpp's MLA, got {c.qk_nope_head_dim}")
+    need(not c.attention_bias, "attention_bias", "must be false: llama.cpp's deepseek2 has no attention biases")
+    # llama.cpp treats 26/27-layer deepseek2 files as V2-Lite and then ignores q_lora_rank
+    need(
+        c.q_lora_rank is None or c.num_hidden_layers not in (26, 27),
+        "num_hidden_layers",
+        f"= {c.num_hidden_layers} with q_lora_rank set: llama.cpp reads 26/27-layer deepseek2 models as "
+        "V2-Lite (plain q_proj); use another depth or q_lora_rank=null",
+    )
+    if moe:
+        need(
+            c.n_shared_experts >= 1,
+            "n_shared_experts",
+            "must be >= 1: llama.cpp's deepseek2 MoE layers require shared-expert tensors",
+        )
+        need(c.n_routed_experts <= 512, "n_routed_experts", f"= {c.n_routed_experts}: llama.cpp loads at most 512")
+        if c.n_group > 1:
+            need(
+                0 < c.topk_group < c.n_group,
+                "topk_group",
+                f"({c.topk_group}) must be strictly between 0 and n_group ({c.n_group}) for llama.cpp; "
+                "topk_group == n_group keeps every group, so set n_group=1 and topk_group=1 for the same routing",
+            )
+            need(
+                c.topk_method == "noaux_tc",
+                "topk_method",
+                f"{c.topk_method!r} with n_group > 1: llama.cpp scores groups by the sum of their top-2 experts "
+                "(noaux_tc); group_limited_greedy's max is not supported",
+            )
+            need(
+                c.n_group < c.n_routed_experts,
+                "n_group",
+                f"({c.n_group}) must be smaller than n_routed_experts ({c.n_routed_experts}) for llama.cpp",
+            )
+    rs = c.yarn
+    if rs is not None and float(rs["factor"]) > 1:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        # llama.cpp scales attention by yarn_log_multiplier (mscale_all_dim) and assumes mscale equals it
+        need(
+            bool(m_all) and bool(m) and float(m) == float(m_all),
+            "rope_scaling.mscale",
+            f"({m}) must equal rope_scaling.mscale_all_dim ({m_all}) and both be set: llama.cpp's YaRN assumes "
+            "it (DeepSeek-V3 uses 1.0 and 1.0)",
+        )
+
+
+def _tokenizer_vocab(model_dir: Path, vocab_size: int):
+    """(tokens, token types, merges, the Tokenizer) from tokenizer.json + tokenizer_config.json; the token list is
+    padded to vocab_size (llama.cpp needs one entry per embedding row)."""
+    import gguf
+
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(model_dir)  # clear errors for a missing or malformed tokenizer.json
+    data = json.loads(tok.to_json())
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        raise ValueError(f"cannot export to GGUF: tokenizer.json model type {model.get('type')!r}; need byte-level BPE")
+    by_id: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in model["vocab"].items()}
+    for added in data.get("added_tokens", []):
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        by_id[added["id"]] = (added["content"], kind)
+    n = max(by_id) + 1
+    if n > vocab_size:
+        raise ValueError(
+            f"cannot export to GGUF: the tokenizer has {n} tokens but config.json vocab_size is {vocab_size}"
+        )
+    tokens, types = [], []
+    for i in range(vocab_size):  # rows of the embedding the tokenizer never produces: unused placeholders
+        text, kind = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
+        tokens.append(text)
+        types.append(int(kind))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, types, merges, tok
+
+
+def _tensors(model, config: ModelConfig):
+    """(GGUF name, float32 numpy array in PyTorch layout) for every weight llama.cpp reads; MTP layers skipped."""
+    c = config
+    sd = {k: v.detach().float() for k, v in model.state_dict().items() if not k.startswith("mtp.")}
+    yield "token_embd.weight", sd["embed_tokens.weight"]
+    yield "output_norm.weight", sd["norm.weight"]
+    if not c.tie_word_embeddings:  # tied: llama.cpp falls back to token_embd
+        yield "output.weight", sd["lm_head.weight"]
+    H, dn, dv, dc = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
+    for i in range(c.num_hidden_layers):
+        p, b = f"layers.{i}.", f"blk.{i}."
+        a = p + "self_attn."
+        yield b + "attn_norm.weight", sd[p + "input_layernorm.weight"]
+        if c.q_lora_rank is None:
+            yield b + "attn_q.weight", sd[a + "q_proj.weight"]
+        else:
+            yield b + "attn_q_a.weight", sd[a + "q_a_proj.weight"]
+            yield b + "attn_q_a_norm.weight", sd[a + "q_a_layernorm.weight"]
+            yield b + "attn_q_b.weight", sd[a + "q_b_proj.weight"]
+        yield b + "attn_kv_a_mqa.weight", sd[a + "kv_a_proj_with_mqa.weight"]
+        yield b + "attn_kv_a_norm.weight", sd[a + "kv_a_layernorm.weight"]
+        # absorbed MLA: W_UK per head transposed to [H, d_c, d_nope] (folded into the query), W_UV [H, d_v, d_c]
+        k_b, v_b = sd[a + "kv_b_proj.weight"].view(H, dn + dv, dc).split([dn, dv], dim=1)
+        yield b + "attn_k_b.weight", k_b.transpose(1, 2)
+        yield b + "attn_v_b.weight", v_b
+        yield b + "attn_output.weight", sd[a + "o_proj.weight"]
+        yield b + "ffn_norm.weight", sd[p + "post_attention_layernorm.weight"]
+        m = p + "mlp."
+        if not c.is_moe_layer(i):
+            for proj in ("gate", "up", "down"):
+                yield b + f"ffn_{proj}.weight", sd[m + f"{proj}_proj.weight"]
+            continue
+        yield b + "ffn_gate_inp.weight", sd[m + "gate.weight"]
+        if c.topk_method == "noaux_tc":
+            yield b + "exp_probs_b.bias", sd[m + "gate.e_score_correction_bias"]
+        I = c.moe_intermediate_size
+        w13, w2 = sd[m + "experts.w13"], sd[m + "experts.w2"]  # [E, d, 2I], [E, I, d]
+        yield b + "ffn_gate_exps.weight", w13[:, :, :I].transpose(1, 2)  # [E, I, d]: per expert [out, in]
+        yield b + "ffn_up_exps.weight", w13[:, :, I:].transpose(1, 2)
+        yield b + "ffn_down_exps.weight", w2.transpose(1, 2)  # [E, d, I]
+        for proj in ("gate", "up", "down"):
+            yield b + f"ffn_{proj}_shexp.weight", sd[m + f"shared_experts.{proj}_proj.weight"]
+
+
+def _encode(name: str, t: torch.Tensor, dtype: str):
+    """(array, raw GGML type or None) for one tensor. 1-D tensors and the router stay f32 (as in llama.cpp's
+    converter): norms are tiny, and a rounded router or bias could pick other experts."""
+    import gguf
+
+    arr = np.ascontiguousarray(t.numpy().astype(np.float32))
+    if arr.ndim == 1 or name.endswith(("ffn_gate_inp.weight", "exp_probs_b.bias")) or dtype == "f32":
+        return arr, None
+    if dtype == "q8_0" and arr.shape[-1] % QK8_0 == 0:
+        q = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(arr, q), q
+    if dtype == "bf16":
+        q = gguf.GGMLQuantizationType.BF16
+        return gguf.quants.quantize(arr, q), q
+    return arr.astype(np.float16), None  # f16, and q8_0 rows that are not a multiple of 32
+
+
+def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str = "f32") -> Path:
+    """Write `model_dir` (an HF DeepSeek-V3/V2 directory with tokenizer.json) as one GGUF file, atomically."""
+    import gguf
+
+    from nanoseek.checkpoint.hf import load_model
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown GGUF dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    model_dir, out = Path(model_dir), Path(out)
+    config = ModelConfig.from_json(model_dir)
+    check_llama_cpp_compatible(config)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"no tokenizer.json in {model_dir}: a GGUF file embeds the tokenizer; save the model with its tokenizer"
+        )
+    tokens, types, merges, tok = _tokenizer_vocab(model_dir, config.vocab_size)
+    model = load_model(model_dir, dtype=torch.float32)
+    c = config
+
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(tmp, ARCH)
+        w.add_name(model_dir.resolve().name)
+        w.add_file_type(
+            {
+                "f32": gguf.LlamaFileType.ALL_F32,
+                "f16": gguf.LlamaFileType.MOSTLY_F16,
+                "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            }[dtype]
+        )
+        w.add_block_count(c.num_hidden_layers)  # MTP layers are not exported
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(1)  # absorbed MLA is MQA over the shared latent
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        w.add_vocab_size(c.vocab_size)
+        w.add_leading_dense_block_count(c.first_k_dense_replace if c.n_routed_experts else c.num_hidden_layers)
+        w.add_q_lora_rank(c.q_lora_rank or 0)  # llama.cpp requires the key; 0 = plain q_proj
+        w.add_kv_lora_rank(c.kv_lora_rank)
+        w.add_key_length(c.kv_lora_rank + c.qk_rope_head_dim)  # MQA form: [c_KV | k_pe]
+        w.add_value_length(c.kv_lora_rank)
+        w.add_key_length_mla(c.qk_nope_head_dim + c.qk_rope_head_dim)  # per-head form
+        w.add_value_length_mla(c.v_head_dim)
+        w.add_rope_dimension_count(c.qk_rope_head_dim)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        w.add_expert_count(c.n_routed_experts)
+        w.add_expert_used_count(c.num_experts_per_tok if c.n_routed_experts else 0)
+        w.add_expert_shared_count(c.n_shared_experts)
+        w.add_expert_weights_scale(c.routed_scaling_factor)
+        w.add_expert_weights_norm(c.norm_topk_prob)
+        w.add_expert_gating_func(
+            gguf.ExpertGatingFuncType.SIGMOID if c.scoring_func == "sigmoid" else gguf.ExpertGatingFuncType.SOFTMAX
+        )
+        if c.n_group > 1:
+            w.add_expert_group_count(c.n_group)
+            w.add_expert_group_used_count(c.topk_group)
+        rs = c.yarn
+        if rs is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(rs["factor"]))
+            w.add_rope_scaling_orig_ctx_len(int(rs["original_max_position_embeddings"]))
+            w.add_rope_scaling_yarn_beta_fast(float(rs.get("beta_fast") or 32.0))
+            w.add_rope_scaling_yarn_beta_slow(float(rs.get("beta_slow") or 1.0))
+            # llama.cpp divides this by 0.1 again (its converter's convention for deepseek2)
+            w.add_rope_scaling_yarn_log_mul(0.1 * float(rs["mscale_all_dim"]))
+        # tokenizer
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("deepseek-v3")  # same split rules: see nanoseek.tokenizer.DEEPSEEK_V3_SPLITS
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tok.bos_id)
+        w.add_eos_token_id(tok.eos_id)
+        w.add_pad_token_id(tok.pad_id)
+        w.add_add_bos_token(True)  # tokenizer_config add_bos_token: prompts start with BOS
+        w.add_add_eos_token(False)
+        w.add_chat_template(tok.chat_template)
+        for name, t in _tensors(model, c):
+            arr, raw = _encode(name, t, dtype)
+            if raw is None:
+                w.add_tensor(name, arr)
+            else:
+                w.add_tensor(name, arr, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return out
+
+
+def modelfile(gguf_path: Path) -> str:
+    """An ollama Modelfile for the exported file: our R1-style chat template in ollama's Go template syntax
+    (ollama does not run the Jinja template stored in the GGUF), stopping at EOS."""
+    return (
+        f"FROM ./{gguf_path.name}\n"
+        'TEMPLATE """{{- if .System }}{{ .System }}{{ end }}'
+        "{{- range $i, $_ := .Messages }}"
+        '{{- if eq .Role "user" }}<｜User｜>{{ .Content }}'
+        '{{- else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}<｜end▁of▁sentence｜>'
+        '{{- end }}{{- end }}<｜Assistant｜>"""\n'
+        'PARAMETER stop "<｜end▁of▁sentence｜>"\n'
+        "PARAMETER temperature 0\n"
+    )

@@ -1,0 +1,368 @@
+"""The OpenAI API as nanoseek speaks it: request bodies, the error envelope, responses and server-sent events.
+
+Requests: unknown fields are ignored, as OpenAI does; a known field of the wrong type or out of range is an
+`APIError` (400) that names the field. Types are strict: `"1"` is not a number and `true` is not an int.
+
+Responses: each sequence of a request is a `Choice` fed the engine loop's updates; it becomes a chat message or a
+completion's text (`chat_response`, `completion_response`), or a stream of chunks (`sse_events`; the two
+endpoints' chunks differ only as their `StreamFormat` says). The thinking part of `<think>` models goes to
+`reasoning_content` (DeepSeek's API, SGLang) and `reasoning` (vLLM), never to `content`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nanoseek.infer.engine_loop import Update
+from nanoseek.infer.reasoning import ReasoningSplitter, partial_suffix, split_reasoning
+from nanoseek.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from nanoseek.infer.server.metrics import Timing
+from nanoseek.tokenizer import Tokenizer
+
+MAX_N = 16  # choices per request
+MAX_STOP = 16  # stop strings per request
+
+
+class APIError(Exception):
+    """An error the client caused (or a refusal): becomes `{"error": {message, type, param, code}}`."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        if self.status == 429:
+            kind = "rate_limit_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    reasoning_content: str | None = None  # accepted on assistant turns; earlier reasoning is not re-sent
+    reasoning: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 or 0 = off
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    ignore_eos: bool | None = False  # vLLM's extension: generate max_tokens whatever the model says
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    def sampling_params(self, max_tokens: int, choice: int, top_logprobs: int, logprobs: bool) -> SamplingParams:
+        """The engine's parameters for choice `choice` of this request (seeded choices differ by choice)."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        seed = None if self.seed is None else (self.seed + choice) % 2**63
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(0, self.top_k or 0),
+            min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            seed=seed,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            max_tokens=max_tokens,
+            stop=[s for s in stop if s],
+            ignore_eos=bool(self.ignore_eos),
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+    )
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    echo: bool | None = False
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request's JSON object; 400 for anything else (bad JSON, invalid UTF-8, too deep, not an object)."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # lone surrogates ("\ud800") cannot be text
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
+    except UnicodeError as e:
+        raise APIError(400, f"request body is not valid UTF-8 text ({e.reason})") from None
+    except ValueError as e:
+        raise APIError(400, f"request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def validate(model: type[_Strict], body: dict) -> _Strict:
+    """`model(**body)`, or a 400 naming the first bad field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        loc = [str(x) for x in first["loc"] if not _is_union_branch(x)]
+        param = ".".join(loc) or None
+        value = first.get("input")
+        shown = json.dumps(value)[:80] if isinstance(value, (int, float, str, bool)) or value is None else None
+        got = f", got {shown}" if shown is not None and first["type"] != "missing" else ""
+        raise APIError(400, f"{param or 'body'}: {first['msg']}{got}", param=param) from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
+
+
+def _is_union_branch(part) -> bool:
+    """Pydantic names union branches in error locations (`str`, `list[str]`, ...); the client's field does not."""
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool") or "[" in part or part.startswith("function")
+    )
+
+
+# ================================================================================================ responses
+@dataclass
+class Choice:
+    """One sequence of a request, as the client sees it: text released so far, reasoning split, counts."""
+
+    index: int
+    splitter: ReasoningSplitter | None  # chat replies of a `<think>` model
+    stops: list[str]
+    shown: int = 0  # characters of the completion released to the client
+    tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    text: str = ""
+    logprobs: list = field(default_factory=list)  # per token: (id, logprob, {id: logprob})
+
+    def advance(self, up: Update) -> str:
+        """Record an update; return the newly released text. Text that may still become a stop string is held
+        back until the next update decides it (the engine's text never ends in half a character)."""
+        self.tokens += len(up.token_ids)
+        tops = up.top_logprobs or [{}] * len(up.token_ids)
+        self.logprobs += list(zip(up.token_ids, up.logprobs, tops))
+        self.finish_reason, self.error = up.finish_reason, up.error
+        if up.finish_reason in ("abort", "error"):
+            return ""
+        text, cut = up.text, len(up.text)
+        if up.finish_reason is None:
+            cut -= max((partial_suffix(text, s) for s in self.stops), default=0)
+        new = text[self.shown : cut] if cut > self.shown else ""
+        self.shown, self.text = max(self.shown, cut), text[: max(self.shown, cut)]
+        return new
+
+    def finished(self) -> tuple[str | None, int]:
+        """(finish reason, tokens generated): what the request metrics record."""
+        return self.finish_reason, self.tokens
+
+
+def token_text(tok: Tokenizer, i: int) -> tuple[str, list[int]]:
+    """A token as logprobs show it: its text (lossy for part of a character) and its bytes."""
+    b = tok.token_bytes(i)
+    return b.decode("utf-8", errors="replace"), list(b)
+
+
+def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def chat_logprobs(tok: Tokenizer, entries: list) -> dict:
+    content = []
+    for tid, lp, top in entries:
+        text, b = token_text(tok, tid)
+        alts = [dict(zip(("token", "bytes"), token_text(tok, t)), logprob=v) for t, v in top.items()]
+        content.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": alts})
+    return {"content": content}
+
+
+def completion_logprobs(tok: Tokenizer, entries: list, offset: int) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    for tid, lp, top in entries:
+        text = token_text(tok, tid)[0]
+        tokens.append(text)
+        lps.append(lp)
+        tops.append({token_text(tok, t)[0]: v for t, v in top.items()})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_response(meta: dict, choices: list[Choice], prompt_tokens: int, tok: Tokenizer, logprobs: bool) -> dict:
+    """The `chat.completion` body. `meta`: id, created, model."""
+    out = []
+    for c in choices:
+        opens_think = c.splitter is not None and c.splitter.starts_in_think
+        reasoning, content = split_reasoning(c.text, opens_think) if c.splitter is not None else (None, c.text)
+        message = {"role": "assistant", "content": content if (content or reasoning is None) else None}
+        if c.splitter is not None:
+            message.update(reasoning_content=reasoning, reasoning=reasoning)
+        lp = chat_logprobs(tok, c.logprobs) if logprobs else None
+        out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason})
+    return {**meta, "object": "chat.completion", "choices": out, "usage": usage(prompt_tokens, choices)}
+
+
+def completion_response(
+    meta: dict, choices: list[Choice], prompt_tokens: int, tok: Tokenizer, echo: list[str], logprobs: bool
+) -> dict:
+    """The `text_completion` body; echo[k]: the text choice k starts with (its prompt, or "")."""
+    out = []
+    for c in choices:
+        lp = completion_logprobs(tok, c.logprobs, len(echo[c.index])) if logprobs else None
+        out.append({"index": c.index, "text": echo[c.index] + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+    return {**meta, "object": "text_completion", "choices": out, "usage": usage(prompt_tokens, choices)}
+
+
+# ================================================================================================== streams
+@dataclass
+class StreamFormat:
+    """What tells the chat stream from the completions stream: the chunk object, and each choice's payloads
+    (`{"delta": ...}` or `{"text": ...}`, then `"logprobs"`)."""
+
+    object: str  # "chat.completion.chunk" or "text_completion"
+    meta: dict  # id, created, model
+    prompt_tokens: int
+    include_usage: bool
+    opening: Callable[[Choice], dict | None]  # the chunk each choice starts with, if any
+    piece: Callable[[Choice, str, list, int], dict | None]  # (choice, new text, new logprob entries, text offset)
+    closing: dict  # the payload of the chunk that carries the finish reason
+
+
+def chat_stream(meta: dict, prompt_tokens: int, req: ChatRequest, tok: Tokenizer) -> StreamFormat:
+    """Chat chunks: the role first, then deltas with the reasoning split from the content."""
+
+    def piece(c: Choice, text: str, entries: list, offset: int) -> dict | None:
+        delta = {}
+        if c.splitter is not None:
+            reasoning, content = c.splitter.feed(text, final=c.finish_reason is not None)
+            if reasoning:
+                delta.update(reasoning_content=reasoning, reasoning=reasoning)
+            if content:
+                delta["content"] = content
+        elif text:
+            delta["content"] = text
+        lp = chat_logprobs(tok, entries) if req.logprobs and entries else None
+        return {"delta": delta, "logprobs": lp} if delta or lp else None
+
+    role = {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
+    return StreamFormat(
+        object="chat.completion.chunk",
+        meta=meta,
+        prompt_tokens=prompt_tokens,
+        include_usage=req.include_usage,
+        opening=lambda c: role,
+        piece=piece,
+        closing={"delta": {}, "logprobs": None},
+    )
+
+
+def completion_stream(
+    meta: dict, prompt_tokens: int, req: CompletionRequest, tok: Tokenizer, echo: list[str]
+) -> StreamFormat:
+    """Completion chunks: the echoed prompt first (when asked), then text."""
+
+    def piece(c: Choice, text: str, entries: list, offset: int) -> dict | None:
+        lp = completion_logprobs(tok, entries, offset) if req.logprobs is not None and entries else None
+        return {"text": text, "logprobs": lp} if text or lp else None
+
+    def opening(c: Choice) -> dict | None:
+        return {"text": echo[c.index], "logprobs": None} if echo[c.index] else None
+
+    return StreamFormat(
+        object="text_completion",
+        meta=meta,
+        prompt_tokens=prompt_tokens,
+        include_usage=req.include_usage,
+        opening=opening,
+        piece=piece,
+        closing={"text": "", "logprobs": None},
+    )
+
+
+def sse(obj: dict | str) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+async def sse_events(
+    fmt: StreamFormat, choices: list[Choice], updates: AsyncIterator[tuple[int, Update]], timing: Timing
+) -> AsyncIterator[bytes]:
+    """The server-sent events of a streaming request: a chunk per choice and update with something new, a
+    closing chunk per choice, the usage chunk when asked, `[DONE]`. A failed generation ends the stream with an
+    error event (the 200 status is already sent)."""
+    usage_field = {"usage": None} if fmt.include_usage else {}
+
+    def chunk(index: int, payload: dict, finish: str | None = None) -> bytes:
+        choice = {"index": index, **payload, "finish_reason": finish}
+        return sse({**fmt.meta, "object": fmt.object, "choices": [choice], **usage_field})
+
+    for c in choices:
+        if (payload := fmt.opening(c)) is not None:
+            yield chunk(c.index, payload)
+    async for i, up in updates:
+        c = choices[i]
+        n_lp, offset = len(c.logprobs), c.shown
+        text = c.advance(up)
+        timing.on_update(up)
+        if c.finish_reason == "error":
+            yield sse(APIError(500, c.error or "generation failed").body())
+            break
+        if (payload := fmt.piece(c, text, c.logprobs[n_lp:], offset)) is not None:
+            yield chunk(i, payload)
+        if c.finish_reason is not None:
+            yield chunk(i, fmt.closing, c.finish_reason)
+    else:
+        timing.on_finish([c.finished() for c in choices])
+        if fmt.include_usage:
+            yield sse({**fmt.meta, "object": fmt.object, "choices": [], "usage": usage(fmt.prompt_tokens, choices)})
+    yield sse("[DONE]")

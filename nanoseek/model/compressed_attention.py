@@ -1,0 +1,146 @@
+"""DeepSeek-V4's hybrid attention (V4 report sec. 2.3): a sliding window beside compressed KV entries.
+
+Every layer is multi-query attention with ONE head that is both key and value:
+
+    c_Q = q_a_norm(q_a_proj(x));  q_h = rms(q_b_proj(c_Q))_h      per-head RMS, no weight
+    kv = kv_norm(kv_proj(x))                                        [head_dim], K = V
+    RoPE on the last qk_rope_head_dim dims of q and kv (interleaved pairs)
+    p_{t,h,s} = exp(q_h . k_s / sqrt(d)) / (sum_s' exp(q_h . k_s' / sqrt(d)) + exp(sink_h))   a learned sink
+    o_{t,h} = sum_s p_{t,h,s} k_s, then its rope dims rotated by -t (so the value's rotation becomes relative)
+    out = o_b_proj(concat_g o_a_proj_g(o_{t, heads of group g}))    grouped low-rank output projection
+
+The keys of query t are the window t-W < s <= t, plus, by layer type,
+    CSA (compressed_sparse_attention): entries pooling 2m tokens with stride m (m = 4), of which a lightning
+        indexer keeps index_topk per query;
+    HCA (heavily_compressed_attention): entries pooling m' tokens each (m' = 128), all of them.
+Entry w is visible from t once its last token is: w < (t + 1) // rate. Compressed layers use the "compress" RoPE
+(compress_rope_theta, YaRN), sliding-only layers the "main" one (rope_theta, no YaRN): the caller passes the
+layer's cos/sin. No FP8/FP4 or Hadamard simulation of DeepSeek's kernels, as in transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import CSA, ModelConfig
+from nanoseek.model.indexer import index_scores, select_topk
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import apply_rope_tail
+
+
+class Compressor(nn.Module):
+    """Gated pooling of every `rate` tokens into one KV entry (V4 report eq. 9-12 and 20-23).
+
+    Per channel c of window w: e_w = kv_norm(sum_s softmax_s(z_{s,c} + position_bias[s - w rate, c]) c_{s,c}) with
+    c_s = kv_proj(x_s), z_s = gate_proj(x_s); RoPE at w * rate, the window's first position. overlap (CSA):
+    every token projects two halves, and entry w pools the first halves of window w-1 with the second halves of
+    window w: 2 * rate tokens, stride rate.
+    """
+
+    def __init__(self, hidden_size: int, dim: int, rate: int, overlap: bool, eps: float) -> None:
+        super().__init__()
+        self.dim, self.rate, self.overlap = dim, rate, overlap
+        width = 2 * dim if overlap else dim
+        self.kv_proj = nn.Linear(hidden_size, width, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(rate, width))
+        self.kv_norm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Entries [B, T // rate, dim] of the complete windows of x [B, T, hidden]; cos/sin [T, 1, d_R/2] are the
+        layer's rope tables at positions 0..T-1."""
+        B, T, _ = x.shape
+        n = T // self.rate
+        if n == 0:
+            return x.new_zeros(B, 0, self.dim)
+        x = x[:, : n * self.rate]
+        kv = self.kv_proj(x).view(B, n, self.rate, -1)  # [B, n, rate, width]
+        gate = self.gate_proj(x).view(B, n, self.rate, -1) + self.position_bias
+        if self.overlap:  # slots [window w-1's first halves | window w's second halves]; none before window 0
+            d = self.dim
+            kv = torch.cat((F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0)), kv[..., d:]), dim=2)
+            gate = torch.cat((F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf")), gate[..., d:]), 2)
+        pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)  # [B, n, dim]
+        starts = slice(0, n * self.rate, self.rate)
+        return apply_rope_tail(self.kv_norm(pooled).unsqueeze(2), cos[starts], sin[starts]).squeeze(2)
+
+
+class CompressedIndexer(nn.Module):
+    """V4's lightning indexer: its own overlapping compressor (width index_head_dim) makes one key per CSA entry;
+    queries come from the attention's query latent c_Q, head weights from x; the score and top-k are V3.2's
+    (indexer.py). Selection is not differentiable; nothing here learns from the language-model loss."""
+
+    def __init__(self, config: ModelConfig, rate: int) -> None:
+        super().__init__()
+        c = config
+        self.n_heads, self.head_dim, self.topk = c.index_n_heads, c.index_head_dim, c.index_topk
+        self.compressor = Compressor(c.hidden_size, self.head_dim, rate, overlap=True, eps=c.rms_norm_eps)
+        self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(c.hidden_size, self.n_heads, bias=False)
+        # no loss reaches it yet (an indexer loss as V3.2's would): frozen, so data-parallel training does not
+        # wait for gradients that never come
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(
+        self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, T, T_c] bool: the entries each query attends to, at most index_topk of the visible [T, T_c]."""
+        B, T, _ = x.shape
+        keys = self.compressor(x, cos, sin)  # [B, T_c, d_I]
+        q = apply_rope_tail(self.q_b_proj(c_q).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        return select_topk(index_scores(q, keys, self.weights_proj(x)), visible, self.topk)
+
+
+class CompressedAttention(nn.Module):
+    """One V4 attention layer of any of the three types (sliding_attention, CSA, HCA)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        c = config
+        self.n_heads, self.head_dim, self.window = c.num_attention_heads, c.head_dim, c.sliding_window
+        self.o_groups, self.o_lora_rank, self.eps = c.o_groups, c.o_lora_rank, c.rms_norm_eps
+        self.rate = c.compress_rate(layer_idx)
+        H, d = c.hidden_size, c.head_dim
+        self.q_a_proj = nn.Linear(H, c.q_lora_rank, bias=False)
+        self.q_a_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+        self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * d, bias=False)
+        self.kv_proj = nn.Linear(H, d, bias=False)
+        self.kv_norm = RMSNorm(d, c.rms_norm_eps)
+        # group g maps heads [g n_h/G, (g+1) n_h/G) with rows [g r_o, (g+1) r_o) of this weight
+        self.o_a_proj = nn.Linear(self.n_heads * d // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)
+        self.o_b_proj = nn.Linear(c.o_groups * c.o_lora_rank, H, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads))
+        is_csa = c.layer_types[layer_idx] == CSA
+        self.compressor = Compressor(H, d, self.rate, is_csa, c.rms_norm_eps) if self.rate else None
+        self.indexer = CompressedIndexer(c, self.rate) if is_csa else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal attention over x [B, T, hidden]; cos/sin [T, 1, d_R/2] from this layer's rope set."""
+        B, T, _ = x.shape
+        c_q = self.q_a_norm(self.q_a_proj(x))
+        q = self.q_b_proj(c_q).view(B, T, self.n_heads, self.head_dim)
+        q = apply_rope_tail(F.rms_norm(q.float(), (self.head_dim,), None, self.eps).to(x.dtype), cos, sin)
+        kv = apply_rope_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(2), cos, sin).squeeze(2)  # [B, T, d]
+        pos = torch.arange(T, device=x.device)
+        visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window)  # [T, T]
+        visible = visible.expand(B, T, T)
+        if self.compressor is not None:
+            entries = self.compressor(x, cos, sin)  # [B, T_c, d]
+            ready = torch.arange(entries.shape[1], device=x.device) < ((pos + 1) // self.rate)[:, None]  # [T, T_c]
+            if self.indexer is not None:
+                ready = self.indexer(x, c_q, cos, sin, ready)
+            kv = torch.cat((kv, entries), dim=1)
+            visible = torch.cat((visible, ready.expand(B, *ready.shape[-2:])), dim=-1)  # [B, T, T + T_c]
+        scores = (q.transpose(1, 2) @ kv.unsqueeze(1).mT) * self.head_dim**-0.5  # [B, H, T, S]
+        scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+        sinks = self.sinks.view(1, -1, 1, 1).expand(B, -1, T, 1).to(scores.dtype)
+        p = torch.cat((scores, sinks), dim=-1).softmax(dim=-1, dtype=torch.float32)[..., :-1]  # the sink has no value
+        o = (p.to(kv.dtype) @ kv.unsqueeze(1)).transpose(1, 2)  # [B, T, H, d]
+        o = apply_rope_tail(o, cos, -sin)  # undo the values' rotation at the query's position
+        o = o.reshape(B, T, self.o_groups, -1)  # heads stay contiguous within a group
+        w = self.o_a_proj.weight.view(self.o_groups, self.o_lora_rank, -1)  # [G, r_o, n_h d / G]
+        o = torch.einsum("btgi,goi->btgo", o, w).flatten(2)  # [B, T, G r_o]
+        return self.o_b_proj(o)

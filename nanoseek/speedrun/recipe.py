@@ -1,0 +1,133 @@
+"""What decides a speedrun's result: the `Recipe` (every knob), its presets and overrides, and where each stage's
+model is (`checkpoint_of`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nanoseek.checkpoint.run import latest_checkpoint
+
+TASK = "arithmetic"
+
+
+EVAL_SEED = 777  # the held-out problem set (test split): fixed, the same for every stage
+
+
+@dataclass
+class Recipe:
+    """Everything that decides a speedrun's result. `--set FIELD=VALUE` overrides any field."""
+
+    model_preset: str = "cpu-small"
+    vocab_size: int = 512
+    n: int = 150_000  # pretraining problems
+    # pretraining: the recipe of BENCHMARKS.md (more, smaller steps; high lr held, then decayed; no MTP), shorter:
+    # the pilots gave SFT and GRPO the minutes (BENCHMARKS.md, "The speedrun")
+    pretrain_steps: int = 1250
+    pretrain_batch: int = 4
+    pretrain_lr: float = 4e-3
+    mtp_weight: float = 0.0
+    # cold-start SFT
+    sft_steps: int = 1200
+    sft_batch: int = 16
+    sft_lr: float = 1e-3
+    worked_fraction: float = 0.65  # the rest answer-only: greedy writes its steps on ~13% of problems
+    # GRPO (correctness reward only)
+    grpo_steps: int = 250
+    grpo_lr: float = 6e-5
+    grpo_prompts: int = 16
+    grpo_group: int = 8
+    grpo_temperature: float = 1.0
+    grpo_max_new_tokens: int = 64
+    grpo_levels: str = ""  # space-separated; empty = all levels
+    grpo_dynamic_sampling: bool = False
+    grpo_eval_n: int = 100  # val problems for GRPO's periodic greedy eval (its curve in the report)
+    # evaluation: >= 1,000 distinct held-out problems for the sign test; pass@k on a subset
+    eval_n: int = 1400  # problems asked for, spread over the levels (duplicates of small levels dropped)
+    passk_n: int = 140
+    k: int = 8
+    eval_max_tokens: int = 96
+    device: str = "auto"
+    # CPU threads (0: torch's default). 1 for the cpu recipe: as fast as 2 on a quiet 2-core machine for this model
+    # size (6.1k vs 6.3-6.5k tokens/s), 4-30x faster when another process takes a core, and the thread count is
+    # part of what makes a run reproduce the numbers in BENCHMARKS.md (floating-point sums depend on it)
+    threads: int = 1
+    compile: bool = False  # torch.compile the pretraining and SFT loss (pays off on a GPU, not in minutes on a CPU)
+    usd_per_hour: float = 0.10  # the machine's price, for the cost estimate
+
+    def validate(self) -> None:
+        for f in ("pretrain_steps", "sft_steps", "grpo_steps", "eval_n", "k"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"--set {f}: must be >= 1, got {getattr(self, f)}")
+        if not 0 <= self.worked_fraction <= 1:
+            raise ValueError(f"--set worked_fraction: must be in [0, 1], got {self.worked_fraction}")
+
+
+RECIPES: dict[str, Recipe] = {
+    # ~12 minutes on a quiet 2-core CPU (BENCHMARKS.md has the pilots that chose it)
+    "cpu": Recipe(),
+    # about one hour on one H100/H200: a 10x bigger model, bf16 autocast (automatic on CUDA), longer stages
+    "gpu": Recipe(
+        model_preset="gpu-small",
+        n=1_000_000,
+        pretrain_steps=20_000,
+        pretrain_batch=32,
+        pretrain_lr=3e-3,
+        mtp_weight=0.3,
+        sft_steps=3000,
+        sft_batch=64,
+        sft_lr=5e-4,
+        grpo_steps=600,
+        grpo_lr=1e-5,
+        grpo_prompts=64,
+        grpo_group=16,
+        eval_n=7000,
+        passk_n=700,
+        compile=True,
+        threads=0,
+        usd_per_hour=2.50,
+    ),
+    # CI and tests: a tiny model, a few steps of every stage, a few problems (the pipeline, not the result)
+    "smoke": Recipe(
+        model_preset="tiny",
+        n=3000,
+        pretrain_steps=12,
+        pretrain_batch=4,
+        sft_steps=6,
+        sft_batch=8,
+        grpo_steps=3,
+        grpo_prompts=4,
+        grpo_group=4,
+        grpo_max_new_tokens=16,
+        grpo_eval_n=8,
+        eval_n=28,
+        passk_n=7,
+        k=2,
+        eval_max_tokens=16,
+        threads=0,
+    ),
+}
+
+
+def make_recipe(preset: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    """The preset's recipe with `overrides` ({field: value}, already typed: the CLI parses `--set` with
+    `parse_set(items, Recipe)`), checked."""
+    if preset not in RECIPES:
+        raise ValueError(f"unknown speedrun preset {preset!r}: choose one of {', '.join(RECIPES)}")
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    if unknown := sorted(set(overrides or {}) - fields):
+        raise ValueError(f"unknown recipe field(s) {', '.join(unknown)}; fields: {', '.join(fields)}")
+    recipe = dataclasses.replace(RECIPES[preset], **(overrides or {}))
+    recipe.validate()
+    return recipe
+
+
+def checkpoint_of(run_dir: Path) -> Path:
+    """The latest checkpoint of a stage's run folder: the model the next stage, the evaluation and the report
+    use. A finished stage always has one, so its absence is an error, not a case to handle."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint: delete its entry from stages.json and run again")
+    return ckpt

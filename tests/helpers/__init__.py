@@ -1,0 +1,15 @@
+"""Helpers shared by several test files; the fixtures built from them live in tests/conftest.py."""
+
+from helpers.models import memorise, tiny_config, tiny_model, weights
+from helpers.tokenizers import MIXED, WIDE_TEXTS, builtin_tokenizer, wide_tokenizer
+
+__all__ = [
+    "MIXED",
+    "WIDE_TEXTS",
+    "builtin_tokenizer",
+    "memorise",
+    "tiny_config",
+    "tiny_model",
+    "weights",
+    "wide_tokenizer",
+]

@@ -1,0 +1,47 @@
+"""Tiny models: the `tiny` preset sized for a tokenizer, seeded, and taught a few answers by heart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nanoseek import ModelConfig, Transformer, load_model
+from nanoseek.data.chat import chat_example, inputs_and_targets
+from nanoseek.model.transformer import IGNORE_INDEX
+from nanoseek.tokenizer import Tokenizer
+
+
+def tiny_config(tok: Tokenizer | None = None, **overrides) -> ModelConfig:
+    """The tiny preset; with `tok`, its vocabulary size and BOS/EOS ids."""
+    if tok is not None:
+        overrides = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, **overrides}
+    return ModelConfig.from_preset("tiny", **overrides)
+
+
+def tiny_model(tok: Tokenizer | None = None, seed: int = 0, **overrides) -> Transformer:
+    """A freshly initialised tiny model: the same weights for the same seed and config."""
+    torch.manual_seed(seed)
+    return Transformer(tiny_config(tok, **overrides))
+
+
+def weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a saved model (or checkpoint) dir."""
+    return load_model(model_dir).state_dict()
+
+
+def memorise(model: Transformer, tok: Tokenizer, chats: list[list[dict]], steps: int, lr: float = 1e-2) -> float:
+    """Train `model` on the chats' assistant turns, all in one padded batch, for `steps` AdamW steps (so greedy
+    decoding then reproduces them); returns the last loss."""
+    pairs = [inputs_and_targets(*chat_example(tok, messages)) for messages in chats]
+    T = max(len(x) for x, _ in pairs)
+    x, y = torch.full((len(pairs), T), tok.pad_id), torch.full((len(pairs), T), IGNORE_INDEX)
+    for i, (xi, yi) in enumerate(pairs):
+        x[i, : len(xi)], y[i, : len(yi)] = torch.tensor(xi), torch.tensor(yi)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model.compute_loss(x, y).main
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
