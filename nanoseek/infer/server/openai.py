@@ -224,7 +224,7 @@ def chat_logprobs(tok: Tokenizer, entries: list) -> dict:
         text, b = token_text(tok, tid)
         alts = [dict(zip(("token", "bytes"), token_text(tok, t)), logprob=v) for t, v in top.items()]
         content.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": alts})
-    return {"content": content}
+    return {"content": content, "refusal": None}  # the spec requires `refusal` beside `content` (nullable)
 
 
 def completion_logprobs(tok: Tokenizer, entries: list, offset: int) -> dict:
@@ -245,7 +245,7 @@ def chat_response(meta: dict, choices: list[Choice], prompt_tokens: int, tok: To
     for c in choices:
         opens_think = c.splitter is not None and c.splitter.starts_in_think
         reasoning, content = split_reasoning(c.text, opens_think) if c.splitter is not None else (None, c.text)
-        message = {"role": "assistant", "content": content if (content or reasoning is None) else None}
+        message = {"role": "assistant", "content": content if (content or reasoning is None) else None, "refusal": None}
         if c.splitter is not None:
             message.update(reasoning_content=reasoning, reasoning=reasoning)
         lp = chat_logprobs(tok, c.logprobs) if logprobs else None
