@@ -377,7 +377,7 @@ JSON = st.recursive(
 FIELDS = [
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
     "n", "stop", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs",
-    "stream", "stream_options", "echo", "ignore_eos",
+    "stream", "stream_options", "echo", "ignore_eos", "tools", "tool_choice", "response_format",
 ]  # fmt: skip
 ODD = st.sampled_from(
     [-1, 0, 10**12, -(10**12), 2**64, 1e308, -1e308, 0.5, "", "x" * 5000, [], {}, [[[[[]]]]], True, None, "\ud800"]

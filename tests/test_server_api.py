@@ -4,6 +4,8 @@ document, thinking control, the Responses API and prefix caching."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from helpers.shapes import CheckedTransport, check
@@ -61,3 +63,65 @@ def test_the_checker_fails_a_message_without_refusal():
         check("/v1/chat/completions", 200, body)
     with pytest.raises(ValidationError):
         check("/v1/chat/completions", 200, {**body, "choices": [{"index": 0, "message": {}}]})
+
+
+# ------------------------------------------------------------------------------- what is not served, said so
+def test_unsupported_fields_and_parts_get_a_400_naming_them(server):
+    url = server.base_url + "/chat/completions"
+    ok = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    cases = [
+        ({**ok, "tools": [tool], "tool_choice": "required"}, "tools"),
+        ({**ok, "tool_choice": {"type": "function", "function": {"name": "add"}}}, "tool_choice"),
+        ({**ok, "response_format": {"type": "json_object"}}, "response_format"),
+        ({**ok, "messages": [{"role": "user", "content": [image]}]}, "messages.0.content.0"),
+        ({**ok, "messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}]}, None),
+    ]
+    for body, param in cases:
+        err = error_of(httpx.post(url, json=body, timeout=30), 400)
+        assert err["param"] == (param or "messages.0.content.0") and "not supported" in err["message"], err
+    assert "reads text only" in error_of(httpx.post(url, json=cases[3][0], timeout=30), 400)["message"]
+
+
+def test_the_other_shapes_the_spec_allows_are_accepted(client):
+    messages = [
+        {"role": "developer", "content": ""},
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": "What is 2+3?", "name": "ann"},
+        {"role": "assistant", "content": None, "refusal": None},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is 2+3?"}]},
+    ]
+    r = client.chat.completions.create(
+        model="tiny-r1", messages=messages, max_tokens=4, response_format={"type": "text"}, tool_choice="none"
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_405_says_which_methods_and_openapi_json_describes_the_bodies(server):
+    r = httpx.get(server.base_url + "/chat/completions")
+    assert r.headers["allow"] == "POST" and "use POST" in error_of(r, 405)["message"]
+    doc = httpx.get(server.url + "/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ChatRequest"}
+    assert "messages" in doc["components"]["schemas"]["ChatRequest"]["properties"]
+    assert "/v1/completions" in doc["paths"] and "/v1/models" in doc["paths"]
+
+
+def test_requests_whose_client_left_are_counted_as_aborted(server):
+    def aborted() -> float:
+        for line in httpx.get(server.url + "/metrics").text.splitlines():
+            if line.startswith("vllm:request_success_total{") and 'finished_reason="abort"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError("no abort series")
+
+    before = aborted()
+    body = {"prompt": "hello", "max_tokens": 100, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=30) as h, h.stream("POST", server.base_url + "/completions", json=body) as r:
+        next(r.iter_lines())
+    deadline = time.monotonic() + 20
+    while aborted() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert aborted() == before + 1

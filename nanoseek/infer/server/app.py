@@ -1,7 +1,7 @@
 """`nanoseek serve`: an OpenAI-compatible HTTP server on the Engine (FastAPI + uvicorn). This file is its routes.
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health`, `GET /metrics`
-(Prometheus, vLLM's names) and a chat page at `/`. One `EngineLoop` thread runs continuous batching for every
+(Prometheus, vLLM's names), `GET /openapi.json` and a chat page at `/`. One `EngineLoop` thread runs continuous batching for every
 request; handlers only validate, tokenize, submit, and hand the loop's updates to `openai.py`, which shapes them
 into OpenAI responses or server-sent events. A client that disconnects has its sequences aborted at once.
 """
@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from nanoseek import __version__
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.engine_loop import EngineLoop, QueueFull, Update
 from nanoseek.infer.reasoning import ReasoningSplitter, prompt_opens_think
@@ -39,6 +41,7 @@ from nanoseek.infer.server.openai import (
 )
 
 STATIC = Path(__file__).parent / "static"
+REQUEST_BODIES = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest}
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
@@ -78,8 +81,10 @@ class Job:
             yield self.index[key], up
 
     def close(self) -> None:
+        """Abort what is still running (the client left, or the request failed); counted as `abort`."""
         if self.pending:
             self.server.loop.abort(list(self.pending))
+            self.server.metrics.finished("abort", len(self.pending))
             self.pending.clear()
 
 
@@ -240,6 +245,7 @@ async def chat_completions(server: Server, request: Request) -> Response:
     server.check_auth(request)
     req: ChatRequest = validate(ChatRequest, await server.read_body(request))
     server.check_model(req.model)
+    req.unsupported()
     prompt_text, ids = server.chat_prompt(req)
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
@@ -294,7 +300,9 @@ def build_app(server: Server) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
-        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code)
+        if e.status_code == 405 and e.headers and "Allow" in e.headers:
+            message += f": use {e.headers['Allow']}"
+        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
@@ -312,6 +320,10 @@ def build_app(server: Server) -> FastAPI:
     async def metrics():
         server.metrics.update_load(len(server.engine.running), server.loop.waiting, server.engine.cache.n_slots)
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi():
+        return openapi_document(app)
 
     @app.get("/")
     async def page():
@@ -344,6 +356,25 @@ def build_app(server: Server) -> FastAPI:
         return await completions(server, request)
 
     return app
+
+
+def openapi_document(app: FastAPI) -> dict:
+    """The OpenAPI document, with the request bodies our handlers validate themselves (they read the raw body
+    to answer in OpenAI's error envelope, so FastAPI cannot see them): for client generators and fuzzers."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title="nanoseek", version=__version__, routes=app.routes, summary="OpenAI-compatible API")
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in REQUEST_BODIES.items():
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            doc["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref}},
+            }
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 # ================================================================================================= start-up

@@ -60,7 +60,7 @@ class ServerMetrics:
         self.model_name = model_name
         for metric in r._collector_to_names:  # every series exists (at zero) before the first request
             if metric is self.success:
-                for reason in ("stop", "length"):
+                for reason in ("stop", "length", "abort"):
                     metric.labels(model_name=model_name, finished_reason=reason)
             else:
                 self.of(metric)
@@ -68,6 +68,10 @@ class ServerMetrics:
     def of(self, metric):
         """The metric's child for this server's model name."""
         return metric.labels(model_name=self.model_name)
+
+    def finished(self, reason: str, n: int = 1) -> None:
+        """Count n sequences that ended with `reason` ("stop", "length" or "abort")."""
+        self.success.labels(model_name=self.model_name, finished_reason=reason).inc(n)
 
     def update_load(self, running: int, waiting: int, slots: int) -> None:
         self.of(self.running).set(running)
@@ -106,5 +110,5 @@ class Timing:
         m.of(m.e2e).observe(time.perf_counter() - self.start)
         for reason, tokens in finished:
             if reason in ("stop", "length"):
-                m.success.labels(model_name=m.model_name, finished_reason=reason).inc()
+                m.finished(reason)
             m.of(m.request_generation).observe(tokens)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,6 +26,7 @@ from nanoseek.tokenizer import Tokenizer
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
+MEDIA = ("image_url", "input_audio", "file", "input_image", "input_file")  # content parts we cannot read
 
 
 class APIError(Exception):
@@ -52,20 +53,23 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Strict):
+    """A part of a message's content; only text (and an assistant's refusal) can be read (`unsupported`)."""
+
+    type: str
+    text: str | None = None
+    refusal: str | None = None
 
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     reasoning_content: str | None = None  # accepted on assistant turns; earlier reasoning is not re-sent
     reasoning: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text or p.refusal or "" for p in self.content)
         return self.content or ""
 
 
@@ -119,6 +123,38 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # read only to refuse them by name (`unsupported`), never silently dropped
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+
+    def unsupported(self) -> None:
+        """A 400 naming the first field or content part this server cannot honour yet, as OpenAI names them."""
+        if self.tools:
+            raise APIError(400, "tools: tool calling is not supported by this server yet; send no tools", "tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise APIError(
+                400, "tool_choice: tool calling is not supported by this server yet; omit tool_choice", "tool_choice"
+            )
+        kind = self.response_format.get("type") if isinstance(self.response_format, dict) else self.response_format
+        if kind not in (None, "text"):
+            raise APIError(
+                400,
+                f"response_format: {json.dumps(kind)[:40]} output is not supported by this server yet; omit "
+                "response_format or use {'type': 'text'}",
+                "response_format",
+            )
+        for i, m in enumerate(self.messages):
+            for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+                where, allowed = (
+                    f"messages.{i}.content.{j}",
+                    ("text", "refusal") if m.role == "assistant" else ("text",),
+                )
+                if part.type not in allowed:
+                    why = "this model reads text only" if part.type in MEDIA else f"{m.role} messages take text parts"
+                    raise APIError(400, f"{where}: {part.type!r} content parts are not supported ({why})", where)
+                if getattr(part, part.type) is None:
+                    raise APIError(400, f"{where}: a {part.type!r} part needs a string {part.type!r}", where)
 
 
 class CompletionRequest(_Sampling):
