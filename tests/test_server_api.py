@@ -12,6 +12,8 @@ from helpers.shapes import CheckedTransport, check
 from pydantic import ValidationError
 from serve_util import ServeProcess, checked_client
 
+from nanoseek import Engine
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
@@ -125,3 +127,30 @@ def test_requests_whose_client_left_are_counted_as_aborted(server):
     while aborted() == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert aborted() == before + 1
+
+
+# ------------------------------------------------------------------------------------------ thinking control
+@pytest.fixture(scope="module")
+def engine(memorised_dir):
+    return Engine.from_pretrained(memorised_dir, max_batch_size=1)
+
+
+def test_thinking_off_closes_the_think_block_and_returns_no_reasoning(client, engine):
+    question = [{"role": "user", "content": "What is 2+3?"}]
+    ids = engine.tokenizer.encode_chat(question, add_generation_prompt=True)
+    closed = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(question, True, thinking=False))
+    assert closed[: len(ids)] == ids and engine.tokenizer.decode(closed[len(ids) :]) == "<think></think>"
+    expected = engine.generate(closed, temperature=0, max_tokens=12)[0].text
+    for off in ({"extra_body": {"chat_template_kwargs": {"thinking": False}}}, {"reasoning_effort": "none"}):
+        kw = dict(model="tiny-r1", messages=question, temperature=0, max_tokens=12, **off)
+        r = client.chat.completions.create(**kw)
+        msg = r.choices[0].message
+        assert r.usage.prompt_tokens == len(closed) and msg.content == expected
+        assert getattr(msg, "reasoning_content", None) is None and getattr(msg, "reasoning", None) is None
+        deltas = [c.choices[0].delta for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+        assert "".join(d.content or "" for d in deltas) == expected
+        assert not any(getattr(d, "reasoning_content", None) for d in deltas)
+    on = client.chat.completions.create(
+        model="tiny-r1", messages=question, temperature=0, max_tokens=12, reasoning_effort="high"
+    )
+    assert on.choices[0].message.reasoning_content == "2+3=5"  # on (the default) keeps today's behaviour

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from nanoseek import __version__
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.engine_loop import EngineLoop, QueueFull, Update
-from nanoseek.infer.reasoning import ReasoningSplitter, prompt_opens_think
+from nanoseek.infer.reasoning import ReasoningSplitter, close_think, prompt_opens_think
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.server.metrics import ServerMetrics, Timing
 from nanoseek.infer.server.openai import (
@@ -176,14 +176,21 @@ class Server:
         return job
 
     def chat_prompt(self, req: ChatRequest) -> tuple[str, list[int]]:
-        """The request's messages rendered by the chat template: (text, token ids)."""
+        """The request's messages rendered by the chat template: (text, token ids). With thinking off the prompt
+        ends in a closed, empty think block, whatever the template knows of the switch."""
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         if all(m["role"] == "system" for m in messages):
             raise APIError(400, "messages has no user or assistant turn: add a user message", "messages")
+        kwargs = {**(req.chat_template_kwargs or {}), "thinking": req.thinking}
+        kwargs.pop("enable_thinking", None)
         try:
-            text = self.tok.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except ValueError as e:
             raise APIError(400, f"messages cannot be rendered: {e}", "messages") from None
+        except Exception as e:  # a template variable the client set broke the template
+            raise APIError(400, f"the chat template fails with these kwargs: {e!r}", "chat_template_kwargs") from None
+        if self.reasoning and not req.thinking:
+            text = close_think(text)
         return text, self.tok.encode(text)
 
     def completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
@@ -252,10 +259,8 @@ async def chat_completions(server: Server, request: Request) -> Response:
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     n_tokens = server.max_tokens(asked, len(ids))
     params = [req.sampling_params(n_tokens, i, req.top_logprobs or 0, bool(req.logprobs)) for i in range(req.n)]
-    opens_think = prompt_opens_think(prompt_text)
-    choices = [
-        Choice(i, ReasoningSplitter(opens_think) if server.reasoning else None, params[i].stop) for i in range(req.n)
-    ]
+    opens_think, split = prompt_opens_think(prompt_text), server.reasoning and req.thinking
+    choices = [Choice(i, ReasoningSplitter(opens_think) if split else None, params[i].stop) for i in range(req.n)]
     job = server.start_job([ids] * req.n, params)
     meta = _meta("chatcmpl", server)
     if req.stream:

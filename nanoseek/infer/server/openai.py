@@ -123,10 +123,20 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # passed to the template; {"thinking": false} skips thinking
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None  # "none": no thinking
     # read only to refuse them by name (`unsupported`), never silently dropped
     tools: Any = None
     tool_choice: Any = None
     response_format: Any = None
+
+    @property
+    def thinking(self) -> bool:
+        """Whether the reply may think: off with reasoning_effort "none" or chat_template_kwargs thinking false
+        (DeepSeek-V3.1's name; Qwen's `enable_thinking` too)."""
+        kwargs = self.chat_template_kwargs or {}
+        off = kwargs.get("thinking", kwargs.get("enable_thinking", True)) is False
+        return not off and self.reasoning_effort != "none"
 
     def unsupported(self) -> None:
         """A 400 naming the first field or content part this server cannot honour yet, as OpenAI names them."""
