@@ -378,6 +378,8 @@ FIELDS = [
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
     "n", "stop", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs",
     "stream", "stream_options", "echo", "ignore_eos", "tools", "tool_choice", "response_format",
+    "chat_template_kwargs", "reasoning_effort", "input", "instructions", "max_output_tokens", "reasoning",
+    "previous_response_id", "text",
 ]  # fmt: skip
 ODD = st.sampled_from(
     [-1, 0, 10**12, -(10**12), 2**64, 1e308, -1e308, 0.5, "", "x" * 5000, [], {}, [[[[[]]]]], True, None, "\ud800"]
@@ -385,6 +387,7 @@ ODD = st.sampled_from(
 BASE = {
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
     "/v1/completions": {"prompt": "hi", "max_tokens": 3},
+    "/v1/responses": {"input": "hi", "max_output_tokens": 3},
 }
 
 

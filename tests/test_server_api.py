@@ -154,3 +154,65 @@ def test_thinking_off_closes_the_think_block_and_returns_no_reasoning(client, en
         model="tiny-r1", messages=question, temperature=0, max_tokens=12, reasoning_effort="high"
     )
     assert on.choices[0].message.reasoning_content == "2+3=5"  # on (the default) keeps today's behaviour
+
+
+# --------------------------------------------------------------------------------------------- Responses API
+def test_responses_create_answers_with_reasoning_and_message_items(client):
+    r = client.responses.create(model="tiny-r1", input="What is 2+3?", temperature=0, max_output_tokens=30)
+    assert r.status == "completed" and r.output_text == "5" and r.id.startswith("resp_")
+    assert [item.type for item in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == "2+3=5"
+    u = r.usage
+    assert (
+        0 < u.output_tokens_details.reasoning_tokens < u.output_tokens
+        and u.total_tokens == u.input_tokens + u.output_tokens
+    )
+    history = [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "5"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "What is 9-7?"}]},
+    ]
+    r = client.responses.create(
+        model="tiny-r1", input=history, instructions="Be brief.", temperature=0, max_output_tokens=30
+    )
+    messages = [{"role": "system", "content": "Be brief."}, history[0], {"role": "assistant", "content": "5"}]
+    chat = client.chat.completions.create(
+        model="tiny-r1", messages=[*messages, {"role": "user", "content": "What is 9-7?"}], temperature=0, max_tokens=30
+    )
+    assert r.output_text == (chat.choices[0].message.content or "") and r.usage.input_tokens == chat.usage.prompt_tokens
+    off = client.responses.create(
+        model="tiny-r1", input="What is 2+3?", temperature=0, max_output_tokens=30, reasoning={"effort": "none"}
+    )
+    assert [item.type for item in off.output] == ["message"]
+    cut = client.responses.create(model="tiny-r1", input="What is 2+3?", temperature=0, max_output_tokens=3)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+
+
+def test_responses_stream_events_in_order(client):
+    events = list(
+        client.responses.create(model="tiny-r1", input="What is 4*2?", temperature=0, max_output_tokens=30, stream=True)
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    reasoning = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert (reasoning, text) == ("4*2=8", "8") and events[-1].response.output_text == "8"
+    assert kinds.count("response.output_item.added") == kinds.count("response.output_item.done") == 2
+    with client.responses.stream(model="tiny-r1", input="What is 9-7?", temperature=0, max_output_tokens=30) as s:
+        assert s.get_final_response().output_text == "2"
+
+
+def test_responses_refuses_what_it_cannot_do_by_name(server):
+    url = server.base_url + "/responses"
+    cases = [
+        ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id", "stateless"),
+        ({"input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools", "not supported"),
+        ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "text.format", "not supported"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input.0", "not supported"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0", "text only"),
+        ({"input": "hi", "max_output_tokens": 10**6}, "max_output_tokens", "context holds"),
+    ]  # fmt: skip
+    for body, param, words in cases:
+        err = error_of(httpx.post(url, json=body, timeout=30), 400)
+        assert err["param"] == param and words in err["message"], err

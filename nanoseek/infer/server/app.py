@@ -1,7 +1,7 @@
 """`nanoseek serve`: an OpenAI-compatible HTTP server on the Engine (FastAPI + uvicorn). This file is its routes.
 
-Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health`, `GET /metrics`
-(Prometheus, vLLM's names), `GET /openapi.json` and a chat page at `/`. One `EngineLoop` thread runs continuous batching for every
+Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses`,
+`GET /health`, `GET /metrics` (Prometheus, vLLM's names), `GET /openapi.json` and a chat page at `/`. One `EngineLoop` thread runs continuous batching for every
 request; handlers only validate, tokenize, submit, and hand the loop's updates to `openai.py`, which shapes them
 into OpenAI responses or server-sent events. A client that disconnects has its sequences aborted at once.
 """
@@ -39,9 +39,14 @@ from nanoseek.infer.server.openai import (
     sse_events,
     validate,
 )
+from nanoseek.infer.server.responses import ResponsesRequest, response_body, response_events, response_meta
 
 STATIC = Path(__file__).parent / "static"
-REQUEST_BODIES = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest}
+REQUEST_BODIES = {
+    "/v1/chat/completions": ChatRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/responses": ResponsesRequest,
+}
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
@@ -142,7 +147,7 @@ class Server:
             chunks.append(chunk)
         return parse_body(b"".join(chunks))
 
-    def max_tokens(self, asked: int | None, prompt_len: int) -> int:
+    def max_tokens(self, asked: int | None, prompt_len: int, name: str = "max_tokens") -> int:
         room = self.context_limit - prompt_len
         if room < 1:
             raise APIError(
@@ -156,8 +161,8 @@ class Server:
             raise APIError(
                 400,
                 f"this model's context holds {self.engine.max_len} tokens: the prompt has {prompt_len}, so "
-                f"max_tokens can be at most {room}, got {asked}",
-                "max_tokens",
+                f"{name} can be at most {room}, got {asked}",
+                name,
                 "context_length_exceeded",
             )
         return asked or room
@@ -175,13 +180,12 @@ class Server:
             m.of(m.request_prompt).observe(len(p))
         return job
 
-    def chat_prompt(self, req: ChatRequest) -> tuple[str, list[int]]:
-        """The request's messages rendered by the chat template: (text, token ids). With thinking off the prompt
-        ends in a closed, empty think block, whatever the template knows of the switch."""
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    def chat_prompt(self, messages: list[dict], thinking: bool, kwargs: dict | None = None) -> tuple[str, list[int]]:
+        """Messages ({role, content}) rendered by the chat template: (text, token ids). With thinking off the
+        prompt ends in a closed, empty think block, whatever the template knows of the switch."""
         if all(m["role"] == "system" for m in messages):
             raise APIError(400, "messages has no user or assistant turn: add a user message", "messages")
-        kwargs = {**(req.chat_template_kwargs or {}), "thinking": req.thinking}
+        kwargs = {**(kwargs or {}), "thinking": thinking}
         kwargs.pop("enable_thinking", None)
         try:
             text = self.tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
@@ -189,7 +193,7 @@ class Server:
             raise APIError(400, f"messages cannot be rendered: {e}", "messages") from None
         except Exception as e:  # a template variable the client set broke the template
             raise APIError(400, f"the chat template fails with these kwargs: {e!r}", "chat_template_kwargs") from None
-        if self.reasoning and not req.thinking:
+        if self.reasoning and not thinking:
             text = close_think(text)
         return text, self.tok.encode(text)
 
@@ -253,7 +257,8 @@ async def chat_completions(server: Server, request: Request) -> Response:
     req: ChatRequest = validate(ChatRequest, await server.read_body(request))
     server.check_model(req.model)
     req.unsupported()
-    prompt_text, ids = server.chat_prompt(req)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    prompt_text, ids = server.chat_prompt(messages, req.thinking, req.chat_template_kwargs)
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -291,6 +296,25 @@ async def completions(server: Server, request: Request) -> Response:
         return _event_stream(job, sse_events(fmt, choices, job.updates(), timing))
     await _collect(job, choices, timing, request)
     return JSONResponse(completion_response(meta, choices, prompt_tokens, server.tok, echo, want))
+
+
+async def responses(server: Server, request: Request) -> Response:
+    """`POST /v1/responses`: one reply to `instructions` + `input`, as a `response` object or its event stream."""
+    timing = Timing(server.metrics)
+    server.check_auth(request)
+    req: ResponsesRequest = validate(ResponsesRequest, await server.read_body(request))
+    server.check_model(req.model)
+    req.unsupported()
+    prompt_text, ids = server.chat_prompt(req.messages(), req.thinking)
+    params = req.sampling_params(server.max_tokens(req.max_output_tokens, len(ids), "max_output_tokens"))
+    split = server.reasoning and req.thinking
+    choice = Choice(0, ReasoningSplitter(prompt_opens_think(prompt_text)) if split else None, [])
+    job = server.start_job([ids], [params])
+    meta, think_end = response_meta(server.model_name), server.tok.think_end_id
+    if req.stream:
+        return _event_stream(job, response_events(meta, req, choice, len(ids), think_end, job.updates(), timing))
+    await _collect(job, [choice], timing, request)
+    return JSONResponse(response_body(meta, req, choice, len(ids), think_end))
 
 
 # ==================================================================================================== routes
@@ -359,6 +383,10 @@ def build_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def complete(request: Request):
         return await completions(server, request)
+
+    @app.post("/v1/responses")
+    async def respond(request: Request):
+        return await responses(server, request)
 
     return app
 

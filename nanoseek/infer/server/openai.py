@@ -231,11 +231,13 @@ class Choice:
     error: str | None = None
     text: str = ""
     logprobs: list = field(default_factory=list)  # per token: (id, logprob, {id: logprob})
+    ids: list[int] = field(default_factory=list)  # the tokens generated
 
     def advance(self, up: Update) -> str:
         """Record an update; return the newly released text. Text that may still become a stop string is held
         back until the next update decides it (the engine's text never ends in half a character)."""
         self.tokens += len(up.token_ids)
+        self.ids += up.token_ids
         tops = up.top_logprobs or [{}] * len(up.token_ids)
         self.logprobs += list(zip(up.token_ids, up.logprobs, tops))
         self.finish_reason, self.error = up.finish_reason, up.error
