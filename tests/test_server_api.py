@@ -8,11 +8,14 @@ import time
 
 import httpx
 import pytest
+import torch
 from helpers.shapes import CheckedTransport, check
 from pydantic import ValidationError
 from serve_util import ServeProcess, checked_client
 
 from nanoseek import Engine
+from nanoseek.infer.prefix_cache import PrefixCache
+from nanoseek.infer.reasoning import split_reasoning
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -216,3 +219,46 @@ def test_responses_refuses_what_it_cannot_do_by_name(server):
     for body, param, words in cases:
         err = error_of(httpx.post(url, json=body, timeout=30), 400)
         assert err["param"] == param and words in err["message"], err
+
+
+# ---------------------------------------------------------------------------------------------- prefix cache
+SYSTEM = "hello world, the quick brown fox " * 6  # a shared system prompt of several blocks
+
+
+def test_prefix_cache_blocks_chain_evict_lru_and_keep_the_last_token(engine):
+    kv = torch.randn(2, 3, 64, 4)
+    pc = PrefixCache(kv, max_blocks=3, block_size=4)
+    ids = list(range(12))
+    assert pc.load(ids, kv, 1) == 0
+    pc.save(ids, kv, 0)
+    assert pc.load(ids, kv, 1) == 8  # whole blocks, never the last token: the model must compute it
+    assert torch.equal(kv[:, 1, :8], kv[:, 0, :8]) and (pc.queries, pc.hits) == (24, 8)
+    assert pc.load([*ids[:4], 99, *ids[5:]], kv, 2) == 4  # a changed token ends the match: keys chain
+    pc.save(list(range(100, 108)), kv, 2)  # two new blocks evict the two least recently used
+    assert pc.load(ids + [0], kv, 1) == 4 and pc.n_tokens == 12
+
+
+def test_prefix_cache_gives_the_same_greedy_output(engine, memorised_dir):
+    cached = Engine.from_pretrained(memorised_dir, max_batch_size=2, prefix_cache_tokens=512)
+    prompts = [
+        engine.tokenizer.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], True)
+        for q in ["What is 2+3?", "What is 9-7?", "hello", "What is 2+3?"]
+    ]
+    for ids in prompts:
+        want = engine.generate(ids, temperature=0, max_tokens=12, logprobs=True)[0]
+        got = cached.generate(ids, temperature=0, max_tokens=12, logprobs=True)[0]
+        assert got.token_ids == want.token_ids and got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    shared = next(i for i, column in enumerate(zip(*prompts[:3])) if len(set(column)) > 1)
+    assert shared >= 32 and cached.prefix_cache.hits >= 2 * (shared // 16 * 16) + (len(prompts[3]) - 1) // 16 * 16
+
+
+def test_server_reuses_a_shared_system_prompt(server, client, engine):
+    q0, h0 = server.metric("vllm:prefix_cache_queries_total"), server.metric("vllm:prefix_cache_hits_total")
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 4*2?"}]
+    kw = dict(model="tiny-r1", messages=messages, temperature=0, max_tokens=12)
+    replies = [client.chat.completions.create(**kw).choices[0].message for _ in range(2)]
+    ids = engine.tokenizer.encode_chat(messages, True)
+    want = split_reasoning(engine.generate(ids, temperature=0, max_tokens=12)[0].text)
+    assert all((m.reasoning_content, m.content or "") == want for m in replies)
+    assert server.metric("vllm:prefix_cache_queries_total") - q0 == 2 * len(ids)
+    assert server.metric("vllm:prefix_cache_hits_total") - h0 >= (len(ids) - 1) // 16 * 16

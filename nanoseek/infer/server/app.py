@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +21,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from nanoseek import __version__
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.engine_loop import EngineLoop, QueueFull, Update
 from nanoseek.infer.reasoning import ReasoningSplitter, close_think, prompt_opens_think
@@ -117,6 +117,8 @@ class Server:
 
     def _on_step(self, loop: EngineLoop) -> None:
         self.metrics.update_load(len(self.engine.running), loop.waiting, self.engine.cache.n_slots)
+        if (pc := self.engine.prefix_cache) is not None:
+            self.metrics.update_prefix(pc.queries, pc.hits)
 
     def check_auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -395,7 +397,11 @@ def openapi_document(app: FastAPI) -> dict:
     """The OpenAPI document, with the request bodies our handlers validate themselves (they read the raw body
     to answer in OpenAI's error envelope, so FastAPI cannot see them): for client generators and fuzzers."""
     if app.openapi_schema is None:
-        doc = get_openapi(title="nanoseek", version=__version__, routes=app.routes, summary="OpenAI-compatible API")
+        try:
+            version = importlib.metadata.version("nanoseek")
+        except importlib.metadata.PackageNotFoundError:  # run from a checkout
+            version = "0"
+        doc = get_openapi(title="nanoseek", version=version, routes=app.routes, summary="OpenAI-compatible API")
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
         for path, model in REQUEST_BODIES.items():
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -44,6 +44,13 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", label, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", label, registry=r)
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", label, registry=r
+        )
+        self.prefix_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", label, registry=r
+        )
+        self.prefix_seen = (0, 0)  # the engine's (queries, hits) already counted
         self.success = Counter(
             "vllm:request_success", "Finished requests by finish reason.", [*label, "finished_reason"], registry=r
         )
@@ -72,6 +79,13 @@ class ServerMetrics:
     def finished(self, reason: str, n: int = 1) -> None:
         """Count n sequences that ended with `reason` ("stop", "length" or "abort")."""
         self.success.labels(model_name=self.model_name, finished_reason=reason).inc(n)
+
+    def update_prefix(self, queries: int, hits: int) -> None:
+        """Catch the counters up with the engine's prefix cache totals."""
+        q0, h0 = self.prefix_seen
+        self.of(self.prefix_queries).inc(queries - q0)
+        self.of(self.prefix_hits).inc(hits - h0)
+        self.prefix_seen = (queries, hits)
 
     def update_load(self, running: int, waiting: int, slots: int) -> None:
         self.of(self.running).set(running)
