@@ -262,3 +262,7 @@ def test_server_reuses_a_shared_system_prompt(server, client, engine):
     assert all((m.reasoning_content, m.content or "") == want for m in replies)
     assert server.metric("vllm:prefix_cache_queries_total") - q0 == 2 * len(ids)
     assert server.metric("vllm:prefix_cache_hits_total") - h0 >= (len(ids) - 1) // 16 * 16
+    second = client.chat.completions.create(**kw).usage.prompt_tokens_details.cached_tokens
+    assert second == (len(ids) - 1) // 16 * 16
+    r = client.responses.create(model="tiny-r1", input="What is 4*2?", instructions=SYSTEM, max_output_tokens=4)
+    assert r.usage.input_tokens_details.cached_tokens == second

@@ -190,7 +190,7 @@ class Engine:
                 self.cache.copy_slot(src, seq.slot)
             else:
                 pc, kv = self.prefix_cache, self.cache.kv
-                start = pc.load(seq.prompt_ids, kv, seq.slot) if pc is not None else 0
+                start = seq.cached_tokens = pc.load(seq.prompt_ids, kv, seq.slot) if pc is not None else 0
                 logits, hidden = self.runner.prefill(seq.prompt_ids, slot_t, start)
                 self.cache.lengths[seq.slot] = len(seq.prompt_ids)
                 if pc is not None:

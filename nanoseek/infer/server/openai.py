@@ -232,12 +232,14 @@ class Choice:
     text: str = ""
     logprobs: list = field(default_factory=list)  # per token: (id, logprob, {id: logprob})
     ids: list[int] = field(default_factory=list)  # the tokens generated
+    cached_tokens: int = 0  # of its prompt, from the prefix cache
 
     def advance(self, up: Update) -> str:
         """Record an update; return the newly released text. Text that may still become a stop string is held
         back until the next update decides it (the engine's text never ends in half a character)."""
         self.tokens += len(up.token_ids)
         self.ids += up.token_ids
+        self.cached_tokens += up.cached_tokens
         tops = up.top_logprobs or [{}] * len(up.token_ids)
         self.logprobs += list(zip(up.token_ids, up.logprobs, tops))
         self.finish_reason, self.error = up.finish_reason, up.error
@@ -262,8 +264,14 @@ def token_text(tok: Tokenizer, i: int) -> tuple[str, list[int]]:
 
 
 def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
-    completion = sum(c.tokens for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    """Token counts; `prompt_tokens_details.cached_tokens`: prompt tokens the prefix cache served (OpenAI's name)."""
+    completion, cached = sum(c.tokens for c in choices), sum(c.cached_tokens for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def chat_logprobs(tok: Tokenizer, entries: list) -> dict:

@@ -175,7 +175,7 @@ def response_object(
 def response_usage(prompt_tokens: int, c: Choice, reasoning_tokens: int) -> dict:
     return {
         "input_tokens": prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": c.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": c.tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": prompt_tokens + c.tokens,
