@@ -11,6 +11,13 @@ drifts. Each client sends --requests streaming chat requests one after another; 
 stops at, counted from the stream). Reported per server and client count: requests/s, output tokens/s, time to
 first token p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks). One JSON line per client count
 and a summary line with the ratios.
+
+    python -m benchmarks.serve --prefix                # prefix caching: TTFT with a 1,000-token shared system prompt
+
+`--prefix` instead runs two `nanoseek serve` processes side by side, prefix cache on (the default) and off
+(`--prefix-cache-tokens 0`), and sends each, alternately and one at a time, chat requests that share a
+1,000-token system prompt and differ in the question: time to first token on vs off, whether the greedy answers
+are identical, and the server's prefix-cache hit counters.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def make_model(out: Path) -> Path:
+def make_model(out: Path, **overrides) -> Path:
     """A cpu-small model with random weights and the built-in-corpus tokenizer (what the speedrun trains)."""
     from nanoseek import ModelConfig, Transformer, save_model
     from nanoseek.tasks.problems import builtin_corpus
@@ -50,7 +57,7 @@ def make_model(out: Path) -> Path:
     tok = train_tokenizer(builtin_corpus(2000, seed=0), vocab_size=512)
     torch.manual_seed(0)
     c = ModelConfig.from_preset(
-        "cpu-small", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id
+        "cpu-small", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, **overrides
     )
     save_model(Transformer(c), out, tokenizer=tok)
     return out
@@ -100,7 +107,7 @@ async def one_request(
         **extra,
     }
     t0 = time.perf_counter()
-    first, stamps, chunks, usage = None, [], 0, None
+    first, stamps, chunks, usage, text = None, [], 0, None, ""
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -112,6 +119,7 @@ async def one_request(
                 usage = chunk["usage"]
             for choice in chunk.get("choices") or []:
                 d = choice.get("delta") or {}
+                text += (d.get("reasoning_content") or "") + (d.get("content") or "")
                 if d.get("content") or d.get("reasoning_content") or d.get("reasoning"):
                     now = time.perf_counter()
                     first = first or now
@@ -120,7 +128,14 @@ async def one_request(
     end = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else chunks
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"ttft": (first or end) - t0, "gaps": gaps, "tokens": tokens, "latency": end - t0}
+    return {
+        "ttft": (first or end) - t0,
+        "gaps": gaps,
+        "tokens": tokens,
+        "latency": end - t0,
+        "text": text,
+        "usage": usage,
+    }
 
 
 async def load(
@@ -163,6 +178,68 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
+def prefix_bench(work: Path, model: Path | None, requests: int, max_tokens: int) -> None:
+    """Time to first token with a 1,000-token shared system prompt, prefix cache on vs off (see the docstring)."""
+    from nanoseek.tasks.problems import builtin_corpus
+    from nanoseek.tokenizer import Tokenizer
+
+    model = model or make_model(work / "cpu-small-2k", max_position_embeddings=2048)
+    tok = Tokenizer.from_pretrained(model)
+    corpus = tok.encode(" ".join(line.split("<think>")[0] for line in builtin_corpus(400, seed=2)))
+    system = tok.decode(corpus[:1000])
+    questions = [line.split("<think>")[0].strip()[:80] for line in builtin_corpus(requests + 1, seed=3)][: requests + 1]
+    servers = {
+        mode: Server(
+            mode,
+            [sys.executable, "-m", "nanoseek", "serve", "--model", str(model), "--port", str(port),
+             "--served-model-name", "m", *([] if mode == "on" else ["--prefix-cache-tokens", "0"])],
+            port,
+            work / f"prefix-{mode}.log",
+        )
+        for mode, port in (("on", 8813), ("off", 8814))
+    }  # fmt: skip
+
+    async def ask(url: str, messages: list[dict]) -> dict:
+        async with httpx.AsyncClient(timeout=900) as client:
+            return await one_request(client, url, "m", "", max_tokens, {"messages": messages, "ignore_eos": True})
+
+    try:
+        for s in servers.values():
+            s.wait()
+        results: dict[str, list[dict]] = {mode: [] for mode in servers}
+        for i, question in enumerate(questions):  # the first request of each server primes its cache (not timed)
+            for mode, s in servers.items():
+                messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+                r = asyncio.run(ask(s.url, messages))
+                if i:
+                    results[mode].append(r)
+        on, off = results["on"], results["off"]
+        line = {
+            "bench": "serve-prefix-cache",
+            "prompt_tokens": on[0]["usage"]["prompt_tokens"],
+            "requests": len(on),
+            "max_tokens": max_tokens,
+            "ttft_p50_ms_on": round(1e3 * percentile([r["ttft"] for r in on], 50), 1),
+            "ttft_p50_ms_off": round(1e3 * percentile([r["ttft"] for r in off], 50), 1),
+            "identical_output": [r["text"] for r in on] == [r["text"] for r in off],
+            "prefix_cache_hits": metric(servers["on"].url, "vllm:prefix_cache_hits_total"),
+            "prefix_cache_queries": metric(servers["on"].url, "vllm:prefix_cache_queries_total"),
+            "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        }
+        line["ttft_speedup"] = round(line["ttft_p50_ms_off"] / max(1e-9, line["ttft_p50_ms_on"]), 2)
+        print(json.dumps(line), flush=True)
+    finally:
+        for s in servers.values():
+            s.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model dir (default: a random-weight cpu-small model)")
@@ -177,8 +254,12 @@ def main() -> None:
         help="extra `transformers serve` flags (its --continuous-batching fails on MLA in 5.24: index_copy_ shape error)",
     )
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--prefix", action="store_true", help="only the prefix-cache TTFT benchmark (see above)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    if args.prefix:
+        prefix_bench(work, Path(args.model).resolve() if args.model else None, 2 * args.requests + 4, 8)
+        return
     model = Path(args.model).resolve() if args.model else make_model(work / "cpu-small")
     from nanoseek.tasks.problems import builtin_corpus
 

@@ -40,7 +40,8 @@ DEEPSEEK_V3_SPLITS = [
 # with EOS. As in R1, the reasoning of *earlier* assistant turns is dropped (history is answers
 # only); the last assistant message is kept whole so SFT targets keep their `<think>` trace.
 # The generation prompt is plain `<｜Assistant｜>` (not R1's `<｜Assistant｜><think>\n`): our SFT
-# targets start with `<think>`, so the model opens the think block itself.
+# targets start with `<think>`, so the model opens the think block itself. With `thinking=false`
+# (DeepSeek-V3.1's switch) the prompt closes an empty block for it: `<｜Assistant｜><think></think>`.
 CHAT_TEMPLATE = (
     "{% set system = messages | selectattr('role', 'equalto', 'system')"
     " | map(attribute='content') | join('\\n\\n') %}"
@@ -55,7 +56,8 @@ CHAT_TEMPLATE = (
     "{% elif m['role'] != 'system' %}{{ raise_exception('unknown role: ' + m['role']) }}"
     "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}"
+    "{% if thinking is defined and not thinking %}{{ '<think></think>' }}{% endif %}{% endif %}"
 )
 
 DEFAULT_VOCAB_SIZE = 4096
@@ -221,9 +223,11 @@ class Tokenizer:
             return bytes(byte_of[ch] for ch in piece)
         return piece.encode("utf-8")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """Render messages ({"role": "system"|"user"|"assistant", "content": str}) as one string."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """Render messages ({"role": "system"|"user"|"assistant", "content": str}) as one string. `kwargs` are
+        template variables, as transformers passes them (`thinking=False`: the reply skips its think block)."""
         return self._template.render(
+            **kwargs,
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 from helpers import memorise, tiny_model
+from helpers.shapes import CheckedTransport
 
 from nanoseek import save_model
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
@@ -91,3 +93,9 @@ class ServeProcess:
             if line.startswith(name + "{") or line.startswith(name + " "):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
+
+
+def checked_client(base_url: str, timeout: float = 60) -> openai.OpenAI:
+    """An `openai` client whose every response is validated against the package's types (helpers/shapes.py)."""
+    http = httpx.Client(transport=CheckedTransport(), timeout=timeout)
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=timeout, http_client=http)

@@ -77,3 +77,18 @@ def test_chat_page_shows_server_errors(server, browser):
     page.click("#send")
     expect(page.locator(".msg.error")).to_contain_text("context holds 128")
     expect(page.locator("#send")).to_be_enabled()
+
+
+def test_chat_page_thinking_toggle_asks_for_no_thinking(server, browser):
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    expect(page.locator("#model")).to_contain_text("tiny-r1")
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "8")
+    page.uncheck("#thinking")
+    page.fill("#input", "What is 2+3?")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.click("#send")
+    assert sent.value.post_data_json["chat_template_kwargs"] == {"thinking": False}
+    expect(page.locator("#send")).to_be_enabled(timeout=30_000)
+    expect(page.locator(".assistant details.think").last).to_be_hidden()

@@ -10,11 +10,11 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
+from helpers.shapes import check
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serve_util import KNOWN, ServeProcess
+from serve_util import KNOWN, ServeProcess, checked_client
 
 from nanoseek import Engine
 from nanoseek.infer.reasoning import ReasoningSplitter, split_reasoning
@@ -35,7 +35,7 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+    return checked_client(server.base_url)
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +196,7 @@ def test_logprobs_in_chat_and_completions(client, engine):
 def error_of(response: httpx.Response, status: int) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
+    check(response.request.url.path, status, body)
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     return body["error"]
@@ -294,7 +295,7 @@ def test_32_disconnects_mid_stream_free_every_slot(server, client):
 
 def test_32_concurrent_streams_get_the_sequential_answers_faster(server):
     prompts = [f"hello world {i}" if i % 3 else list(KNOWN)[i % 3] for i in range(32)]
-    aclient = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    aclient = checked_client(server.base_url, 120)
 
     def stream(prompt):
         chunks = aclient.chat.completions.create(
@@ -376,7 +377,9 @@ JSON = st.recursive(
 FIELDS = [
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
     "n", "stop", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs",
-    "stream", "stream_options", "echo", "ignore_eos",
+    "stream", "stream_options", "echo", "ignore_eos", "tools", "tool_choice", "response_format",
+    "chat_template_kwargs", "reasoning_effort", "input", "instructions", "max_output_tokens", "reasoning",
+    "previous_response_id", "text",
 ]  # fmt: skip
 ODD = st.sampled_from(
     [-1, 0, 10**12, -(10**12), 2**64, 1e308, -1e308, 0.5, "", "x" * 5000, [], {}, [[[[[]]]]], True, None, "\ud800"]
@@ -384,6 +387,7 @@ ODD = st.sampled_from(
 BASE = {
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
     "/v1/completions": {"prompt": "hi", "max_tokens": 3},
+    "/v1/responses": {"input": "hi", "max_output_tokens": 3},
 }
 
 
@@ -424,7 +428,7 @@ def test_a_normal_request_succeeds_after_fuzzing(client):
 
 # ---------------------------------------------------------------------------------- --speculative, --compile
 def same_answers(base_url: str, client) -> None:
-    other = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    other = checked_client(base_url, 120)
     for question in [*KNOWN, "hello world"]:
         kw = dict(messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24)
         a = other.chat.completions.create(model="tiny-r1", **kw).choices[0].message

@@ -3,6 +3,7 @@ import json
 import pytest
 from helpers import MIXED
 
+from nanoseek.infer.reasoning import close_think
 from nanoseek.tasks.problems import builtin_corpus
 from nanoseek.tokenizer import (
     ASSISTANT,
@@ -85,6 +86,19 @@ def test_chat_template_renders_deepseek_r1_format(wide_tok):
     assert ids[: len(prompt)] == prompt  # SFT can mask the prompt by its length
     with pytest.raises(ValueError, match="unknown role"):
         wide_tok.apply_chat_template([{"role": "robot", "content": "x"}])
+
+
+def test_thinking_false_closes_an_empty_think_block_for_the_reply(wide_tok, saved):
+    off = wide_tok.apply_chat_template(CHAT, add_generation_prompt=True, thinking=False)
+    assert off == wide_tok.apply_chat_template(CHAT, add_generation_prompt=True) + "<think></think>"
+    assert wide_tok.apply_chat_template(CHAT, add_generation_prompt=True, thinking=True).endswith(ASSISTANT)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(saved))
+    assert hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True, thinking=False) == off
+    # templates without the switch: R1's opens the block (we close it), older ones get an empty one
+    assert close_think("x<｜Assistant｜><think>\n") == "x<｜Assistant｜><think></think>"
+    assert close_think("x<｜Assistant｜>") == "x<｜Assistant｜><think></think>"
+    assert close_think(off) == off
 
 
 def test_small_vocab_on_builtin_corpus():

@@ -30,6 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--compile", action="store_true", help="compiled decode steps (warmed up before /health is 200)")
     s.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     s.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=None,
+        help="prompt-prefix latents kept for reuse, LRU (default: 4 contexts; 0: off; off with --speculative)",
+    )
+    s.add_argument(
         "--served-model-name", default=None, help="the model name clients send (default: the directory name)"
     )
     add_device_option(s)
@@ -54,6 +60,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         speculative=args.speculative,
         compile=args.compile,
+        prefix_cache_tokens=args.prefix_cache_tokens,
     )
     name = args.served_model_name or Path(args.model).resolve().name  # the run folder's name, not step_N
     server = Server(engine, name, api_key=args.api_key, max_queue=args.max_queue)

@@ -1,7 +1,8 @@
 """The inference engine: continuous batching over a latent KV cache, with optional MTP self-speculation.
 
 Each `step()` admits waiting requests into free cache slots (prefill, one prompt at a time so no compute is
-spent on padding; identical prompts are prefilled once and the cache row copied), then decodes one token
+spent on padding; identical prompts are prefilled once and the cache row copied; with a prefix cache, a prompt's
+known prefix is copied in and only the rest computed), then decodes one token
 for every running sequence in a single batched forward (absorbed MLA over the cached latents).
 Finished sequences free their slot at once, so new requests join a running batch.
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.infer.cache import LatentCache
+from nanoseek.infer.prefix_cache import PrefixCache
 from nanoseek.infer.runner import Runner, single_thread
 from nanoseek.infer.sampling import SampleOutput, Sampler, SamplingParams
 from nanoseek.infer.sequence import Completion, Sequence
@@ -38,6 +40,7 @@ class Engine:
         max_len: int | None = None,
         speculative: bool = False,
         compile: bool = False,
+        prefix_cache_tokens: int | None = 0,
     ) -> None:
         self.model = model.eval()
         self.config = c = model.config
@@ -57,6 +60,7 @@ class Engine:
                 c, max_batch_size, self.max_len, n_layers=1, dtype=self.dtype, device=self.device
             )
             self.speculator = Speculator(self.runner, self.sampler, self.mtp_cache, self._append)
+        self.prefix_cache = self._prefix_cache(prefix_cache_tokens)
         eos = tokenizer.eos_id if tokenizer is not None else c.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()
         self.waiting: deque[Sequence] = deque()
@@ -78,6 +82,23 @@ class Engine:
         model = load_model(path, device=device, dtype=dtype)
         tok = Tokenizer.from_pretrained(path) if (Path(path) / "tokenizer.json").exists() else None
         return cls(model, tok, **kwargs)
+
+    def _prefix_cache(self, tokens: int | None) -> PrefixCache | None:
+        """A prefix cache of `tokens` positions (0: none; None: 4 contexts where it applies). Exact only where a
+        cache row is the whole per-token state: V3 and V3.2, without MTP drafts (their cache would need it too)."""
+        applies = not self.speculative and self.config.model_type in ("deepseek_v3", "deepseek_v32")
+        if tokens is None:
+            tokens = 4 * self.max_len if applies else 0
+        if tokens <= 0:
+            return None
+        if not applies:
+            raise ValueError(
+                "prefix caching works for deepseek_v3 / deepseek_v32 models without --speculative; "
+                f"this engine has model_type {self.config.model_type!r}, speculative={self.speculative}: "
+                "turn one of them off"
+            )
+        block = 16
+        return PrefixCache(self.cache.kv, max(1, tokens // block), block)
 
     @property
     def compiled(self) -> bool:
@@ -168,8 +189,12 @@ class Engine:
                 src, logits, hidden = prefilled[key]
                 self.cache.copy_slot(src, seq.slot)
             else:
-                logits, hidden = self.runner.prefill(seq.prompt_ids, slot_t)
+                pc, kv = self.prefix_cache, self.cache.kv
+                start = seq.cached_tokens = pc.load(seq.prompt_ids, kv, seq.slot) if pc is not None else 0
+                logits, hidden = self.runner.prefill(seq.prompt_ids, slot_t, start)
                 self.cache.lengths[seq.slot] = len(seq.prompt_ids)
+                if pc is not None:
+                    pc.save(seq.prompt_ids, kv, seq.slot)
                 prefilled[key] = (seq.slot, logits, hidden)
             out = self.sampler.sample(slot_t, logits[:, -1], return_probs=False)
             new[seq] = self._append(seq, out, 0)

@@ -31,6 +31,7 @@ class Update:
     finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     error: str | None = None
     queue_time: float | None = None  # seconds waiting for a slot (first update only)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (first update only)
 
 
 class QueueFull(Exception):
@@ -176,6 +177,7 @@ class EngineLoop:
             seq.top_logprobs[n0:n1],
             seq.finish_reason,
             queue_time=max(0.0, step_started - req.submitted) if n0 == 0 else None,
+            cached_tokens=seq.cached_tokens if n0 == 0 else 0,
         )
         req.sent = n1
         if seq.done:

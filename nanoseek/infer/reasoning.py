@@ -74,3 +74,12 @@ def split_reasoning(text: str, starts_in_think: bool = False) -> tuple[str | Non
 def prompt_opens_think(prompt: str) -> bool:
     """Whether a rendered chat prompt already opened the think block (DeepSeek-R1's template does)."""
     return prompt.rstrip().endswith(THINK_START)
+
+
+def close_think(prompt: str) -> str:
+    """A rendered chat prompt whose reply skips thinking: it ends with a closed, empty think block. For templates
+    that do not know the `thinking` switch (ours before it, R1's, which opens `<think>` itself)."""
+    end = prompt.rstrip()
+    if end.endswith(THINK_END):
+        return prompt
+    return end + THINK_END if end.endswith(THINK_START) else prompt + THINK_START + THINK_END

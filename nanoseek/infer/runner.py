@@ -77,12 +77,16 @@ class Runner:
         self._compiled_shapes.add(key)
         return out
 
-    def prefill(self, prompt: list[int], slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write a prompt's latents into cache row `slot` from position 0. Returns (logits of its last position
-        [1, 1, V], hidden states [1, P, d]). Compiled, prompts of up to `compiled_prefill_max` tokens are padded
-        to a power of two (causal attention: padding changes no real position, and its entries are not stored);
-        longer prompts stay eager, where padding would cost more than it saves."""
+    def prefill(self, prompt: list[int], slot: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a prompt's latents into cache row `slot` from position `start` (the row already holds the first
+        `start`, from the prefix cache). Returns (logits of its last position [1, 1, V], hidden states of the
+        computed positions [1, P - start, d]). Compiled, whole prompts of up to `compiled_prefill_max` tokens are
+        padded to a power of two (causal attention: padding changes no real position, and its entries are not
+        stored); longer prompts and prompt tails stay eager, where padding would cost more than it saves."""
         P, zero = len(prompt), torch.zeros(1, dtype=torch.long, device=self.device)
+        if start:
+            tail = torch.tensor([prompt[start:]], device=self.device)
+            return self.model.forward_cached(tail, self.cache.kv, slot, zero + start, last_only=True)
         ids = torch.tensor([prompt], device=self.device)
         if not (self.compiled and P <= self.compiled_prefill_max):
             return self.model.forward_cached(ids, self.cache.kv, slot, zero, last_only=True)

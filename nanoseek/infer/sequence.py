@@ -37,6 +37,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose latents came from the prefix cache
     text: str = ""  # the decoded output (cut before a stop string); complete characters only until finished
     draft: int | None = None  # speculative: MTP's guess for the token after output_ids[-1]
     draft_probs: torch.Tensor | None = None

@@ -1,7 +1,7 @@
 """`nanoseek serve`: an OpenAI-compatible HTTP server on the Engine (FastAPI + uvicorn). This file is its routes.
 
-Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health`, `GET /metrics`
-(Prometheus, vLLM's names) and a chat page at `/`. One `EngineLoop` thread runs continuous batching for every
+Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses`,
+`GET /health`, `GET /metrics` (Prometheus, vLLM's names), `GET /openapi.json` and a chat page at `/`. One `EngineLoop` thread runs continuous batching for every
 request; handlers only validate, tokenize, submit, and hand the loop's updates to `openai.py`, which shapes them
 into OpenAI responses or server-sent events. A client that disconnects has its sequences aborted at once.
 """
@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.engine_loop import EngineLoop, QueueFull, Update
-from nanoseek.infer.reasoning import ReasoningSplitter, prompt_opens_think
+from nanoseek.infer.reasoning import ReasoningSplitter, close_think, prompt_opens_think
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.server.metrics import ServerMetrics, Timing
 from nanoseek.infer.server.openai import (
@@ -37,8 +39,14 @@ from nanoseek.infer.server.openai import (
     sse_events,
     validate,
 )
+from nanoseek.infer.server.responses import ResponsesRequest, response_body, response_events, response_meta
 
 STATIC = Path(__file__).parent / "static"
+REQUEST_BODIES = {
+    "/v1/chat/completions": ChatRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/responses": ResponsesRequest,
+}
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
@@ -78,8 +86,10 @@ class Job:
             yield self.index[key], up
 
     def close(self) -> None:
+        """Abort what is still running (the client left, or the request failed); counted as `abort`."""
         if self.pending:
             self.server.loop.abort(list(self.pending))
+            self.server.metrics.finished("abort", len(self.pending))
             self.pending.clear()
 
 
@@ -107,6 +117,8 @@ class Server:
 
     def _on_step(self, loop: EngineLoop) -> None:
         self.metrics.update_load(len(self.engine.running), loop.waiting, self.engine.cache.n_slots)
+        if (pc := self.engine.prefix_cache) is not None:
+            self.metrics.update_prefix(pc.queries, pc.hits)
 
     def check_auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -137,7 +149,7 @@ class Server:
             chunks.append(chunk)
         return parse_body(b"".join(chunks))
 
-    def max_tokens(self, asked: int | None, prompt_len: int) -> int:
+    def max_tokens(self, asked: int | None, prompt_len: int, name: str = "max_tokens") -> int:
         room = self.context_limit - prompt_len
         if room < 1:
             raise APIError(
@@ -151,8 +163,8 @@ class Server:
             raise APIError(
                 400,
                 f"this model's context holds {self.engine.max_len} tokens: the prompt has {prompt_len}, so "
-                f"max_tokens can be at most {room}, got {asked}",
-                "max_tokens",
+                f"{name} can be at most {room}, got {asked}",
+                name,
                 "context_length_exceeded",
             )
         return asked or room
@@ -170,15 +182,21 @@ class Server:
             m.of(m.request_prompt).observe(len(p))
         return job
 
-    def chat_prompt(self, req: ChatRequest) -> tuple[str, list[int]]:
-        """The request's messages rendered by the chat template: (text, token ids)."""
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    def chat_prompt(self, messages: list[dict], thinking: bool, kwargs: dict | None = None) -> tuple[str, list[int]]:
+        """Messages ({role, content}) rendered by the chat template: (text, token ids). With thinking off the
+        prompt ends in a closed, empty think block, whatever the template knows of the switch."""
         if all(m["role"] == "system" for m in messages):
             raise APIError(400, "messages has no user or assistant turn: add a user message", "messages")
+        kwargs = {**(kwargs or {}), "thinking": thinking}
+        kwargs.pop("enable_thinking", None)
         try:
-            text = self.tok.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except ValueError as e:
             raise APIError(400, f"messages cannot be rendered: {e}", "messages") from None
+        except Exception as e:  # a template variable the client set broke the template
+            raise APIError(400, f"the chat template fails with these kwargs: {e!r}", "chat_template_kwargs") from None
+        if self.reasoning and not thinking:
+            text = close_think(text)
         return text, self.tok.encode(text)
 
     def completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
@@ -240,16 +258,16 @@ async def chat_completions(server: Server, request: Request) -> Response:
     server.check_auth(request)
     req: ChatRequest = validate(ChatRequest, await server.read_body(request))
     server.check_model(req.model)
-    prompt_text, ids = server.chat_prompt(req)
+    req.unsupported()
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    prompt_text, ids = server.chat_prompt(messages, req.thinking, req.chat_template_kwargs)
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     n_tokens = server.max_tokens(asked, len(ids))
     params = [req.sampling_params(n_tokens, i, req.top_logprobs or 0, bool(req.logprobs)) for i in range(req.n)]
-    opens_think = prompt_opens_think(prompt_text)
-    choices = [
-        Choice(i, ReasoningSplitter(opens_think) if server.reasoning else None, params[i].stop) for i in range(req.n)
-    ]
+    opens_think, split = prompt_opens_think(prompt_text), server.reasoning and req.thinking
+    choices = [Choice(i, ReasoningSplitter(opens_think) if split else None, params[i].stop) for i in range(req.n)]
     job = server.start_job([ids] * req.n, params)
     meta = _meta("chatcmpl", server)
     if req.stream:
@@ -282,6 +300,25 @@ async def completions(server: Server, request: Request) -> Response:
     return JSONResponse(completion_response(meta, choices, prompt_tokens, server.tok, echo, want))
 
 
+async def responses(server: Server, request: Request) -> Response:
+    """`POST /v1/responses`: one reply to `instructions` + `input`, as a `response` object or its event stream."""
+    timing = Timing(server.metrics)
+    server.check_auth(request)
+    req: ResponsesRequest = validate(ResponsesRequest, await server.read_body(request))
+    server.check_model(req.model)
+    req.unsupported()
+    prompt_text, ids = server.chat_prompt(req.messages(), req.thinking)
+    params = req.sampling_params(server.max_tokens(req.max_output_tokens, len(ids), "max_output_tokens"))
+    split = server.reasoning and req.thinking
+    choice = Choice(0, ReasoningSplitter(prompt_opens_think(prompt_text)) if split else None, [])
+    job = server.start_job([ids], [params])
+    meta, think_end = response_meta(server.model_name), server.tok.think_end_id
+    if req.stream:
+        return _event_stream(job, response_events(meta, req, choice, len(ids), think_end, job.updates(), timing))
+    await _collect(job, [choice], timing, request)
+    return JSONResponse(response_body(meta, req, choice, len(ids), think_end))
+
+
 # ==================================================================================================== routes
 def build_app(server: Server) -> FastAPI:
     app = FastAPI(title="nanoseek", docs_url=None, redoc_url=None, openapi_url=None)
@@ -294,7 +331,9 @@ def build_app(server: Server) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
-        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code)
+        if e.status_code == 405 and e.headers and "Allow" in e.headers:
+            message += f": use {e.headers['Allow']}"
+        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
@@ -312,6 +351,10 @@ def build_app(server: Server) -> FastAPI:
     async def metrics():
         server.metrics.update_load(len(server.engine.running), server.loop.waiting, server.engine.cache.n_slots)
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi():
+        return openapi_document(app)
 
     @app.get("/")
     async def page():
@@ -343,7 +386,34 @@ def build_app(server: Server) -> FastAPI:
     async def complete(request: Request):
         return await completions(server, request)
 
+    @app.post("/v1/responses")
+    async def respond(request: Request):
+        return await responses(server, request)
+
     return app
+
+
+def openapi_document(app: FastAPI) -> dict:
+    """The OpenAPI document, with the request bodies our handlers validate themselves (they read the raw body
+    to answer in OpenAI's error envelope, so FastAPI cannot see them): for client generators and fuzzers."""
+    if app.openapi_schema is None:
+        try:
+            version = importlib.metadata.version("nanoseek")
+        except importlib.metadata.PackageNotFoundError:  # run from a checkout
+            version = "0"
+        doc = get_openapi(title="nanoseek", version=version, routes=app.routes, summary="OpenAI-compatible API")
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in REQUEST_BODIES.items():
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            doc["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref}},
+            }
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 # ================================================================================================= start-up

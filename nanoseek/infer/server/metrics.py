@@ -44,6 +44,13 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", label, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", label, registry=r)
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", label, registry=r
+        )
+        self.prefix_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", label, registry=r
+        )
+        self.prefix_seen = (0, 0)  # the engine's (queries, hits) already counted
         self.success = Counter(
             "vllm:request_success", "Finished requests by finish reason.", [*label, "finished_reason"], registry=r
         )
@@ -60,7 +67,7 @@ class ServerMetrics:
         self.model_name = model_name
         for metric in r._collector_to_names:  # every series exists (at zero) before the first request
             if metric is self.success:
-                for reason in ("stop", "length"):
+                for reason in ("stop", "length", "abort"):
                     metric.labels(model_name=model_name, finished_reason=reason)
             else:
                 self.of(metric)
@@ -68,6 +75,17 @@ class ServerMetrics:
     def of(self, metric):
         """The metric's child for this server's model name."""
         return metric.labels(model_name=self.model_name)
+
+    def finished(self, reason: str, n: int = 1) -> None:
+        """Count n sequences that ended with `reason` ("stop", "length" or "abort")."""
+        self.success.labels(model_name=self.model_name, finished_reason=reason).inc(n)
+
+    def update_prefix(self, queries: int, hits: int) -> None:
+        """Catch the counters up with the engine's prefix cache totals."""
+        q0, h0 = self.prefix_seen
+        self.of(self.prefix_queries).inc(queries - q0)
+        self.of(self.prefix_hits).inc(hits - h0)
+        self.prefix_seen = (queries, hits)
 
     def update_load(self, running: int, waiting: int, slots: int) -> None:
         self.of(self.running).set(running)
@@ -106,5 +124,5 @@ class Timing:
         m.of(m.e2e).observe(time.perf_counter() - self.start)
         for reason, tokens in finished:
             if reason in ("stop", "length"):
-                m.success.labels(model_name=m.model_name, finished_reason=reason).inc()
+                m.finished(reason)
             m.of(m.request_generation).observe(tokens)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,6 +26,7 @@ from nanoseek.tokenizer import Tokenizer
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
+MEDIA = ("image_url", "input_audio", "file", "input_image", "input_file")  # content parts we cannot read
 
 
 class APIError(Exception):
@@ -52,20 +53,23 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Strict):
+    """A part of a message's content; only text (and an assistant's refusal) can be read (`unsupported`)."""
+
+    type: str
+    text: str | None = None
+    refusal: str | None = None
 
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     reasoning_content: str | None = None  # accepted on assistant turns; earlier reasoning is not re-sent
     reasoning: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text or p.refusal or "" for p in self.content)
         return self.content or ""
 
 
@@ -119,6 +123,48 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # passed to the template; {"thinking": false} skips thinking
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None  # "none": no thinking
+    # read only to refuse them by name (`unsupported`), never silently dropped
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+
+    @property
+    def thinking(self) -> bool:
+        """Whether the reply may think: off with reasoning_effort "none" or chat_template_kwargs thinking false
+        (DeepSeek-V3.1's name; Qwen's `enable_thinking` too)."""
+        kwargs = self.chat_template_kwargs or {}
+        off = kwargs.get("thinking", kwargs.get("enable_thinking", True)) is False
+        return not off and self.reasoning_effort != "none"
+
+    def unsupported(self) -> None:
+        """A 400 naming the first field or content part this server cannot honour yet, as OpenAI names them."""
+        if self.tools:
+            raise APIError(400, "tools: tool calling is not supported by this server yet; send no tools", "tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise APIError(
+                400, "tool_choice: tool calling is not supported by this server yet; omit tool_choice", "tool_choice"
+            )
+        kind = self.response_format.get("type") if isinstance(self.response_format, dict) else self.response_format
+        if kind not in (None, "text"):
+            raise APIError(
+                400,
+                f"response_format: {json.dumps(kind)[:40]} output is not supported by this server yet; omit "
+                "response_format or use {'type': 'text'}",
+                "response_format",
+            )
+        for i, m in enumerate(self.messages):
+            for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+                where, allowed = (
+                    f"messages.{i}.content.{j}",
+                    ("text", "refusal") if m.role == "assistant" else ("text",),
+                )
+                if part.type not in allowed:
+                    why = "this model reads text only" if part.type in MEDIA else f"{m.role} messages take text parts"
+                    raise APIError(400, f"{where}: {part.type!r} content parts are not supported ({why})", where)
+                if getattr(part, part.type) is None:
+                    raise APIError(400, f"{where}: a {part.type!r} part needs a string {part.type!r}", where)
 
 
 class CompletionRequest(_Sampling):
@@ -185,11 +231,15 @@ class Choice:
     error: str | None = None
     text: str = ""
     logprobs: list = field(default_factory=list)  # per token: (id, logprob, {id: logprob})
+    ids: list[int] = field(default_factory=list)  # the tokens generated
+    cached_tokens: int = 0  # of its prompt, from the prefix cache
 
     def advance(self, up: Update) -> str:
         """Record an update; return the newly released text. Text that may still become a stop string is held
         back until the next update decides it (the engine's text never ends in half a character)."""
         self.tokens += len(up.token_ids)
+        self.ids += up.token_ids
+        self.cached_tokens += up.cached_tokens
         tops = up.top_logprobs or [{}] * len(up.token_ids)
         self.logprobs += list(zip(up.token_ids, up.logprobs, tops))
         self.finish_reason, self.error = up.finish_reason, up.error
@@ -214,8 +264,14 @@ def token_text(tok: Tokenizer, i: int) -> tuple[str, list[int]]:
 
 
 def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
-    completion = sum(c.tokens for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    """Token counts; `prompt_tokens_details.cached_tokens`: prompt tokens the prefix cache served (OpenAI's name)."""
+    completion, cached = sum(c.tokens for c in choices), sum(c.cached_tokens for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def chat_logprobs(tok: Tokenizer, entries: list) -> dict:
@@ -224,7 +280,7 @@ def chat_logprobs(tok: Tokenizer, entries: list) -> dict:
         text, b = token_text(tok, tid)
         alts = [dict(zip(("token", "bytes"), token_text(tok, t)), logprob=v) for t, v in top.items()]
         content.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": alts})
-    return {"content": content}
+    return {"content": content, "refusal": None}  # the spec requires `refusal` beside `content` (nullable)
 
 
 def completion_logprobs(tok: Tokenizer, entries: list, offset: int) -> dict:
@@ -245,7 +301,7 @@ def chat_response(meta: dict, choices: list[Choice], prompt_tokens: int, tok: To
     for c in choices:
         opens_think = c.splitter is not None and c.splitter.starts_in_think
         reasoning, content = split_reasoning(c.text, opens_think) if c.splitter is not None else (None, c.text)
-        message = {"role": "assistant", "content": content if (content or reasoning is None) else None}
+        message = {"role": "assistant", "content": content if (content or reasoning is None) else None, "refusal": None}
         if c.splitter is not None:
             message.update(reasoning_content=reasoning, reasoning=reasoning)
         lp = chat_logprobs(tok, c.logprobs) if logprobs else None
