@@ -2,4 +2,5 @@ import sys
 
 from nanoseek.cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":  # spawned worker processes import this module again
+    sys.exit(main())

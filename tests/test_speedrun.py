@@ -32,7 +32,8 @@ def _results(run: Path) -> dict:
         for name, t in r["training"].items()
     }
     correct = {name: json.loads((run / "eval" / f"{name}.json").read_text())["correct"] for name in r["stages"]}
-    return {"stages": per_stage, "training": train, "correct": correct, "model": r["model"]}
+    signature = r["reasoning_signature"]
+    return {"stages": per_stage, "training": train, "correct": correct, "model": r["model"], "signature": signature}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,33 @@ def test_speedrun_writes_report_json_md_and_captioned_plots(reference):
     assert "MTP: off" in md and md.count("<think>") >= 1
     examples = r["stages"]["grpo"]["examples"]
     assert len(examples) == 3 and all(ex["prompt"] in md for ex in examples)
+
+
+@pytest.mark.slow
+def test_speedrun_report_shows_reasoning_and_length_per_level_and_over_grpo_steps(reference):
+    r = json.loads((reference / "report.json").read_text())
+    md = (reference / "report.md").read_text()
+    for name, stage in r["stages"].items():
+        kept = json.loads((reference / "eval" / f"{name}.json").read_text())
+        for lv, row in stage["levels"].items():
+            assert row["think_rate"] == kept["think_levels"][lv] and 0 <= row["think_rate"] <= 1
+            assert row["mean_length"] == kept["length_levels"][lv] > 0
+            assert row["steps"][0] + row["answer_only"][0] == row["n"]  # every completion reasons or does not
+            assert row["steps"][1] + row["answer_only"][1] == round(row["accuracy"] * row["n"])
+    sig = r["reasoning_signature"]
+    assert set(sig["multi_digit"]["levels"]) == {"2x2", "3x12", "4x12", "4x2"}
+    assert set(sig["one_digit"]["levels"]) == {"2x1", "3x1", "4x1"}
+    assert "## R1's signature" in md and sig["sentence"] in md and "R1's signature" in sig["sentence"]
+    assert "| 4x2 (multi-digit) |" in md and "| 2x1 (one-digit) |" in md
+    assert "grpo_reasoning_by_level.png" in r["figures"]
+    # GRPO's periodic evals log reasoning and length per level beside accuracy: the figure's data
+    evals = [
+        x for x in map(json.loads, (reference / "grpo" / "metrics.jsonl").read_text().splitlines()) if "eval_n" in x
+    ]
+    assert len(evals) >= 2
+    for x in evals:
+        assert x["eval_think_rate_by_level"].keys() == x["eval_response_len_by_level"].keys()
+        assert x["eval_think_rate_by_level"].keys() == x["eval_accuracy_by_level"].keys()
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoseek.tasks.problems import ARITHMETIC_LEVELS, COUNTDOWN_LEVELS, generate, split_of
+from nanoseek.tasks.problems import ARITHMETIC_LEVELS, COUNTDOWN_LEVELS, generate, split_of, worked_step
 from nanoseek.tasks.verify import countdown_value, extract_answer, verify, verify_arithmetic, verify_countdown
 
 
@@ -25,8 +25,43 @@ def test_arithmetic_levels_shape_and_range(level):
         operands = [int(x) for x in re.findall(r"\d+", p.meta["canonical"])]
         assert len(operands) == n_ops and all(lo <= x <= hi for x in operands)
         assert len(p.steps) == n_ops - 1
-        values = [int(s.split("=")[1]) for s in p.steps]
+        values = [int(s.rsplit("=", 1)[1]) for s in p.steps]
         assert all(0 <= v <= 9999 for v in values) and values[-1] == int(p.answer)
+
+
+@pytest.mark.parametrize("level", list(ARITHMETIC_LEVELS))
+def test_arithmetic_steps_are_true_place_value_chains(level):
+    """Every `=` of a worked step is true; an expansion splits into place values (one nonzero digit each), and
+    each `=` after it combines exactly the first two terms, so every `=` asks for one digit fact or one carry."""
+    place = re.compile(r"^(0|[1-9]0*)$")
+    for p in generate("arithmetic", 100, seed=5, level=level):
+        for step in p.steps:
+            sides = step.split("=")
+            assert len({eval(side) for side in sides}) == 1, step  # test-only: digits and + - * only
+            if len(sides) == 2:
+                continue
+            if "*" in sides[0]:
+                factors = [f for term in sides[1].split("+") for f in term.split("*")]
+            else:
+                factors = re.split(r"[+-]", sides[1])[1:]
+            assert all(place.match(f) for f in factors), step
+            terms = [len(re.split(r"[+-]", side)) for side in sides[1:]]
+            assert terms[-1] == 1 and all(b == a - 1 for a, b in zip(terms[1:], terms[2:])), step
+
+
+def test_arithmetic_steps_work_in_place_values():
+    steps = {
+        (79, "*", 9): "79*9=70*9+9*9=630+81=711",
+        (45, "*", 67): "45*67=40*60+40*7+5*60+5*7=2400+280+300+35=2680+300+35=2980+35=3015",
+        (719, "-", 66): "719-66=719-60-6=659-6=653",
+        (8, "+", 711): "8+711=8+700+10+1=708+10+1=718+1=719",
+        (7, "*", 8): "7*8=56",
+        (90, "*", 3): "90*3=270",
+        (0, "*", 45): "0*45=0",
+        (30, "+", 40): "30+40=70",
+    }
+    for (a, op, b), text in steps.items():
+        assert worked_step(a, op, b) == text
 
 
 @pytest.mark.parametrize("level", list(COUNTDOWN_LEVELS))

@@ -14,9 +14,15 @@ import torch
 from nanoseek.io import atomic_write_text
 from nanoseek.speedrun.recipe import EVAL_SEED, TASK, Recipe, checkpoint_of
 from nanoseek.tasks.problems import LEVELS
+from nanoseek.tasks.rewards import has_reasoning
 from nanoseek.tokenizer import THINK_END, THINK_START
 
 LEVEL_NAMES = list(LEVELS[TASK])
+# Levels whose operands have two digits: a product or sum there needs carries, which the worked solutions write
+# out step by step, so these are where reasoning should pay; the one-digit levels are one table look-up.
+MULTI_DIGIT_LEVELS = [lv for lv in LEVEL_NAMES if LEVELS[TASK][lv][-1] > 9]
+STAGES = ("pretrain", "sft", "grpo")  # the stages evaluated, in order
+STAGE_TITLES = {"pretrain": "pretrain", "sft": "+ SFT (cold start)", "grpo": "+ GRPO"}
 EXAMPLE_LEVELS = ("2x2", "3x12", "4x12")  # one example conversation from each, the same problems at every stage
 
 
@@ -55,12 +61,25 @@ def expert_load(model, tokenizer, problems: list[dict]) -> list[list[float]]:
     return (loads / loads.mean(dim=1, keepdim=True).clamp(min=1e-9)).tolist()
 
 
+def reasoning_by_level(rows: list[dict]) -> dict[str, dict[str, list[int]]]:
+    """Per level, from `evaluate`'s per-problem rows: [n, correct] of the completions that write steps in <think>
+    (`steps`) and of the answer-only ones (`answer_only`); counts, so that stages pool exactly."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for r in rows:
+        lv = out.setdefault(r["level"], {"steps": [0, 0], "answer_only": [0, 0]})
+        kind = lv["steps"] if has_reasoning(r["completion"]) else lv["answer_only"]
+        kind[0] += 1
+        kind[1] += int(r["correct"])
+    return out
+
+
 def evaluate_stage(out: Path, stage: str, model_dir: Path, fmt: str, recipe: Recipe) -> dict[str, Any]:
     """Score one stage's model on the held-out set; returns the result and keeps it in eval/<stage>.json
-    (atomically)."""
+    (atomically). Per level: accuracy (`levels`), pass@k, the share of greedy completions that reason
+    (`think_levels`), their mean length in tokens (`length_levels`) and accuracy with steps vs answer-only
+    (`reasoning_levels`)."""
     from nanoseek.eval.evaluate import evaluate
     from nanoseek.infer.engine import Engine
-    from nanoseek.tasks.rewards import has_reasoning
 
     problems = eval_problems(recipe.eval_n)
     device = None if recipe.device == "auto" else recipe.device
@@ -78,6 +97,7 @@ def evaluate_stage(out: Path, stage: str, model_dir: Path, fmt: str, recipe: Rec
         row = next((r for r in rows if r["level"] == lv), None)
         if row is not None:
             examples.append({k: row[k] for k in ("level", "prompt", "answer", "completion", "correct")})
+    reasoning = reasoning_by_level(rows)
     result = {
         "stage": stage,
         "model": str(model_dir),
@@ -88,6 +108,9 @@ def evaluate_stage(out: Path, stage: str, model_dir: Path, fmt: str, recipe: Rec
         "sampled_accuracy": sampled["sampled_accuracy"],
         "passk_n": len(subset),
         "passk_levels": {lv: s[f"pass@{recipe.k}"] for lv, s in sampled["levels"].items()},
+        "think_levels": {lv: v["steps"][0] / greedy["levels"][lv]["n"] for lv, v in reasoning.items()},
+        "length_levels": {lv: v["mean_length"] for lv, v in greedy["levels"].items()},
+        "reasoning_levels": reasoning,
         "correct": [r["correct"] for r in rows],
         "prompts": [r["prompt"] for r in rows],
         "examples": examples,

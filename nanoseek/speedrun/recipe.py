@@ -22,25 +22,27 @@ class Recipe:
 
     model_preset: str = "cpu-small"
     vocab_size: int = 512
-    n: int = 150_000  # pretraining problems
-    # pretraining: the recipe of BENCHMARKS.md (more, smaller steps; high lr held, then decayed; no MTP), shorter:
-    # the pilots gave SFT and GRPO the minutes (BENCHMARKS.md, "The speedrun")
-    pretrain_steps: int = 1250
-    pretrain_batch: int = 4
+    n: int = 150_000  # pretraining problems (worked in place values: ~9M tokens, more than pretraining reads)
+    # pretraining on both cores (2 processes x batch 4 x 256 tokens a step, 7.7M tokens): the model passes its phase
+    # change (copying operands into the steps, one digit fact per `=`) after ~2,000 steps; 1,250 steps of one
+    # process left it at 2-5% (BENCHMARKS.md, "The speedrun", pilots P1-P3)
+    pretrain_steps: int = 3750
+    pretrain_batch: int = 4  # per process
     pretrain_lr: float = 4e-3
     mtp_weight: float = 0.0
-    # cold-start SFT
-    sft_steps: int = 1200
-    sft_batch: int = 16
+    # cold-start SFT: chat format; a few answer-only completions (`<think></think> answer`) so that the SFT policy
+    # skips its steps on some problems and GRPO, rewarded by the verifier alone, learns where the steps pay
+    sft_steps: int = 600
+    sft_batch: int = 8  # per process
     sft_lr: float = 1e-3
-    worked_fraction: float = 0.65  # the rest answer-only: greedy writes its steps on ~13% of problems
+    worked_fraction: float = 0.9  # greedy then skips its steps on ~40% of problems (0.95-1.0: on 0-2%)
     # GRPO (correctness reward only)
-    grpo_steps: int = 250
+    grpo_steps: int = 60
     grpo_lr: float = 6e-5
-    grpo_prompts: int = 16
+    grpo_prompts: int = 8  # per process: 16 a step on 2 processes
     grpo_group: int = 8
     grpo_temperature: float = 1.0
-    grpo_max_new_tokens: int = 64
+    grpo_max_new_tokens: int = 256  # the longest worked solution (4x2) is ~230 tokens
     grpo_levels: str = ""  # space-separated; empty = all levels
     grpo_dynamic_sampling: bool = False
     grpo_eval_n: int = 100  # val problems for GRPO's periodic greedy eval (its curve in the report)
@@ -48,12 +50,12 @@ class Recipe:
     eval_n: int = 1400  # problems asked for, spread over the levels (duplicates of small levels dropped)
     passk_n: int = 140
     k: int = 8
-    eval_max_tokens: int = 96
+    eval_max_tokens: int = 256
     device: str = "auto"
-    # CPU threads (0: torch's default). 1 for the cpu recipe: as fast as 2 on a quiet 2-core machine for this model
-    # size (6.1k vs 6.3-6.5k tokens/s), 4-30x faster when another process takes a core, and the thread count is
+    # CPU threads per process (0: torch's default). 1 for the cpu recipe: one process per core; the thread count is
     # part of what makes a run reproduce the numbers in BENCHMARKS.md (floating-point sums depend on it)
     threads: int = 1
+    processes: int = 2  # training processes (data parallel, gloo on CPU): 2 uses both cores of a 2-core machine
     compile: bool = False  # torch.compile the pretraining and SFT loss (pays off on a GPU, not in minutes on a CPU)
     usd_per_hour: float = 0.10  # the machine's price, for the cost estimate
 
@@ -87,6 +89,7 @@ RECIPES: dict[str, Recipe] = {
         passk_n=700,
         compile=True,
         threads=0,
+        processes=1,
         usd_per_hour=2.50,
     ),
     # CI and tests: a tiny model, a few steps of every stage, a few problems (the pipeline, not the result)
@@ -107,6 +110,7 @@ RECIPES: dict[str, Recipe] = {
         k=2,
         eval_max_tokens=16,
         threads=0,
+        processes=1,
     ),
 }
 

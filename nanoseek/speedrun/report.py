@@ -18,12 +18,10 @@ from typing import Any
 import torch
 
 from nanoseek.io import atomic_write_text
-from nanoseek.speedrun.evaluate import LEVEL_NAMES, mtp_acceptance
+from nanoseek.speedrun.evaluate import LEVEL_NAMES, MULTI_DIGIT_LEVELS, STAGE_TITLES, STAGES, mtp_acceptance
+from nanoseek.speedrun.figures import FIGURES, plot_report
 from nanoseek.speedrun.recipe import Recipe, checkpoint_of
 from nanoseek.train.metrics import read_metrics
-
-STAGES = ("pretrain", "sft", "grpo")
-STAGE_TITLES = {"pretrain": "pretrain", "sft": "+ SFT (cold start)", "grpo": "+ GRPO"}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -109,7 +107,16 @@ def build_report(
         row = {
             "accuracy": e["accuracy"],
             "n": e["n"],
-            "levels": {lv: {"n": v["n"], "accuracy": v["accuracy"]} for lv, v in e["levels"].items()},
+            "levels": {
+                lv: {
+                    "n": v["n"],
+                    "accuracy": v["accuracy"],
+                    "think_rate": e["think_levels"][lv],
+                    "mean_length": e["length_levels"][lv],
+                    **e["reasoning_levels"][lv],  # [n, correct] with steps and answer-only
+                }
+                for lv, v in e["levels"].items()
+            },
             f"pass@{k}": e[f"pass@{k}"],
             "passk_n": e["passk_n"],
             "passk_levels": e["passk_levels"],
@@ -159,18 +166,76 @@ def build_report(
         "eval_n": rows["grpo"]["n"],
         "k": k,
         "stages": rows,
+        "reasoning_signature": reasoning_signature(rows["sft"]["levels"], rows["grpo"]["levels"], MULTI_DIGIT_LEVELS),
         "figures": FIGURES,
     }
 
 
-FIGURES = {
-    "accuracy_by_stage.png": "Held-out greedy accuracy per level after each stage (the same problems for every bar).",
-    "grpo.png": "GRPO: training reward (sampled, smoothed) and the periodic held-out greedy accuracy; response length "
-    "and the share of completions that write steps in <think>.",
-    "loss.png": "Training and validation loss (nats/token): pretraining, then SFT (completion tokens only).",
-    "expert_load.png": "Expert load after each stage, per MoE layer: tokens routed to each expert / the layer's mean "
-    "(1 = balanced), over the prompts and answers of 256 held-out problems.",
-}
+SAME = 0.01  # changes in the share that reasons within 1 point of each other count as equal (~1.5 problems a level)
+
+
+def reasoning_signature(sft: dict[str, dict], grpo: dict[str, dict], multi_digit: list[str]) -> dict[str, Any]:
+    """R1's signature, measured: how GRPO changed the share of greedy completions that reason, and their length, on
+    the multi-digit levels (where reasoning should pay) against the one-digit ones; whether reasoning pays there
+    (accuracy with steps vs answer-only, the SFT and GRPO evaluations pooled); and a sentence that says so.
+    `sft`, `grpo`: report.json's per-level rows (think_rate, mean_length, steps and answer_only [n, correct])."""
+    out: dict[str, Any] = {}
+    for name, group in (
+        ("multi_digit", [lv for lv in sft if lv in grpo and lv in multi_digit]),
+        ("one_digit", [lv for lv in sft if lv in grpo and lv not in multi_digit]),
+    ):
+        acc = {}
+        for kind in ("steps", "answer_only"):
+            n, right = (sum(row[lv][kind][i] for row in (sft, grpo) for lv in group) for i in (0, 1))
+            acc[kind] = right / n if n else None
+        out[name] = {
+            "levels": group,
+            "think_change": _mean([grpo[lv]["think_rate"] - sft[lv]["think_rate"] for lv in group]),
+            "length_change": _mean([grpo[lv]["mean_length"] - sft[lv]["mean_length"] for lv in group]),
+            "steps_accuracy": acc["steps"],
+            "answer_only_accuracy": acc["answer_only"],
+            "pays": None if None in acc.values() else acc["steps"] > acc["answer_only"],
+        }
+    out["sentence"] = signature_sentence(out["multi_digit"], out["one_digit"])
+    return out
+
+
+def _mean(v: list[float]) -> float | None:
+    return sum(v) / len(v) if v else None
+
+
+def signature_sentence(hard: dict[str, Any], easy: dict[str, Any]) -> str:
+    """One sentence with the numbers: did GRPO raise the share that reasons more on the multi-digit levels (`hard`)
+    than on the one-digit ones (`easy`), and does reasoning pay there? Groups as `reasoning_signature` measures them."""
+    if hard["think_change"] is None or easy["think_change"] is None:
+        return "The evaluation holds only one kind of level (multi-digit or one-digit): there is nothing to compare."
+    dh, de = hard["think_change"], easy["think_change"]
+    said = (
+        f"GRPO changed the share of greedy completions that reason by {100 * dh:+.1f} points on the multi-digit "
+        f"levels ({', '.join(hard['levels'])}) and by {100 * de:+.1f} on the one-digit ones ({', '.join(easy['levels'])})"
+    )
+    if hard["pays"] is None:
+        missing = "answer-only completion" if hard["answer_only_accuracy"] is None else "completion that writes steps"
+        said += f"; whether reasoning pays on the multi-digit levels is not measured (no {missing} there)"
+    else:
+        a, b = _pct(easy["steps_accuracy"]), _pct(easy["answer_only_accuracy"])
+        one_digit = "" if easy["pays"] is None else f"; one-digit levels: {a}% vs {b}%"
+        said += (
+            f"; reasoning {'pays' if hard['pays'] else 'does not pay'} on the multi-digit levels (there, completions "
+            f"that write steps were right {_pct(hard['steps_accuracy'])}% of the time, answer-only ones "
+            f"{_pct(hard['answer_only_accuracy'])}%, after SFT and GRPO together{one_digit})"
+        )
+    verdict = "not R1's signature"
+    if dh - de >= SAME and dh > 0:
+        trend = "GRPO raised reasoning more on the multi-digit levels than on the one-digit ones"
+        verdict = {True: "R1's signature", None: "R1's signature if reasoning pays there", False: verdict}[hard["pays"]]
+    elif dh - de >= SAME:
+        trend = "reasoning did not grow on the multi-digit levels, it only fell less there than on the one-digit ones"
+    elif dh - de > -SAME:
+        trend = "GRPO moved the share that reasons about equally on both kinds of level"
+    else:
+        trend = "GRPO moved reasoning away from the multi-digit levels, towards the one-digit ones"
+    return f"{said}; {trend}: {verdict}."
 
 
 def write_report(
@@ -197,6 +262,39 @@ def _pct(x: float | None) -> str:
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+def _signature_section(r: dict[str, Any]) -> list[str]:
+    """report.md's "R1's signature": the measured sentence, the per-level table and the figure over GRPO steps."""
+    sft, grpo = r["stages"]["sft"]["levels"], r["stages"]["grpo"]["levels"]
+
+    def change(lv: str, key: str, scale: float) -> str:
+        a, b = scale * sft[lv][key], scale * grpo[lv][key]
+        return f"{a:.1f} -> {b:.1f} ({b - a:+.1f})"
+
+    def pooled(lv: str, kind: str) -> str:
+        n, right = sft[lv][kind][0] + grpo[lv][kind][0], sft[lv][kind][1] + grpo[lv][kind][1]
+        return f"{_pct(right / n)} of {n}" if n else "none"
+
+    lines = [
+        "## R1's signature",
+        "",
+        r["reasoning_signature"]["sentence"],
+        "",
+        "Per level, after SFT -> after GRPO (change); reasons = writes steps in `<think>`; the last column pools the "
+        "greedy completions of both evaluations: % right of those that write steps / of the answer-only ones.",
+        "",
+        "| level | accuracy (%) | reasons (%) | length (tokens) | right with steps / answer-only (%) |",
+        "|---|---|---|---|---|",
+    ]
+    for lv in (lv for lv in LEVEL_NAMES if lv in sft and lv in grpo):
+        kind = "multi-digit" if lv in MULTI_DIGIT_LEVELS else "one-digit"
+        lines.append(
+            f"| {lv} ({kind}) | {change(lv, 'accuracy', 100)} | {change(lv, 'think_rate', 100)} | "
+            f"{change(lv, 'mean_length', 1)} | {pooled(lv, 'steps')} / {pooled(lv, 'answer_only')} |"
+        )
+    png = "grpo_reasoning_by_level.png"
+    return [*lines, "", f"![reasoning by level over GRPO steps](plots/{png})\n\n*{FIGURES[png]}*"]
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -291,6 +389,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"Format rate {_pct(e['format_rate'])}%, writes steps {_pct(e['think_rate'])}%, mean length "
             f"{e['mean_length']:.1f} tokens, sampled accuracy {_pct(e['sampled_accuracy'])}%.",
         ]
+    lines += ["", *_signature_section(r)]
     lines += [
         "",
         "## Training curves",
@@ -342,90 +441,3 @@ def render_markdown(r: dict[str, Any]) -> str:
         "per-problem results in `eval/`.",
     ]
     return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------------------------- plots
-def _save(fig, path: Path) -> None:
-    from nanoseek.train.metrics import save_figure
-
-    save_figure(fig, path)
-
-
-def _smooth(v: list[float], k: int = 15) -> list[float]:
-    return [sum(v[max(0, i - k + 1) : i + 1]) / len(v[max(0, i - k + 1) : i + 1]) for i in range(len(v))]
-
-
-def plot_report(out: Path, report: dict[str, Any]) -> None:
-    """The four captioned figures of report.md, in out/plots/."""
-    from matplotlib.figure import Figure
-
-    plots = out / "plots"
-    s = report["stages"]
-    # 1. accuracy by stage
-    fig = Figure(figsize=(9, 3.8))
-    ax = fig.add_subplot()
-    names = [lv for lv in LEVEL_NAMES if lv in s["grpo"]["levels"]] + ["all"]
-    width = 0.8 / len(STAGES)
-    for i, st in enumerate(STAGES):
-        vals = [100 * (s[st]["accuracy"] if lv == "all" else s[st]["levels"][lv]["accuracy"]) for lv in names]
-        ax.bar([j + (i - 1) * width for j in range(len(names))], vals, width, label=STAGE_TITLES[st])
-    ax.set_xticks(range(len(names)), names)
-    ax.set(ylabel="greedy accuracy (%)", xlabel="level (operands x digits)", ylim=(0, 100))
-    ax.set_title(f"held-out accuracy, {report['eval_n']:,} test problems")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    _save(fig, plots / "accuracy_by_stage.png")
-
-    # 2. GRPO over steps
-    rows = read_metrics(out / "grpo" / "metrics.jsonl")
-    train = [r for r in rows if "reward_mean" in r]
-    evals = [r for r in rows if "eval_accuracy" in r]
-    fig = Figure(figsize=(12, 3.6))
-    ax = fig.subplots(1, 2)
-    steps = [r["step"] for r in train]
-    ax[0].plot(steps, _smooth([r["reward_mean"] for r in train]), label="train reward (sampled, T=1)")
-    ax[0].plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out greedy accuracy")
-    ax[0].set(xlabel="GRPO step", ylabel="reward / accuracy", title="reward and accuracy")
-    ax[1].plot(steps, _smooth([r["response_len"] for r in train]), label="sampled response length (tokens)")
-    ax[1].set(xlabel="GRPO step", ylabel="tokens", title="response length and reasoning")
-    twin = ax[1].twinx()
-    twin.plot(steps, _smooth([r["think_rate"] for r in train]), color="C2", label="writes steps in <think> (share)")
-    twin.set_ylim(0, 1)
-    for a in (ax[0], ax[1], twin):
-        a.legend(fontsize=8, loc="lower right" if a is twin else "upper left")
-    ax[0].grid(alpha=0.3)
-    ax[1].grid(alpha=0.3)
-    _save(fig, plots / "grpo.png")
-
-    # 3. loss curves
-    fig = Figure(figsize=(12, 3.6))
-    ax = fig.subplots(1, 2)
-    for a, name in zip(ax, ("pretrain", "sft")):
-        recs = [r for r in read_metrics(out / name / "metrics.jsonl") if "step" in r]
-        a.plot([r["step"] for r in recs], _smooth([r["loss"] for r in recs], 20), label="train (smoothed)")
-        if any(r.get("mtp_loss") for r in recs):  # drawn only when MTP trained (a flat 0 would mislead)
-            a.plot([r["step"] for r in recs], _smooth([r["mtp_loss"] for r in recs], 20), label="MTP (token t+2)")
-        val = [(r["step"], r["val_loss"]) for r in recs if isinstance(r.get("val_loss"), (int, float))]
-        if val:
-            a.plot(*zip(*val), "o-", markersize=3, label="validation")
-        a.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=name)
-        a.grid(alpha=0.3)
-        a.legend()
-    _save(fig, plots / "loss.png")
-
-    # 4. expert load heatmap
-    mats = [(st, s[st]["expert_load"]) for st in STAGES if s[st]["expert_load"]]
-    if mats:
-        fig = Figure(figsize=(8, 1.2 + 0.9 * len(mats) * len(mats[0][1])))
-        ax = fig.add_subplot()
-        data = [row for _, m in mats for row in m]
-        labels = [f"{st}, MoE layer {i + 1}" for st, m in mats for i in range(len(m))]
-        im = ax.imshow(data, cmap="coolwarm", vmin=0, vmax=max(2.0, max(max(r) for r in data)), aspect="auto")
-        ax.set_yticks(range(len(labels)), labels)
-        ax.set_xticks(range(len(data[0])), [str(i) for i in range(len(data[0]))])
-        ax.set(xlabel="routed expert", title="tokens per expert / layer mean (1 = balanced)")
-        for i, row in enumerate(data):
-            for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-        fig.colorbar(im, ax=ax)
-        _save(fig, plots / "expert_load.png")

@@ -29,6 +29,7 @@ import torch
 
 from nanoseek.checkpoint.run import latest_checkpoint
 from nanoseek.data.shards import prepare
+from nanoseek.distributed.launch import run_on_processes
 from nanoseek.io import atomic_write_text
 from nanoseek.speedrun.evaluate import evaluate_stage, read_eval
 from nanoseek.speedrun.recipe import TASK, Recipe, checkpoint_of, make_recipe
@@ -99,13 +100,17 @@ def run_stages(out: Path, r: Recipe, seed: int, progress: Progress) -> dict[str,
         result = timed(name, lambda: evaluate_stage(out, stage, checkpoint_of(run_dir), fmt, r))
         evals[stage] = result if result is not None else read_eval(out, stage)
 
+    def trained(fn: Callable[..., dict], job: Any) -> dict:
+        """A training stage on r.processes processes (one process group, both cores of a 2-core machine)."""
+        return _trained(run_on_processes(fn, r.processes, job, threads=r.threads, device=r.device))
+
     timed("tokenizer", lambda: tokenizer_stage(_fresh(tok), r))
     timed("prepare", lambda: prepare_stage(tok, _fresh(data), r))
-    timed("pretrain", lambda: _trained(run_pretrain(pretrain_job(r, data, pt, seed, _resume("pretrain", pt)))))
+    timed("pretrain", lambda: trained(run_pretrain, pretrain_job(r, data, pt, seed, _resume("pretrain", pt))))
     evaluated("pretrain", pt, "pretrain")
-    timed("sft", lambda: _trained(run_sft(sft_job(r, checkpoint_of(pt), sft, seed, _resume("sft", sft)))))
+    timed("sft", lambda: trained(run_sft, sft_job(r, checkpoint_of(pt), sft, seed, _resume("sft", sft))))
     evaluated("sft", sft, "chat")
-    timed("grpo", lambda: _trained(run_grpo(grpo_job(r, checkpoint_of(sft), grpo, seed, _resume("grpo", grpo)))))
+    timed("grpo", lambda: trained(run_grpo, grpo_job(r, checkpoint_of(sft), grpo, seed, _resume("grpo", grpo))))
     evaluated("grpo", grpo, "chat")
     return evals
 

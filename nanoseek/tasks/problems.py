@@ -50,7 +50,7 @@ LEVELS: dict[str, dict[str, tuple[int, int, int] | tuple[int, int]]] = {
 class Problem:
     task: str
     prompt: str
-    steps: tuple[str, ...]  # worked solution, e.g. ("79*9=711", "8+711=719", "719-66=653")
+    steps: tuple[str, ...]  # worked solution, e.g. ("79*9=70*9+9*9=630+81=711", "8+711=8+700+11=...=719")
     answer: str  # reference answer: an integer for arithmetic, an expression for countdown
     meta: dict = field(default_factory=dict, compare=False)  # level, canonical form, numbers, target
 
@@ -86,8 +86,46 @@ def split_of(canonical: str) -> str:
 # ----------------------------------------------------------------------------- arithmetic
 
 
+def _places(x: int) -> list[int]:
+    """x as its nonzero place values, highest first: 4075 -> [4000, 70, 5] (0 -> [0])."""
+    parts = [int(d) * 10**k for k, d in enumerate(reversed(str(x))) if d != "0"][::-1]
+    return parts or [0]
+
+
+def _chain(terms: list[int], op: str) -> str:
+    """Reduce `t0 op t1 op t2 ...` left to right, one pair per `=`: `2400+280+35=2680+35=2715`."""
+    out, terms = "+".join(map(str, terms)) if op == "+" else op.join(map(str, terms)), list(terms)
+    while len(terms) > 1:
+        v = terms[0] + terms[1] if op == "+" else terms[0] - terms[1]
+        terms[:2] = [v]
+        out += "=" + op.join(map(str, terms))
+    return out
+
+
+def worked_step(a: int, op: str, b: int) -> str:
+    """One operation, worked in place values so that every `=` asks for one digit fact or one carry.
+
+    `79*9=70*9+9*9=630+81=711`, `45*67=40*60+40*7+5*60+5*7=2400+280+300+35=2680+300+35=...=3015`,
+    `719-66=719-60-6=659-6=653`, `8+711=711+8`... A small model cannot multiply two digits' worth of places
+    in one token, but it can look up a digit product, append zeros and add one place at a time."""
+    if op == "*":
+        if (a < 10 and b < 10) or a == 0 or b == 0:
+            return f"{a}*{b}={a * b}"
+        pairs = [(x, y) for x in _places(a) for y in _places(b)]
+        products = [x * y for x, y in pairs]
+        expanded = "+".join(f"{x}*{y}" for x, y in pairs)
+        head = f"{a}*{b}={expanded}" if len(pairs) > 1 else f"{a}*{b}"
+        return f"{head}={_chain(products, '+')}" if len(pairs) > 1 else f"{head}={products[0]}"
+    parts = _places(b)
+    if len(parts) == 1:
+        return f"{a}{op}{b}={a + b if op == '+' else a - b}"
+    return f"{a}{op}{b}={_chain([a, *parts], op)}"
+
+
 def _arith_steps(nums: list[int], ops: list[str]) -> tuple[list[str], int] | None:
-    """Evaluate with `*` first, then `+ -` left to right; None if a value leaves 0..ARITH_MAX."""
+    """Evaluate with `*` first, then `+ -` left to right, each operation worked in place values (`worked_step`);
+    None if a value leaves 0..ARITH_MAX (the problem is then resampled: which problems exist depends only on
+    this check, never on how the steps are written)."""
     nums, ops, steps = list(nums), list(ops), []
     for prec in ("*", "+-"):
         i = 0
@@ -99,7 +137,7 @@ def _arith_steps(nums: list[int], ops: list[str]) -> tuple[list[str], int] | Non
             v = a * b if op == "*" else a + b if op == "+" else a - b
             if not 0 <= v <= ARITH_MAX:
                 return None
-            steps.append(f"{a}{op}{b}={v}")
+            steps.append(worked_step(a, op, b))
             nums[i : i + 2] = [v]
             del ops[i]
     return steps, nums[0]

@@ -117,18 +117,25 @@ def rollout_metrics(sampled: list[Rollout], groups: int, zero_groups: int, kept:
 
 
 def evaluate_policy(engine: Engine, examples: list[dict], max_new_tokens: int) -> dict[str, Any]:
-    """Held-out greedy accuracy, mean response length (tokens), format rate, think rate and accuracy per level,
-    from `nanoseek.eval.evaluate` (chat format), as flat `eval_*` metrics."""
+    """Held-out greedy accuracy, mean response length (tokens), format rate and think rate, from
+    `nanoseek.eval.evaluate` (chat format), as flat `eval_*` metrics; with several levels, accuracy, think rate
+    and response length per level too (`eval_*_by_level`: {level: value})."""
     from nanoseek.eval.evaluate import evaluate
 
     res = evaluate(engine, examples, fmt="chat", max_tokens=max_new_tokens)
+    thinks: dict[str, list[bool]] = {}
+    for r in res["results"]:
+        thinks.setdefault(r["level"], []).append(has_reasoning(r["completion"]))
     out: dict[str, Any] = {
         "eval_accuracy": res["accuracy"],
         "eval_response_len": res["mean_length"],
         "eval_format_rate": res["format_rate"],
-        "eval_think_rate": float(np.mean([has_reasoning(r["completion"]) for r in res["results"]])),
+        "eval_think_rate": float(np.mean([t for group in thinks.values() for t in group])),
         "eval_n": res["n"],
     }
     if len(res["levels"]) > 1:
-        out["eval_accuracy_by_level"] = {name: lv["accuracy"] for name, lv in sorted(res["levels"].items())}
+        levels = sorted(res["levels"].items())
+        out["eval_accuracy_by_level"] = {name: lv["accuracy"] for name, lv in levels}
+        out["eval_think_rate_by_level"] = {name: float(np.mean(thinks[name])) for name, _ in levels}
+        out["eval_response_len_by_level"] = {name: lv["mean_length"] for name, lv in levels}
     return out

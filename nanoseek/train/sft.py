@@ -81,12 +81,15 @@ def run_sft(job: SFTJob, env: DistEnv | None = None) -> dict[str, Any]:
     source = ckpt or Path(settings["model"])
     tokenizer = Tokenizer.from_pretrained(source)
     train_conv = load_conversations(settings, "train")
-    if cfg.seq_len is None:  # the longest conversation (of the first 20k)
-        cfg.seq_len = max((len(chat_example(tokenizer, m)[0]) - 1 for m in train_conv[:20000]), default=1)
-    cfg.validate()
     if ckpt is None:
         seed_everything(cfg.seed)
     model = resumed_model(ckpt, device) if ckpt else load_model(source, device=device, dtype=torch.float32)
+    if cfg.seq_len is None:  # the longest conversation (of the first 20k), within what the model can attend to
+        longest = max((len(chat_example(tokenizer, m)[0]) - 1 for m in train_conv[:20000]), default=1)
+        cfg.seq_len = min(longest, model.config.max_position_embeddings)
+        if longest > cfg.seq_len:
+            log(f"sft: the longest conversation has {longest} tokens: longer ones are cut at {cfg.seq_len}")
+    cfg.validate()
 
     examples, dropped = encode_conversations(tokenizer, train_conv, cfg.seq_len)
     shard = dict(seed=cfg.seed, rank=env.rank, world_size=env.world_size)
