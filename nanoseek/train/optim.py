@@ -1,4 +1,5 @@
-"""What changes the model each step: AdamW over the parameters, and the aux-loss-free balancing of the router bias.
+"""What changes the model each step: AdamW (or Muon, train/muon.py) over the parameters, and the aux-loss-free
+balancing of the router bias.
 
 Weight decay applies to matrices and embeddings (every tensor with >= 2 dims: linear weights, stacked
 experts, the router, embeddings and head), never to norms or biases (DeepSeek-V3: AdamW, betas 0.9/0.95,
@@ -11,6 +12,9 @@ import torch
 from torch import nn
 
 from nanoseek.model import Transformer
+from nanoseek.train.muon import build_muon
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 def build_optimizer(
@@ -20,11 +24,17 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     fused: bool | None = None,
-) -> torch.optim.AdamW:
-    """AdamW with two groups (decay: >= 2-D tensors; no decay: norms and biases), in named_parameters order.
+    optim: str = "adamw",
+) -> torch.optim.Optimizer:
+    """AdamW with two groups (decay: >= 2-D tensors; no decay: norms and biases), in named_parameters order;
+    optim="muon": Muon on the hidden matrices, AdamW (same lr) on the rest (train/muon.py).
 
     fused=None uses the fused CUDA kernel when every parameter is on a CUDA device.
     """
+    if optim == "muon":
+        return build_muon(model, lr, weight_decay, betas, eps)
+    if optim != "adamw":
+        raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {optim!r}")
     decay, no_decay = [], []
     for p in model.parameters():  # deduplicated, so a tied embedding/head appears once
         if p.requires_grad:

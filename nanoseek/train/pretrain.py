@@ -52,7 +52,7 @@ from nanoseek.model.flops import flops_per_token
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.metrics import MetricsLogger, write_plots
-from nanoseek.train.optim import build_optimizer, expert_bias_step, max_load_violation
+from nanoseek.train.optim import OPTIMIZERS, build_optimizer, expert_bias_step, max_load_violation
 from nanoseek.train.run import (
     Clock,
     default_peak_flops,
@@ -98,6 +98,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | wsd
     decay_frac: float = 0.2  # wsd: share of the run spent decaying
     weight_decay: float = 0.1
+    optim: str = "adamw"  # adamw | muon (Newton-Schulz orthogonalised momentum on hidden matrices)
     clip: float = 1.0  # max grad norm (0: no clipping)
     mtp_weight: float = 0.3
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed
@@ -126,6 +127,8 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -227,7 +230,7 @@ def train(
     if cfg.aux_alpha is not None:
         set_aux_alpha(model, cfg.aux_alpha)
     par = Parallel(model, env, cfg.dp, mtp=cfg.mtp_weight > 0, ep=cfg.ep if env.distributed else 1)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, optim=cfg.optim)
     step, elapsed0 = 0, 0.0
     if resume_from is not None:
         step, elapsed0, state = restore_run(resume_from, loader, "loader")
