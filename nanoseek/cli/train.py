@@ -43,6 +43,11 @@ def add_train_options(p: argparse.ArgumentParser, d: TrainConfig | None = None) 
     g.add_argument("--mtp-weight", type=float, help=f"MTP loss weight lambda (default {d.mtp_weight})")
     g.add_argument("--bias-gamma", type=float, help=f"MoE bias update speed, 0 = off (default {d.bias_gamma})")
     g.add_argument("--aux-alpha", type=float, help="sequence-wise balance loss weight (default: model config's)")
+    g.add_argument(
+        "--indexer-warmup",
+        type=int,
+        help="V3.2: fit the lightning indexer to the attention by KL, first N dense warm-up steps (default: off)",
+    )
     g.add_argument("--seed", type=int, help="seed for init and data order (default 0)")
     g.add_argument("--save-every", type=int, help=f"checkpoint every N steps, 0 = only at the end ({d.save_every})")
     g.add_argument("--keep-last", type=int, help=f"checkpoints to keep, 0 = all (default {d.keep_last})")

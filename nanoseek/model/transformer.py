@@ -30,14 +30,17 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Losses:
-    """Separate loss terms; `total(mtp_weight)` = main + lambda * mtp + aux (V3 report eq. 25 and 20)."""
+    """Separate loss terms; `total(mtp_weight)` = main + lambda * mtp + aux (V3 report eq. 25 and 20) + the V3.2
+    indexer's KL loss, which reaches only the indexer."""
 
     main: torch.Tensor
     mtp: torch.Tensor  # mean over MTP depths of their cross-entropy (0 without MTP)
     aux: torch.Tensor  # sum over MoE layers of the alpha-weighted sequence-wise balance loss (0 when off)
+    indexer: torch.Tensor | None = None  # sum over layers of the indexer KL loss (None unless indexer training)
 
     def total(self, mtp_weight: float = 0.3) -> torch.Tensor:
-        return self.main + mtp_weight * self.mtp + self.aux
+        total = self.main + mtp_weight * self.mtp + self.aux
+        return total if self.indexer is None else total + self.indexer
 
 
 class Transformer(nn.Module):
@@ -177,6 +180,9 @@ class Transformer(nn.Module):
         MTP depth k at position i sees Emb(t_{i+k}) = Emb(targets[i+k-1]) and predicts targets[i+k].
         mtp=False skips the MTP modules (their loss is then 0), e.g. when the MTP loss weight is 0.
         """
+        for m in self.modules():  # only this forward's indexer losses count
+            if getattr(m, "indexer_loss", None) is not None:
+                m.indexer_loss = None
         h, (cos, sin) = self.hidden(input_ids)
         V = self.config.vocab_size
         main = F.cross_entropy(self.lm_head(h).view(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX)
@@ -192,7 +198,18 @@ class Transformer(nn.Module):
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else zero
         aux_terms = [m.aux_loss for m in self.moe_layers() if self.training and m.aux_loss is not None]
         aux = torch.stack(aux_terms).sum() if aux_terms else zero
-        return Losses(main=main, mtp=mtp, aux=aux)
+        index_terms = [m.indexer_loss for m in self.modules() if getattr(m, "indexer_loss", None) is not None]
+        indexer = torch.stack(index_terms).sum() if index_terms else None
+        return Losses(main=main, mtp=mtp, aux=aux, indexer=indexer)
+
+    def set_indexer_training(self, mode: str | None) -> None:
+        """V3.2: "dense" (warm-up: dense attention, the indexer fitted to it by KL), "sparse" (top-k attention, the
+        indexer fitted on its selection) or None (the indexer is not trained) in every MLA layer, MTP included."""
+        if mode not in (None, "dense", "sparse"):
+            raise ValueError(f"indexer training mode must be None, 'dense' or 'sparse', got {mode!r}")
+        for m in self.modules():
+            if getattr(m, "indexer", None) is not None and hasattr(m, "indexer_training"):
+                m.indexer_training = mode
 
     def _check_input(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
