@@ -111,3 +111,19 @@ def test_v4_cache_per_token_falls_with_context_and_beats_v3_at_long_context():
     per_token = [kv_bytes_per_token(flash, n) for n in (1024, 32768, 2**20)]
     assert per_token[0] > per_token[1] > per_token[2]
     assert per_token[2] < 0.1 * kv_bytes_per_token(v3, 2**20)
+
+
+def test_a_copied_slot_continues_like_its_source():
+    """copy_slot shares a prefilled prompt (G samples of one prompt): the copy holds the open windows too."""
+    model = _model()
+    ids = _ids(model.config.vocab_size, 23)[:1]
+    cache = CompressedKVCache(model.config, n_slots=2, max_len=32)
+    with torch.no_grad():
+        full = model(ids)
+        model.forward_cached(ids[:, :13], cache.layers, torch.tensor([0]), torch.tensor([0]))
+        cache.copy_slot(0, 1)
+        for layer in cache.layers:  # the source moves on: the copy must not depend on it
+            for t in layer.tensors():
+                t[0].normal_()
+        logits, _ = model.forward_cached(ids[:, 13:], cache.layers, torch.tensor([1]), torch.tensor([13]))
+    assert torch.allclose(logits, full[:, 13:], atol=1e-5)
