@@ -142,7 +142,7 @@ class Compressor(nn.Module):
             def tokens(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # positions [N, M, rate] -> kv, score
                 idx = torch.where(p >= start[:, None, None], ring + p - start[:, None, None], p % ring)
                 idx = idx.clamp(max=ring + T - 1).view(N, -1, 1).expand(-1, -1, width)
-                return (t.gather(1, idx).view(N, M, rate, width) for t in (src_kv, src_score))
+                return src_kv.gather(1, idx).view(N, M, rate, width), src_score.gather(1, idx).view(N, M, rate, width)
 
             p = w[..., None] * rate + torch.arange(rate, device=x.device)  # [N, M, rate]: window w's positions
             kv_w, score_w = tokens(p)
