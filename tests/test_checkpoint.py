@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import nanoseek.checkpoint.hf as ckpt
 from nanoseek import ModelConfig, Transformer, load_model, save_model
-from nanoseek.checkpoint.hf import dequantize_fp8
+from nanoseek.checkpoint.quant import dequantize_fp8
 
 
 def _model(**kw) -> Transformer:

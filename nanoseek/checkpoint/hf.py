@@ -1,8 +1,9 @@
 """Load and save models as Hugging Face DeepSeek-V3 directories (config.json + safetensors).
 
 On disk the names are HF's (`model.layers.L.mlp.experts.E.gate_proj.weight`, MTP at layer index
-num_hidden_layers + k, FP8 weights with 128x128-block `weight_scale_inv`); in memory routed experts are
-stacked for grouped GEMMs. Only safetensors and JSON are read, so loading a model never runs code.
+num_hidden_layers + k, FP8 weights with 128x128-block `weight_scale_inv`; V4: DeepSeek's hub names, FP8 and FP4
+weights with `.scale`, see quant.py); in memory routed experts are stacked for grouped GEMMs. Only safetensors
+and JSON are read, so loading a model never runs code.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoseek.checkpoint import hub_v4
+from nanoseek.checkpoint.quant import QUANTIZED, dequantize
 from nanoseek.config import ModelConfig
 from nanoseek.io import atomic_dir, atomic_path, atomic_write_text
 from nanoseek.model import Transformer
@@ -180,20 +182,14 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
         return {k: single for k in f.keys()}
 
 
-def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """W[r, c] = Q[r, c] * S[r // 128, c // 128] (edge blocks partial), in float32."""
-    rows, cols = q.shape
-    s = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return q.float() * s
-
-
 def load_model(
     path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> Transformer:
     """Load an HF-format DeepSeek-V3/V2 directory into a Transformer in eval mode.
 
     Tensors are read one at a time from memory-mapped safetensors straight into the preallocated model,
-    so peak memory stays near one copy of the model. FP8 weights are dequantised on load.
+    so peak memory stays near one copy of the model. FP8 (V3.x, V4) and FP4 (V4 experts) weights are dequantised
+    on load, one tensor at a time (quant.py).
     dtype defaults to the checkpoint's torch_dtype (bfloat16 for FP8 checkpoints).
     """
     model_dir = Path(path)
@@ -252,11 +248,12 @@ def load_model(
                 f"first_k_dense_replace={config.first_k_dense_replace}); the config does not match the weights"
             )
         t = get(name)
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if t.dtype in QUANTIZED:
             scale = name + "_scale_inv"
             if scale not in names:
-                raise ValueError(f"FP8 tensor {name!r} has no {scale!r}: cannot dequantise it")
-            t = dequantize_fp8(t, get(scale), block)
+                kind = "FP4" if t.dtype == torch.float4_e2m1fn_x2 else "FP8"
+                raise ValueError(f"{kind} tensor {stored.get(name, name)!r} has no scale: cannot dequantise it")
+            t = dequantize(t, get(scale), block)
         _copy_into(params[target], target, name, t, files[name].name, config)
         filled.add(name if ".experts." in target else target)
 

@@ -61,6 +61,9 @@ def hf_name(stored: str, config: ModelConfig) -> str | None:
     nanoseek does not build (the `mtp.*` block; a `gate.bias` the hub keeps on hash-routed layers). Unknown
     names come back unchanged, for the loader to report."""
     name = stored.removeprefix("model.")
+    if name.endswith(".scale"):  # an FP8/FP4 weight's block scales: the V3-style `weight_scale_inv`
+        weight = hf_name(name.removesuffix("scale") + "weight", config)
+        return None if weight is None else weight + "_scale_inv"
     if name == "head.weight" or name == "lm_head.weight":
         return "lm_head.weight"
     if name.startswith("mtp."):

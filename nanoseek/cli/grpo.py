@@ -46,6 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=float, help=f"AdamW learning rate, constant after warmup (default {d.lr})")
     g.add_argument("--warmup", type=int, help=f"linear warmup steps (default {d.warmup})")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
+    g.add_argument("--optim", choices=("adamw", "muon"), help="adamw (default) or muon")
     g.add_argument("--max-grad-norm", type=float, help=f"gradient clipping (default {d.max_grad_norm})")
     g.add_argument("--beta", type=float, help="k3 KL coefficient; 0 = no reference model (default 0)")
     g.add_argument("--clip-low", type=float, help=f"eps_low (default {d.clip_low})")

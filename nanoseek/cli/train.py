@@ -15,6 +15,7 @@ from nanoseek.cli.common import (
 from nanoseek.config import ModelConfig
 from nanoseek.distributed.data_parallel import DP_MODES
 from nanoseek.distributed.process_group import DistEnv
+from nanoseek.train.optim import OPTIMIZERS
 from nanoseek.train.pretrain import RESUME_OVERRIDABLE, PretrainJob, TrainConfig, run_pretrain
 from nanoseek.train.schedule import SCHEDULES
 
@@ -35,10 +36,18 @@ def add_train_options(p: argparse.ArgumentParser, d: TrainConfig | None = None) 
     g.add_argument("--schedule", choices=SCHEDULES, help="cosine (default) or wsd (warmup-stable-decay)")
     g.add_argument("--decay-frac", type=float, help=f"wsd: share of the run spent decaying (default {d.decay_frac})")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay on matrices (default {d.weight_decay})")
+    g.add_argument(
+        "--optim", choices=OPTIMIZERS, help="adamw (default) or muon (orthogonalised momentum on hidden matrices)"
+    )
     g.add_argument("--clip", type=float, help=f"max gradient norm, 0 = off (default {d.clip})")
     g.add_argument("--mtp-weight", type=float, help=f"MTP loss weight lambda (default {d.mtp_weight})")
     g.add_argument("--bias-gamma", type=float, help=f"MoE bias update speed, 0 = off (default {d.bias_gamma})")
     g.add_argument("--aux-alpha", type=float, help="sequence-wise balance loss weight (default: model config's)")
+    g.add_argument(
+        "--indexer-warmup",
+        type=int,
+        help="V3.2: fit the lightning indexer to the attention by KL, first N dense warm-up steps (default: off)",
+    )
     g.add_argument("--seed", type=int, help="seed for init and data order (default 0)")
     g.add_argument("--save-every", type=int, help=f"checkpoint every N steps, 0 = only at the end ({d.save_every})")
     g.add_argument("--keep-last", type=int, help=f"checkpoints to keep, 0 = all (default {d.keep_last})")

@@ -16,9 +16,16 @@ The keys of query t are the window t-W < s <= t, plus, by layer type,
 Entry w is visible from t once its last token is: w < (t + 1) // rate. Compressed layers use the "compress" RoPE
 (compress_rope_theta, YaRN), sliding-only layers the "main" one (rope_theta, no YaRN): the caller passes the
 layer's cos/sin. No FP8/FP4 or Hadamard simulation of DeepSeek's kernels, as in transformers.
+
+Decoding (`forward_cached`) keeps per layer and sequence (`LayerCacheV4`): a ring of the last W keys, the
+compressed entries made so far, and the raw projections of the tokens of the unfinished window(s), so an entry
+is pooled the moment its window's last token arrives; CSA layers keep the same for their indexer's keys.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +35,54 @@ from nanoseek.config import CSA, ModelConfig
 from nanoseek.model.indexer import index_scores, select_topk
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope_tail
+
+RopeAt = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # positions [N, M] -> cos, sin [N, M, 1, d_R/2]
+
+
+@dataclass
+class CompressorCache:
+    """One compressor's decode state for every cache slot. A window's tokens are pooled only when its last token
+    arrives, so their projections wait here; overlapping (CSA) entries also read the previous window's."""
+
+    entries: torch.Tensor  # [n_slots, max_len // rate, dim]: normed, roped; entry w in row w
+    kv: torch.Tensor  # [n_slots, ring, width]: kv_proj of the last `ring` tokens, position p in row p % ring
+    score: torch.Tensor  # [n_slots, ring, width]: gate_proj + position_bias of the same tokens
+
+
+@dataclass
+class LayerCacheV4:
+    """One V4 attention layer's decode state. mHC needs none: its mixing weights come from each token's own
+    streams. The number of tokens seen, and so of entries, is the caller's `start`."""
+
+    window: torch.Tensor  # [n_slots, min(W, max_len), head_dim]: ring of the last keys (= values)
+    compressor: CompressorCache | None  # CSA and HCA layers
+    indexer: CompressorCache | None  # CSA layers: the indexer's keys, one per entry
+
+    def tensors(self) -> list[torch.Tensor]:
+        parts = [c for c in (self.compressor, self.indexer) if c is not None]
+        return [self.window] + [t for c in parts for t in (c.entries, c.kv, c.score)]
+
+
+def empty_layer_cache(
+    config: ModelConfig, layer_idx: int, n_slots: int, max_len: int, dtype: torch.dtype, device: str | torch.device
+) -> LayerCacheV4:
+    """Zeroed decode state of layer layer_idx for n_slots sequences of up to max_len tokens."""
+    c, rate = config, config.compress_rate(layer_idx)
+    overlap = 2 if c.layer_types[layer_idx] == CSA else 1  # CSA entries span two windows
+
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(n_slots, *shape, dtype=dtype, device=device)
+
+    def compressor(dim: int) -> CompressorCache:
+        ring = (overlap * rate, overlap * dim)  # the open windows' tokens: kv and score
+        return CompressorCache(zeros(max_len // rate, dim), zeros(*ring), zeros(*ring))
+
+    window = zeros(min(c.sliding_window, max_len), c.head_dim)
+    return LayerCacheV4(
+        window,
+        compressor(c.head_dim) if rate else None,
+        compressor(c.index_head_dim) if overlap == 2 else None,
+    )
 
 
 class Compressor(nn.Module):
@@ -66,6 +121,45 @@ class Compressor(nn.Module):
         starts = slice(0, n * self.rate, self.rate)
         return apply_rope_tail(self.kv_norm(pooled).unsqueeze(2), cos[starts], sin[starts]).squeeze(2)
 
+    def forward_cached(
+        self, x: torch.Tensor, start: torch.Tensor, cache: CompressorCache, slots: torch.Tensor, rope_at: RopeAt
+    ) -> None:
+        """Pool every window that the new tokens x [N, T, hidden] (row n at positions start[n] + t) complete into
+        cache.entries (rows `slots`), taking the window's earlier tokens from cache.kv/score; then keep the
+        last tokens' projections there for the windows still open."""
+        N, T, _ = x.shape
+        rate, ring, width = self.rate, cache.kv.shape[1], cache.kv.shape[2]
+        pos = start[:, None] + torch.arange(T, device=x.device)  # [N, T]
+        kv = self.kv_proj(x)
+        score = self.gate_proj(x) + self.position_bias[pos % rate]  # the bias by position within the window
+        src_kv = torch.cat((cache.kv[slots].to(kv.dtype), kv), dim=1)  # [N, ring + T, width]: past ring, then new
+        src_score = torch.cat((cache.score[slots].to(score.dtype), score), dim=1)
+        first, end = start // rate, (start + T) // rate  # entries made before / after these tokens [N]
+        M = int((end - first).max())
+        if M > 0:
+            w = first[:, None] + torch.arange(M, device=x.device)  # [N, M] entries to make (past `end`: padding)
+
+            def tokens(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # positions [N, M, rate] -> kv, score
+                idx = torch.where(p >= start[:, None, None], ring + p - start[:, None, None], p % ring)
+                idx = idx.clamp(max=ring + T - 1).view(N, -1, 1).expand(-1, -1, width)
+                return src_kv.gather(1, idx).view(N, M, rate, width), src_score.gather(1, idx).view(N, M, rate, width)
+
+            p = w[..., None] * rate + torch.arange(rate, device=x.device)  # [N, M, rate]: window w's positions
+            kv_w, score_w = tokens(p)
+            if self.overlap:  # [window w-1's first halves | window w's second halves], as in forward
+                d, (kv_p, score_p), absent = self.dim, tokens(p - rate), (p < rate)[..., None]
+                kv_w = torch.cat((kv_p[..., :d].masked_fill(absent, 0), kv_w[..., d:]), dim=2)
+                score_w = torch.cat((score_p[..., :d].masked_fill(absent, float("-inf")), score_w[..., d:]), dim=2)
+            pooled = (kv_w * score_w.softmax(dim=2, dtype=torch.float32).to(kv_w.dtype)).sum(dim=2)  # [N, M, dim]
+            cos, sin = rope_at(w * rate)
+            entries = apply_rope_tail(self.kv_norm(pooled).unsqueeze(2), cos, sin).squeeze(2)
+            made = w < end[:, None]
+            rows = slots[:, None].expand(N, M)
+            cache.entries[rows[made], w[made]] = entries[made].to(cache.entries.dtype)
+        keep = pos[:, -ring:] % ring  # the last `ring` tokens wait for their windows to close
+        cache.kv[slots[:, None], keep] = kv[:, -ring:].to(cache.kv.dtype)
+        cache.score[slots[:, None], keep] = score[:, -ring:].to(cache.score.dtype)
+
 
 class CompressedIndexer(nn.Module):
     """V4's lightning indexer: its own overlapping compressor (width index_head_dim) makes one key per CSA entry;
@@ -93,6 +187,27 @@ class CompressedIndexer(nn.Module):
         q = apply_rope_tail(self.q_b_proj(c_q).view(B, T, self.n_heads, self.head_dim), cos, sin)
         return select_topk(index_scores(q, keys, self.weights_proj(x)), visible, self.topk)
 
+    @torch.no_grad()
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        c_q: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        visible: torch.Tensor,
+        cache: CompressorCache,
+        slots: torch.Tensor,
+        start: torch.Tensor,
+        rope_at: RopeAt,
+    ) -> torch.Tensor:
+        """As forward for new tokens (positions start[n] + t), keys from the cache after adding the entries the
+        new tokens complete: [N, T, T_c] bool of the visible [N, T, T_c]."""
+        N, T, _ = x.shape
+        self.compressor.forward_cached(x, start, cache, slots, rope_at)
+        keys = cache.entries[slots, : visible.shape[-1]].to(x.dtype)  # [N, T_c, d_I]
+        q = apply_rope_tail(self.q_b_proj(c_q).view(N, T, self.n_heads, self.head_dim), cos, sin)
+        return select_topk(index_scores(q, keys, self.weights_proj(x)), visible, self.topk)
+
 
 class CompressedAttention(nn.Module):
     """One V4 attention layer of any of the three types (sliding_attention, CSA, HCA)."""
@@ -117,13 +232,19 @@ class CompressedAttention(nn.Module):
         self.compressor = Compressor(H, d, self.rate, is_csa, c.rms_norm_eps) if self.rate else None
         self.indexer = CompressedIndexer(c, self.rate) if is_csa else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal attention over x [B, T, hidden]; cos/sin [T, 1, d_R/2] from this layer's rope set."""
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Query latent c_Q [B, T, q_r], roped queries [B, T, n_h, d] and the roped key = value [B, T, d]."""
         B, T, _ = x.shape
         c_q = self.q_a_norm(self.q_a_proj(x))
         q = self.q_b_proj(c_q).view(B, T, self.n_heads, self.head_dim)
         q = apply_rope_tail(F.rms_norm(q.float(), (self.head_dim,), None, self.eps).to(x.dtype), cos, sin)
-        kv = apply_rope_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(2), cos, sin).squeeze(2)  # [B, T, d]
+        kv = apply_rope_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(2), cos, sin).squeeze(2)
+        return c_q, q, kv
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal attention over x [B, T, hidden]; cos/sin [T, 1, d_R/2] from this layer's rope set."""
+        B, T, _ = x.shape
+        c_q, q, kv = self._project(x, cos, sin)
         pos = torch.arange(T, device=x.device)
         visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window)  # [T, T]
         visible = visible.expand(B, T, T)
@@ -134,6 +255,51 @@ class CompressedAttention(nn.Module):
                 ready = self.indexer(x, c_q, cos, sin, ready)
             kv = torch.cat((kv, entries), dim=1)
             visible = torch.cat((visible, ready.expand(B, *ready.shape[-2:])), dim=-1)  # [B, T, T + T_c]
+        return self._attend(q, kv, visible, cos, sin)
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rope_at: RopeAt,
+        cache: LayerCacheV4,
+        slots: torch.Tensor,
+        start: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention for new tokens x [N, T, hidden] of the sequences in cache rows `slots`, row n at positions
+        start[n] .. start[n] + T - 1 (cos/sin [N, T, 1, d_R/2]; rope_at: this layer's rope at any positions).
+        Updates the cache in place: the entries the new tokens complete first (later new tokens attend to
+        them), the window ring last (the new tokens read the keys before them)."""
+        N, T, _ = x.shape
+        c_q, q, kv = self._project(x, cos, sin)
+        ring = cache.window.shape[1]
+        pos = start[:, None] + torch.arange(T, device=x.device)  # [N, T]
+        # ring row j holds the latest position < start that is j mod ring (negative: never written)
+        past = start[:, None] - 1 - (start[:, None] - 1 - torch.arange(ring, device=x.device)) % ring  # [N, ring]
+        seen = (past[:, None] >= 0) & (past[:, None] > pos[..., None] - self.window)  # [N, T, ring]
+        t = torch.arange(T, device=x.device)
+        causal = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - self.window)  # [T, T]
+        keys = torch.cat((cache.window[slots].to(kv.dtype), kv), dim=1)  # [N, ring + T, d]
+        visible = torch.cat((seen, causal.expand(N, T, T)), dim=-1)
+        if self.compressor is not None:
+            self.compressor.forward_cached(x, start, cache.compressor, slots, rope_at)
+            n_entries = int(((start + T) // self.rate).max())
+            ready = torch.arange(n_entries, device=x.device) < ((pos + 1) // self.rate)[..., None]  # [N, T, T_c]
+            if self.indexer is not None:
+                ready = self.indexer.forward_cached(x, c_q, cos, sin, ready, cache.indexer, slots, start, rope_at)
+            keys = torch.cat((keys, cache.compressor.entries[slots, :n_entries].to(kv.dtype)), dim=1)
+            visible = torch.cat((visible, ready), dim=-1)
+        out = self._attend(q, keys, visible, cos, sin)
+        cache.window[slots[:, None], pos[:, -ring:] % ring] = kv[:, -ring:].to(cache.window.dtype)
+        return out
+
+    def _attend(
+        self, q: torch.Tensor, kv: torch.Tensor, visible: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Sink softmax of queries q [B, T, n_h, d] over keys = values kv [B, S, d] where visible [B, T, S], the
+        de-rotation and the grouped output projection: [B, T, hidden]."""
+        B, T = q.shape[:2]
         scores = (q.transpose(1, 2) @ kv.unsqueeze(1).mT) * self.head_dim**-0.5  # [B, H, T, S]
         scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
         sinks = self.sinks.view(1, -1, 1, 1).expand(B, -1, T, 1).to(scores.dtype)

@@ -68,6 +68,15 @@ def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> 
     return torch.matmul(w.unsqueeze(-2), dots).squeeze(-2)
 
 
+def indexer_kl(target: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The V3.2 indexer loss (report sec. 2.1.1): mean over queries of KL(p_t || softmax(I_t)) over the allowed
+    keys [B, T, S] (causal in the dense warm-up, the selected top-k in sparse training), where the target p_t
+    [B, T, S] is the main attention summed over heads and L1-normalised (no gradient) and I the index scores."""
+    log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(dim=-1)
+    log_p = target.clamp(min=1e-30).log()
+    return (target * (log_p - log_q)).masked_fill(~allowed, 0.0).sum(dim=-1).mean()
+
+
 def select_topk(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
     """Eq. 2: [B, Tq, S] bool, the (at most) topk visible keys of largest score per query; visible
     [B or 1, Tq, S] is the causal mask, so no future key is ever chosen."""

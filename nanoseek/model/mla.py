@@ -11,7 +11,9 @@ and `forward_cached`, for decoding, uses the absorbed form: kv_b_proj's key half
 its value half into the output, so attention runs over the latents directly.
 
 DeepSeek-V3.2 (config.sparse_attention): a lightning indexer (indexer.py) picks index_topk keys per query and
-the others are masked out; its keys are cached after the latent: [c_KV | rope(k_pe) | k^I].
+the others are masked out; its keys are cached after the latent: [c_KV | rope(k_pe) | k^I]. Training the indexer
+(`indexer_training`, set by the trainer): "dense" attends densely and fits the indexer to the attention by KL (the
+report's warm-up), "sparse" keeps the top-k and fits it on the selected keys; the loss lands in `indexer_loss`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.indexer import Indexer
+from nanoseek.model.indexer import Indexer, indexer_kl
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope
 
@@ -51,6 +53,8 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * c.v_head_dim, c.hidden_size, bias=bias)
         self.indexer = Indexer(c) if c.sparse_attention else None
+        self.indexer_training: str | None = None  # None | "dense" (warm-up) | "sparse": compute indexer_loss
+        self.indexer_loss: torch.Tensor | None = None  # of the last forward with gradients, when indexer_training
 
     def q_latent(self, x: torch.Tensor) -> torch.Tensor:
         """c_Q [B, T, q_r]: feeds q_b_proj and, in V3.2, the indexer's queries."""
@@ -83,7 +87,7 @@ class MLA(nn.Module):
         q_nope, q_pe = self.query(x, cos, sin, c_q)
         c_kv, k_pe = self.latent(x, cos, sin)
         mask = None  # None: plain causal
-        if self.indexer is not None and T > self.indexer.topk:
+        if self.indexer is not None and T > self.indexer.topk and self.indexer_training != "dense":
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask = self._select(x, c_q, cos, sin, self.indexer.keys(x, cos, sin), causal).unsqueeze(1)
         kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
@@ -101,7 +105,25 @@ class MLA(nn.Module):
             scale=self.softmax_scale,
         )  # [B, H, T, d_qk or d_v]
         o = o[..., : self.v_head_dim].transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim)
+        self.indexer_loss = None
+        if self.indexer_training is not None and self.indexer is not None and torch.is_grad_enabled():
+            self.indexer_loss = self._indexer_loss(x, c_q, cos, sin, q, k, mask)
         return self.o_proj(o)
+
+    def _indexer_loss(self, x, c_q, cos, sin, q, k, mask: torch.Tensor | None) -> torch.Tensor:
+        """indexer_kl against this forward's attention (mask [B, 1, T, T] of selected keys, None: causal). Inputs
+        are detached: the indexer learns only from this loss, the rest of the model only from the LM loss."""
+        T = x.shape[1]
+        causal = torch.ones(1, T, T, dtype=torch.bool, device=x.device).tril()
+        allowed = causal if mask is None else mask.squeeze(1)  # [1 or B, T, T]
+        with torch.no_grad():
+            logits = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * self.softmax_scale  # [B, H, T, T]
+            p = logits.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(dim=-1, dtype=torch.float32)
+            target = p.sum(dim=1)
+            target = target / target.sum(dim=-1, keepdim=True)
+        x, c_q = x.detach(), c_q.detach()
+        scores = self.indexer.scores(x, c_q, cos, sin, self.indexer.keys(x, cos, sin))
+        return indexer_kl(target, scores, allowed.expand_as(scores))
 
     def _select(self, x, c_q, cos, sin, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """DSA: [B, Tq, S] keys each query attends to (top-k of the visible by index score). No gradient flows

@@ -17,7 +17,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
 from nanoseek.model.block_v4 import BlockV4, RopeTables
-from nanoseek.model.compressed_attention import CompressedAttention, Compressor
+from nanoseek.model.compressed_attention import CompressedAttention, Compressor, LayerCacheV4
 from nanoseek.model.hyper_connections import HyperConnection, HyperHead
 from nanoseek.model.mla import write_latents
 from nanoseek.model.moe import Experts, MoE, hash_table
@@ -30,14 +30,17 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Losses:
-    """Separate loss terms; `total(mtp_weight)` = main + lambda * mtp + aux (V3 report eq. 25 and 20)."""
+    """Separate loss terms; `total(mtp_weight)` = main + lambda * mtp + aux (V3 report eq. 25 and 20) + the V3.2
+    indexer's KL loss, which reaches only the indexer."""
 
     main: torch.Tensor
     mtp: torch.Tensor  # mean over MTP depths of their cross-entropy (0 without MTP)
     aux: torch.Tensor  # sum over MoE layers of the alpha-weighted sequence-wise balance loss (0 when off)
+    indexer: torch.Tensor | None = None  # sum over layers of the indexer KL loss (None unless indexer training)
 
     def total(self, mtp_weight: float = 0.3) -> torch.Tensor:
-        return self.main + mtp_weight * self.mtp + self.aux
+        total = self.main + mtp_weight * self.mtp + self.aux
+        return total if self.indexer is None else total + self.indexer
 
 
 class Transformer(nn.Module):
@@ -177,6 +180,9 @@ class Transformer(nn.Module):
         MTP depth k at position i sees Emb(t_{i+k}) = Emb(targets[i+k-1]) and predicts targets[i+k].
         mtp=False skips the MTP modules (their loss is then 0), e.g. when the MTP loss weight is 0.
         """
+        for m in self.modules():  # only this forward's indexer losses count
+            if getattr(m, "indexer_loss", None) is not None:
+                m.indexer_loss = None
         h, (cos, sin) = self.hidden(input_ids)
         V = self.config.vocab_size
         main = F.cross_entropy(self.lm_head(h).view(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX)
@@ -192,7 +198,18 @@ class Transformer(nn.Module):
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else zero
         aux_terms = [m.aux_loss for m in self.moe_layers() if self.training and m.aux_loss is not None]
         aux = torch.stack(aux_terms).sum() if aux_terms else zero
-        return Losses(main=main, mtp=mtp, aux=aux)
+        index_terms = [m.indexer_loss for m in self.modules() if getattr(m, "indexer_loss", None) is not None]
+        indexer = torch.stack(index_terms).sum() if index_terms else None
+        return Losses(main=main, mtp=mtp, aux=aux, indexer=indexer)
+
+    def set_indexer_training(self, mode: str | None) -> None:
+        """V3.2: "dense" (warm-up: dense attention, the indexer fitted to it by KL), "sparse" (top-k attention, the
+        indexer fitted on its selection) or None (the indexer is not trained) in every MLA layer, MTP included."""
+        if mode not in (None, "dense", "sparse"):
+            raise ValueError(f"indexer training mode must be None, 'dense' or 'sparse', got {mode!r}")
+        for m in self.modules():
+            if getattr(m, "indexer", None) is not None and hasattr(m, "indexer_training"):
+                m.indexer_training = mode
 
     def _check_input(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -251,8 +268,9 @@ class TransformerV4(Transformer):
     """DeepSeek-V4 (V4 report sec. 2): the token's embedding is copied into hc_mult residual streams, BlockV4s
     (block_v4.py) mix them, HyperHead collapses them before the final norm. Shares Transformer's loss terms, MoE
     bookkeeping and parameter counting; module names follow transformers' DeepseekV4 (`attn_hc`, `hc_head`), and
-    checkpoint/hub_v4.py maps them to DeepSeek's hub names. Not built yet: V4's MTP block (transformers has none
-    either), decode caches (window, compressed entries, partial windows) and an indexer training loss."""
+    checkpoint/hub_v4.py maps them to DeepSeek's hub names. Decoding: `forward_cached` over per-layer caches
+    (compressed_attention.LayerCacheV4). Not built yet: V4's MTP block (transformers has none either) and an
+    indexer training loss."""
 
     def __init__(self, config: ModelConfig) -> None:
         nn.Module.__init__(self)
@@ -313,13 +331,15 @@ class TransformerV4(Transformer):
                 gate.e_score_correction_bias.zero_()
 
     # --------------------------------------------------------------- forward
+    def rope_at(self, name: str, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [..., 1, d_R/2] of rope set `name` ("main" or "compress") at positions [...]."""
+        inv_freq, factor = self.inv_freqs[name]
+        cos, sin = rope_cos_sin(inv_freq.to(positions.device), factor, positions, dtype)
+        return cos.unsqueeze(-2), sin.unsqueeze(-2)
+
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
-        """{"main", "compress"}: cos, sin [T, 1, d_R/2] for positions [T]."""
-        tables = {}
-        for name, (inv_freq, factor) in self.inv_freqs.items():
-            cos, sin = rope_cos_sin(inv_freq.to(positions.device), factor, positions, dtype)
-            tables[name] = (cos.unsqueeze(-2), sin.unsqueeze(-2))
-        return tables
+        """{"main", "compress"}: cos, sin [..., T, 1, d_R/2] for positions [..., T]."""
+        return {name: self.rope_at(name, positions, dtype) for name in self.inv_freqs}
 
     def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, RopeTables]:
         """Final-normed hidden states [B, T, d] (after the streams' collapse) and the rope tables used."""
@@ -341,13 +361,39 @@ class TransformerV4(Transformer):
         aux_terms = [m.aux_loss for m in self.moe_layers() if self.training and m.aux_loss is not None]
         return Losses(main=main, mtp=zero, aux=torch.stack(aux_terms).sum() if aux_terms else zero)
 
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        caches: list[LayerCacheV4],
+        slots: torch.Tensor,
+        start: torch.Tensor,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Incremental forward: new tokens [N, T] of the sequences in cache rows `slots`, row n at positions
+        start[n] .. start[n] + T - 1 (start[n] = tokens it has cached; rows may differ). caches: one
+        LayerCacheV4 per layer (nanoseek.infer.cache.CompressedKVCache), updated in place: unlike V3's latent
+        cache, a V4 step must write before it reads (entries completed by a chunk are visible to its later
+        tokens). Returns (logits [N, T or 1, V], final-normed hidden [N, T, d])."""
+        x = self.embed_tokens(input_ids)
+        positions = start.unsqueeze(1) + torch.arange(input_ids.shape[1], device=input_ids.device)  # [N, T]
+        rope = self.rope_tables(positions, x.dtype)
+
+        def rope_at(name: str, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.rope_at(name, pos, x.dtype)
+
+        streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
+        for layer, cache in zip(self.layers, caches, strict=True):
+            streams = layer.forward_cached(streams, rope, rope_at, input_ids, cache, slots, start)
+        h = self.norm(self.hc_head(streams))
+        return self.lm_head(h[:, -1:] if last_only else h), h
+
     def cached_step(self, *args, **kwargs):
         raise NotImplementedError(
-            "DeepSeek-V4 has no decode cache in nanoseek yet (sliding window + compressed entries); "
-            "use the full forward"
+            "DeepSeek-V4's decode step updates its cache in place (forward_cached); the engine's pure, compiled "
+            "V3 step does not apply"
         )
 
-    forward_cached = mtp_cached_step = cached_step
+    mtp_cached_step = cached_step
 
 
 def _shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:

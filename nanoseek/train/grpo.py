@@ -96,6 +96,7 @@ class GRPOConfig:
     lr: float = 3e-5
     warmup: int = 10  # steps, then constant (DAPO)
     weight_decay: float = 0.0
+    optim: str = "adamw"  # adamw | muon
     max_grad_norm: float = 1.0
     beta: float = 0.0  # KL coefficient; 0 => no reference model
     clip_low: float = 0.2
@@ -288,7 +289,7 @@ def grpo(
     else:
         ref_model = None  # beta = 0: no reference kept in memory (recipe sec. 0.3)
     par = Parallel(model, env, "ddp", mtp=False)  # one process: a pass-through
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, optim=cfg.optim)
     step, elapsed0 = 0, 0.0
     if resume_from is not None:
         step, elapsed0, state = restore_run(resume_from, prompts, "prompts")

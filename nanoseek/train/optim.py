@@ -1,4 +1,5 @@
-"""What changes the model each step: AdamW over the parameters, and the aux-loss-free balancing of the router bias.
+"""What changes the model each step: AdamW (or Muon, train/muon.py) over the parameters, and the aux-loss-free
+balancing of the router bias.
 
 Weight decay applies to matrices and embeddings (every tensor with >= 2 dims: linear weights, stacked
 experts, the router, embeddings and head), never to norms or biases (DeepSeek-V3: AdamW, betas 0.9/0.95,
@@ -11,6 +12,9 @@ import torch
 from torch import nn
 
 from nanoseek.model import Transformer
+from nanoseek.train.muon import build_muon
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 def build_optimizer(
@@ -20,11 +24,17 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     fused: bool | None = None,
-) -> torch.optim.AdamW:
-    """AdamW with two groups (decay: >= 2-D tensors; no decay: norms and biases), in named_parameters order.
+    optim: str = "adamw",
+) -> torch.optim.Optimizer:
+    """AdamW with two groups (decay: >= 2-D tensors; no decay: norms and biases), in named_parameters order;
+    optim="muon": Muon on the hidden matrices, AdamW (same lr) on the rest (train/muon.py).
 
     fused=None uses the fused CUDA kernel when every parameter is on a CUDA device.
     """
+    if optim == "muon":
+        return build_muon(model, lr, weight_decay, betas, eps)
+    if optim != "adamw":
+        raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {optim!r}")
     decay, no_decay = [], []
     for p in model.parameters():  # deduplicated, so a tied embedding/head appears once
         if p.requires_grad:
@@ -48,6 +58,25 @@ def expert_bias_step(model: Transformer, loads: torch.Tensor | None, gamma: floa
     if gamma == 0 or loads is None or loads.numel() == 0 or model.config.topk_method != "noaux_tc":
         return
     model.update_expert_bias(loads, gamma)
+
+
+def indexer_stage(model: Transformer, step: int, warmup: int | None) -> bool:
+    """V3.2's indexer training (report sec. 2.1.1) at optimizer step `step`: None leaves the indexer untrained;
+    else the first `warmup` steps are the dense warm-up (dense attention, only the indexer learns, by KL) and
+    the rest sparse training (top-k attention, the indexer fitted on its selection). True in the warm-up."""
+    if warmup is None:
+        return False
+    if not model.config.sparse_attention:
+        raise ValueError("--indexer-warmup trains the V3.2 lightning indexer: the model has none (deepseek_v32)")
+    model.set_indexer_training("dense" if step < warmup else "sparse")
+    return step < warmup
+
+
+def keep_only_indexer_grads(model: nn.Module) -> None:
+    """Warm-up: drop every other gradient, so the optimizer leaves those weights (and their state) as they are."""
+    for name, p in model.named_parameters():
+        if ".indexer." not in name:
+            p.grad = None
 
 
 def max_load_violation(loads: torch.Tensor) -> list[float]:

@@ -2,13 +2,15 @@
 
 One optimizer step: for each of grad_accum micro-batches, forward with MTP (`compute_loss`), backward
 total(mtp_weight) / grad_accum and sum the expert loads; then clip the grad norm, set the scheduled lr,
-AdamW step, aux-loss-free bias update from the summed loads, zero grads. bf16 autocast on CUDA, fp32 on CPU.
+AdamW (or Muon) step, aux-loss-free bias update from the summed loads, zero grads. bf16 autocast on CUDA, fp32
+on CPU. V3.2 with --indexer-warmup N: the indexer's KL loss joins the total; the first N steps update the indexer
+alone, over dense attention (optim.indexer_stage).
 
 `train(cfg, model, loader, run_dir, ...)` takes any loader with `next_batch() -> (inputs, targets)`,
 `state_dict()` and `load_state_dict()`, so SFT passes its own (targets -100 outside completions).
 `run_pretrain(PretrainJob)` is the stage: it builds (or resumes) the model and the token loaders, then calls it.
 
-Resume is exact in --steps mode: the model (incl. the MoE bias buffer), AdamW state, RNG states, loader
+Resume is exact in --steps mode: the model (incl. the MoE bias buffer), optimizer state, RNG states, loader
 cursor and step come back from the checkpoint, and the lr is a pure function of the step. With
 --time-budget the schedule follows wall time: the elapsed time is saved in each checkpoint and a resumed
 run continues the clock from there (the time between that save and the interruption is not counted),
@@ -37,12 +39,7 @@ from nanoseek.checkpoint.dcp import (
     save_distributed_checkpoint,
 )
 from nanoseek.checkpoint.hf import load_model
-from nanoseek.checkpoint.run import (
-    latest_checkpoint,
-    resolve_model_dir,
-    resume_point,
-    save_checkpoint,
-)
+from nanoseek.checkpoint.run import latest_checkpoint, resolve_model_dir, resume_point, save_checkpoint
 from nanoseek.config import ModelConfig
 from nanoseek.data.shards import TokenLoader, find_tokenizer, load_manifest
 from nanoseek.distributed.data_parallel import DP_MODES, Parallel
@@ -52,7 +49,14 @@ from nanoseek.model.flops import flops_per_token
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.metrics import MetricsLogger, write_plots
-from nanoseek.train.optim import build_optimizer, expert_bias_step, max_load_violation
+from nanoseek.train.optim import (
+    OPTIMIZERS,
+    build_optimizer,
+    expert_bias_step,
+    indexer_stage,
+    keep_only_indexer_grads,
+    max_load_violation,
+)
 from nanoseek.train.run import (
     Clock,
     default_peak_flops,
@@ -98,10 +102,12 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | wsd
     decay_frac: float = 0.2  # wsd: share of the run spent decaying
     weight_decay: float = 0.1
+    optim: str = "adamw"  # adamw | muon (Newton-Schulz orthogonalised momentum on hidden matrices)
     clip: float = 1.0  # max grad norm (0: no clipping)
     mtp_weight: float = 0.3
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed
     aux_alpha: float | None = None  # sequence-wise balance loss weight (None: the model config's)
+    indexer_warmup: int | None = None  # V3.2: train the indexer by KL, after this many dense warm-up steps
     seed: int = 0
     save_every: int = 1000  # steps (0: only at the end)
     keep_last: int = 3
@@ -126,12 +132,16 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be cpu, cuda or auto, got {self.device!r}")
+        if self.indexer_warmup is not None and self.indexer_warmup < 0:
+            raise ValueError(f"--indexer-warmup must be >= 0 steps, got {self.indexer_warmup}")
         if self.ep < 1:
             raise ValueError(f"--ep must be >= 1, got {self.ep}")
         if self.dp not in DP_MODES:
@@ -227,7 +237,7 @@ def train(
     if cfg.aux_alpha is not None:
         set_aux_alpha(model, cfg.aux_alpha)
     par = Parallel(model, env, cfg.dp, mtp=cfg.mtp_weight > 0, ep=cfg.ep if env.distributed else 1)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, optim=cfg.optim)
     step, elapsed0 = 0, 0.0
     if resume_from is not None:
         step, elapsed0, state = restore_run(resume_from, loader, "loader")
@@ -269,7 +279,8 @@ def train(
             lr = lr_at(step, progress, cfg.lr, cfg.schedule, cfg.warmup, cfg.min_lr_ratio, cfg.decay_frac)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums = torch.zeros(3, device=device)  # main, mtp, aux (averaged over micro-batches)
+            warmup_stage = indexer_stage(model, step, cfg.indexer_warmup)  # True: only the indexer learns
+            sums = torch.zeros(4, device=device)  # main, mtp, aux, indexer (averaged over micro-batches)
             loads = None
             for micro in range(cfg.grad_accum):
                 x, y = loader.next_batch()
@@ -278,15 +289,18 @@ def train(
                     with autocast:
                         losses = compute_loss(x, y, mtp=cfg.mtp_weight > 0)
                     (losses.total(cfg.mtp_weight) / cfg.grad_accum).backward()
-                sums += torch.stack([losses.main, losses.mtp, losses.aux]).detach().float() / cfg.grad_accum
+                index_loss = losses.main.new_zeros(()) if losses.indexer is None else losses.indexer
+                sums += torch.stack([losses.main, losses.mtp, losses.aux, index_loss]).detach().float() / cfg.grad_accum
                 step_loads = model.expert_loads()
                 loads = step_loads if loads is None else loads + step_loads
             if loads is not None:  # the same counts, hence the same bias update, on every rank
                 loads = all_reduce(loads, env)
             par.reduce_gradients()
+            if warmup_stage:
+                keep_only_indexer_grads(model)
             gnorm = par.clip_grad_norm(cfg.clip)
-            main, mtp, aux = all_reduce(sums, env, op="mean").tolist()
-            total = main + cfg.mtp_weight * mtp + aux
+            main, mtp, aux, index_loss = all_reduce(sums, env, op="mean").tolist()
+            total = main + cfg.mtp_weight * mtp + aux + index_loss
             if not (math.isfinite(total) and math.isfinite(gnorm)):
                 good = latest_checkpoint(run_dir)
                 raise NonFiniteLoss(
@@ -296,7 +310,7 @@ def train(
                     + (" (continue with --resume, e.g. after lowering --lr)" if good else "")
                 )
             optimizer.step()
-            expert_bias_step(model, loads, cfg.bias_gamma)
+            expert_bias_step(model, loads, 0.0 if warmup_stage else cfg.bias_gamma)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             clock.agree()
@@ -313,6 +327,7 @@ def train(
                 val_loss = evaluate(model, val_loader, n, autocast, env)
             if logger is not None and (step % cfg.log_every == 0 or is_eval or clock.finished(step)):
                 record = dict(step=step, loss=main, mtp_loss=mtp, aux_loss=aux, lr=lr, grad_norm=gnorm)
+                record |= {"indexer_loss": index_loss} if cfg.indexer_warmup is not None else {}
                 record |= {"tokens_per_s": tokens_per_s, "mfu": flops_tok * tokens_per_s / peak}
                 record["max_load_violation"] = max_load_violation(loads) if loads is not None and loads.numel() else []
                 record |= {"tokens": step * tokens_per_step, "elapsed_s": clock.elapsed()}
