@@ -285,11 +285,11 @@ def test_the_cli_turns_a_stopped_stage_into_a_message_and_an_exit_status(tmp_pat
 def test_bias_update_balances_expert_loads(data, tmp_path):
     def late_violation(gamma: float) -> float:
         run = tmp_path / f"gamma{gamma}"
-        run_pretrain(job(data, run, steps=40, bias_gamma=gamma, aux_alpha=0.0))
+        run_pretrain(job(data, run, steps=80, bias_gamma=gamma, aux_alpha=0.0))  # 40 steps: too close to call
         records = read_metrics(run / "metrics.jsonl")[-10:]
         return sum(sum(r["max_load_violation"]) for r in records) / len(records)
 
-    assert late_violation(0.01) < late_violation(0.0)
+    assert late_violation(0.01) < late_violation(0.0) * 0.75  # after 40 steps the two were too close to call
 
 
 def test_time_budget_sizes_the_run_and_the_schedule(data, tmp_path):

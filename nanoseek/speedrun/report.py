@@ -62,7 +62,7 @@ def _train_stage_stats(run_dir: Path, wall_s: float) -> dict[str, Any]:
 
 def _grpo_stats(run_dir: Path, wall_s: float, recipe: Recipe) -> dict[str, Any]:
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward_mean" in r]
-    per_step = recipe.grpo_prompts * recipe.grpo_group
+    per_step = recipe.grpo_prompts * recipe.grpo_group * recipe.processes  # prompts per step count per process
     tokens = sum(r["response_len"] * per_step * r.get("rounds", 1) for r in records)
     roll = sum(r["rollout_s"] for r in records)
     upd = sum(r["update_s"] for r in records)
@@ -330,11 +330,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rec = r["recipe"]
+    procs = f"{rec.get('processes', 1)} x " if rec.get("processes", 1) > 1 else ""  # batches count per process
     what = {
-        "pretrain": f"worked solutions of all levels, batch {rec['pretrain_batch']}, lr {rec['pretrain_lr']}, WSD",
+        "pretrain": f"worked solutions of all levels, batch {procs}{rec['pretrain_batch']}, lr {rec['pretrain_lr']}, WSD",
         "sft": f"chat format; {100 * rec['worked_fraction']:.0f}% of completions worked, the rest answer-only "
         f"(R1's cold start), lr {rec['sft_lr']}",
-        "grpo": f"{rec['grpo_prompts']} prompts x {rec['grpo_group']} samples, T {rec['grpo_temperature']}, "
+        "grpo": f"{procs}{rec['grpo_prompts']} prompts x {rec['grpo_group']} samples, T {rec['grpo_temperature']}, "
         f"lr {rec['grpo_lr']}, reward = the verifier's 0/1 only",
     }
     for name in ("pretrain", "sft"):
