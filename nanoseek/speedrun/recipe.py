@@ -60,7 +60,7 @@ class Recipe:
     usd_per_hour: float = 0.10  # the machine's price, for the cost estimate
 
     def validate(self) -> None:
-        for f in ("pretrain_steps", "sft_steps", "grpo_steps", "eval_n", "k"):
+        for f in ("pretrain_steps", "sft_steps", "grpo_steps", "eval_n", "k", "processes"):
             if getattr(self, f) < 1:
                 raise ValueError(f"--set {f}: must be >= 1, got {getattr(self, f)}")
         if not 0 <= self.worked_fraction <= 1:
