@@ -30,7 +30,7 @@ class Recipe:
     # pretraining on both cores (2 processes x batch 4 x 256 tokens a step, 7.2M tokens): the model passes its phase
     # change (copying operands into the steps, one digit fact per `=`) after ~2,000 steps; 1,250 steps of one
     # process left it at 2-5% (BENCHMARKS.md, "The speedrun", pilots P1-P3)
-    pretrain_steps: int = 3500
+    pretrain_steps: int = 3750
     pretrain_batch: int = 4  # per process
     pretrain_lr: float = 4e-3
     mtp_weight: float = 0.0
@@ -41,7 +41,7 @@ class Recipe:
     sft_lr: float = 1e-3
     worked_fraction: float = 0.9  # greedy then skips its steps on ~40% of problems (0.95-1.0: on 0-2%)
     # GRPO (correctness reward only)
-    grpo_steps: int = 60
+    grpo_steps: int = 40
     grpo_lr: float = 6e-5
     grpo_prompts: int = 8  # per process: 16 a step on 2 processes
     grpo_group: int = 8
