@@ -27,7 +27,7 @@ class Recipe:
     # reasoning on 97% of problems (60.4%); 0.4 made it skip on 84% but never learn the multi-digit steps (10.5%,
     # SFT 27.4%): BENCHMARKS.md, issue 19
     pretrain_worked_fraction: float = 1.0
-    # pretraining on both cores (2 processes x batch 4 x 256 tokens a step, 7.2M tokens): the model passes its phase
+    # pretraining on both cores (2 processes x batch 4 x 256 tokens a step, 7.7M tokens): the model passes its phase
     # change (copying operands into the steps, one digit fact per `=`) after ~2,000 steps; 1,250 steps of one
     # process left it at 2-5% (BENCHMARKS.md, "The speedrun", pilots P1-P3)
     pretrain_steps: int = 3750
