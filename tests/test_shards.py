@@ -63,8 +63,9 @@ def test_shards_roll_over_and_dtype_follows_vocab(tok, tmp_path):
 def test_prepare_replaces_an_earlier_data_dir_but_not_other_dirs(tok, tmp_path):
     out = tmp_path / "d"
     prepare(tok, out, builtin=["arithmetic"], n=50)
-    prepare(tok, out, builtin=["countdown"], n=50)
+    prepare(tok, out, builtin=["countdown"], n=50, worked_fraction=0.5)
     assert load_manifest(out)["sources"] == {"builtin": 50}
+    assert load_manifest(out)["builtin"] == {"tasks": ["countdown"], "n": 50, "seed": 0, "worked_fraction": 0.5}
     other = tmp_path / "precious"
     other.mkdir()
     (other / "keep.txt").write_text("x")

@@ -4,7 +4,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoseek.tasks.problems import ARITHMETIC_LEVELS, COUNTDOWN_LEVELS, generate, split_of, worked_step
+from nanoseek.tasks.problems import (
+    ARITHMETIC_LEVELS,
+    COUNTDOWN_LEVELS,
+    builtin_corpus,
+    generate,
+    split_of,
+    worked_step,
+)
 from nanoseek.tasks.verify import countdown_value, extract_answer, verify, verify_arithmetic, verify_countdown
 
 
@@ -96,6 +103,21 @@ def test_chat_and_rl_renderings():
     assert p.chat(worked=False)[1]["content"] == f"<think></think> {p.answer}"
     rl = p.rl_example()
     assert rl["prompt"] == p.prompt and rl["answer"] == p.answer and rl["task"] == "arithmetic"
+
+
+def test_pretraining_corpus_mixes_worked_and_answer_only_texts():
+    """`worked_fraction` decides each problem's rendering by the seed: the same problems in the same order, a
+    share of them answer-only, reproducibly; 1.0 (the default) keeps every worked solution."""
+    full = builtin_corpus(400, seed=3, tasks=("arithmetic",))
+    mixed = builtin_corpus(400, seed=3, tasks=("arithmetic",), worked_fraction=0.7)
+    assert mixed == builtin_corpus(400, seed=3, tasks=("arithmetic",), worked_fraction=0.7)
+    assert all("<think></think>" not in t for t in full)
+    bare = [m for m in mixed if "<think></think>" in m]
+    assert 0.2 < len(bare) / len(mixed) < 0.4
+    for f, m in zip(full, mixed):
+        assert m == f or m == f.split("<think>")[0] + "<think></think> " + f.split("</think> ")[1]
+    with pytest.raises(ValueError, match="worked_fraction"):
+        builtin_corpus(10, worked_fraction=1.5)
 
 
 def test_unknown_task_level_or_split_is_a_clear_error():

@@ -162,8 +162,10 @@ def prepare(
     val_fraction: float = 0.05,
     tokenizer_path: str | None = None,
     shard_tokens: int = SHARD_TOKENS,
+    worked_fraction: float = 1.0,
 ) -> dict:
-    """Tokenize inputs (and/or built-in task texts, n problems per task) into out_dir; return the manifest."""
+    """Tokenize inputs (and/or built-in task texts, n problems per task, a share `worked_fraction` of them with
+    worked solutions) into out_dir; return the manifest."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction} must be in [0, 1)")
     inputs, builtin = list(inputs), list(builtin)
@@ -174,7 +176,9 @@ def prepare(
     if builtin:
         from nanoseek.tasks.problems import builtin_corpus
 
-        docs.append((text, "builtin") for text in builtin_corpus(n, seed, tuple(builtin)))
+        docs.append(
+            (text, "builtin") for text in builtin_corpus(n, seed, tuple(builtin), worked_fraction=worked_fraction)
+        )
     if not docs:
         raise ValueError("no input: pass --input PATH... and/or --builtin arithmetic countdown")
 
@@ -221,6 +225,9 @@ def prepare(
                 s: {"tokens": w.tokens, "documents": w.documents, "shards": w.shards} for s, w in writers.items()
             },
             "sources": sources,
+            "builtin": {"tasks": builtin, "n": n, "seed": seed, "worked_fraction": worked_fraction}
+            if builtin
+            else None,
             "val_fraction": val_fraction,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

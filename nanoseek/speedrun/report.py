@@ -332,7 +332,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     rec = r["recipe"]
     procs = f"{rec.get('processes', 1)} x " if rec.get("processes", 1) > 1 else ""  # batches count per process
     what = {
-        "pretrain": f"worked solutions of all levels, batch {procs}{rec['pretrain_batch']}, lr {rec['pretrain_lr']}, WSD",
+        "pretrain": f"all levels, {100 * rec.get('pretrain_worked_fraction', 1.0):.0f}% worked, the rest answer-only; "
+        f"batch {procs}{rec['pretrain_batch']}, lr {rec['pretrain_lr']}, WSD",
         "sft": f"chat format; {100 * rec['worked_fraction']:.0f}% of completions worked, the rest answer-only "
         f"(R1's cold start), lr {rec['sft_lr']}",
         "grpo": f"{procs}{rec['grpo_prompts']} prompts x {rec['grpo_group']} samples, T {rec['grpo_temperature']}, "

@@ -128,7 +128,14 @@ def tokenizer_stage(out: Path, r: Recipe) -> Tokenizer:
 def prepare_stage(tok_dir: Path, out: Path, r: Recipe) -> dict:
     """Token shards of `r.n` worked problems of the task (`nanoseek prepare --builtin TASK`); returns the manifest."""
     print(f"\n== prepare: {r.n:,} {TASK} problems -> {out}", flush=True)
-    m = prepare(Tokenizer.from_pretrained(tok_dir), out, builtin=[TASK], n=r.n, tokenizer_path=str(tok_dir))
+    m = prepare(
+        Tokenizer.from_pretrained(tok_dir),
+        out,
+        builtin=[TASK],
+        n=r.n,
+        tokenizer_path=str(tok_dir),
+        worked_fraction=r.pretrain_worked_fraction,
+    )
     print(", ".join(f"{s}: {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in m["splits"].items()))
     return m
 

@@ -59,8 +59,8 @@ class Problem:
         steps = " ".join(self.steps) if worked else ""
         return f"{THINK_START}{steps}{THINK_END} {self.answer}"
 
-    def pretrain_text(self) -> str:
-        return f"{self.prompt} {self.completion()}\n"
+    def pretrain_text(self, worked: bool = True) -> str:
+        return f"{self.prompt} {self.completion(worked)}\n"
 
     def chat(self, worked: bool = True) -> list[dict]:
         return [
@@ -226,11 +226,19 @@ def generate(task: str, n: int, seed: int, split: str = "train", level: str | No
 
 
 def builtin_corpus(
-    n: int, seed: int = 0, tasks: tuple[str, ...] = ("arithmetic", "countdown"), split: str = "train"
+    n: int,
+    seed: int = 0,
+    tasks: tuple[str, ...] = ("arithmetic", "countdown"),
+    split: str = "train",
+    worked_fraction: float = 1.0,
 ) -> list[str]:
-    """Pretraining texts: n problems per task, all levels mixed, tasks interleaved."""
+    """Pretraining texts: n problems per task, all levels mixed, tasks interleaved; each worked with probability
+    `worked_fraction`, else answer-only (`<think></think> answer`), as a web corpus holds both kinds."""
+    if not 0 <= worked_fraction <= 1:
+        raise ValueError(f"worked_fraction must be in [0, 1], got {worked_fraction}")
     per_task = [generate(t, n, seed, split) for t in tasks]
-    return [p.pretrain_text() for group in zip(*per_task) for p in group]
+    rng = random.Random(f"pretrain-worked:{seed}:{split}")
+    return [p.pretrain_text(worked=rng.random() < worked_fraction) for group in zip(*per_task) for p in group]
 
 
 # ----------------------------------------------------------------------------- verifiers
