@@ -7,7 +7,7 @@ Arms: `v3` (cpu-small, AdamW), `v4` (cpu-small-v4, AdamW), `v3-muon` (cpu-small,
 when cpu-small-v4's total differs from cpu-small's by more than 10%, the V4 arm's moe_intermediate_size is set to
 the value that brings it closest (V4 has no dense first layer, so its experts take the difference). No MTP in any
 arm (V4's MTP block does not exist yet; the speedrun pretrains with mtp_weight 0 too), so every parameter counted
-is trained. Every arm starts from seed-0 weights and reads the same batches (its own TokenLoader, same seed).
+is trained. Every arm starts from the same seed and reads the same batches (its own TokenLoader, same seed).
 
 Why alternating: the arms take turns in one process, `--chunk` steps each, so load from elsewhere on the machine
 hits every arm alike. Equal wall clock: each arm's own step time (data, forward, backward, optimizer) is summed,
@@ -119,7 +119,7 @@ def match_v4(v3_total: int, preset: str, manifest: dict) -> dict[str, Any]:
 
 
 def build_arm(name: str, preset: str, optim: str, overrides: dict, manifest: dict, data: Path, cfg: TrainConfig) -> Arm:
-    """A fresh arm: seed-0 weights (the two V3 arms start identical), its optimizer, a train loader at seed 0."""
+    """A fresh arm: weights from cfg.seed (the two V3 arms start identical), its optimizer, a train loader at cfg.seed."""
     cfg = dataclasses.replace(cfg, optim=optim)
     cfg.validate()
     torch.manual_seed(cfg.seed)
@@ -167,16 +167,26 @@ def run_chunk(arm: Arm, steps: int) -> None:
 
 def set_budget(arm: Arm, target_s: float) -> None:
     """Steps for the whole race from the probe's rate (its first chunk, with one-off costs, left out unless it
-    is the only one): the probe's steps + the time left x steps/s. Raises when the probe would reach WSD's decay."""
+    is the only one): the probe's steps + the time left x steps/s. When the probe took so much of the time that
+    it would reach past WSD's stable phase, the budget is raised to keep the schedule whole, and a warning says
+    that this arm will overrun --minutes (its train_s shows by how much)."""
     timed = arm.chunks[1:] or arm.chunks
     rate = sum(n for n, _ in timed) / sum(s for _, s in timed)
-    arm.budget = arm.step + max(0, round((target_s - arm.train_s) * rate))
-    arm.probe = {"steps": arm.step, "s": arm.train_s, "steps_per_s": rate}
-    if arm.step > (1 - arm.cfg.decay_frac) * arm.budget:
-        raise ValueError(
-            f"arm {arm.name}: the probe's {arm.step} steps reach past WSD's stable phase of a {arm.budget}-step "
-            "budget: raise --minutes or lower --chunk / --probe-chunks"
+    probed = arm.step + max(0, round((target_s - arm.train_s) * rate))
+    arm.budget = max(probed, min_budget(arm.step, arm.cfg.decay_frac))
+    arm.probe = {"steps": arm.step, "s": arm.train_s, "steps_per_s": rate, "budget": probed}
+    if arm.budget > probed:
+        print(
+            f"warning: arm {arm.name}: {probed} steps fit the time, but the probe's {arm.step} must stay in WSD's "
+            f"stable phase: {arm.budget} steps, more time than --minutes (raise it, or lower --chunk/--probe-chunks)",
+            file=sys.stderr,
+            flush=True,
         )
+
+
+def min_budget(probe_steps: int, decay_frac: float) -> int:
+    """The fewest steps whose WSD schedule keeps `probe_steps` in its stable phase (they ran before it was known)."""
+    return math.ceil(probe_steps / (1 - decay_frac))
 
 
 def val_batches(data: Path, cfg: TrainConfig, wanted: int) -> int:
@@ -321,6 +331,7 @@ def arm_result(arm: Arm, target_s: float, final_val: float, acc: dict[str, Any],
         "probe_steps": arm.probe["steps"],
         "probe_s": round(arm.probe["s"], 3),
         "probe_steps_per_s": round(arm.probe["steps_per_s"], 4),
+        "probe_budget": arm.probe["budget"],  # the steps that fit --minutes at the probe's rate
         "target_s": target_s,
         "train_s": round(arm.train_s, 2),
         "tokens": tokens,
@@ -397,6 +408,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="the cpu speedrun's global batch (2 x 4)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=4e-3, help="the cpu speedrun's pretraining lr")
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="lr warmup steps (nanoseek train's)")
     p.add_argument("--chunk", type=int, default=25, help="steps an arm takes per turn")
     p.add_argument("--probe-chunks", type=int, default=3, help="turns per arm that measure its steps/s")
     p.add_argument("--curve-points", type=int, default=12, help="val-loss points per arm for the plot")
@@ -409,8 +421,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:  # sizes not given on the command line shrink
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-        smoke = dict(minutes=0.1, threads=1, batch_size=4, seq_len=64, chunk=4, probe_chunks=2, curve_points=4)
-        smoke |= dict(curve_batches=2, val_batches=2, eval_n=14, eval_max_tokens=16)
+        smoke = dict(minutes=0.2, threads=1, batch_size=4, seq_len=64, chunk=2, probe_chunks=2, curve_points=4)
+        smoke |= dict(warmup=4, curve_batches=2, val_batches=2, eval_n=14, eval_max_tokens=16)
         for k, v in smoke.items():
             if f"--{k.replace('_', '-')}" not in given:
                 setattr(args, k, v)
@@ -429,11 +441,12 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     data, tokenizer = corpus(args)
     manifest = load_manifest(data)
-    cfg = TrainConfig(  # the rest (warmup, decay, clip, weight decay, bias gamma): `nanoseek train`'s defaults
+    cfg = TrainConfig(  # the rest (decay, clip, weight decay, bias gamma): `nanoseek train`'s defaults
         time_budget=60 * args.minutes,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lr=args.lr,
+        warmup=args.warmup,
         schedule="wsd",
         mtp_weight=0.0,
         seed=args.seed,
@@ -456,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     arms = [build_arm(n, presets[n], ARMS[n][1], overrides[n], manifest, data, cfg) for n in names]
     print(
         f"race: {len(arms)} arms x {args.minutes} min, batch {args.batch_size} x {args.seq_len}, lr {args.lr} "
-        f"(WSD), {args.threads} threads, {args.chunk} steps a turn; data {data}",
+        f"(WSD, warmup {args.warmup}), {args.threads} threads, {args.chunk} steps a turn; data {data}",
         flush=True,
     )
 

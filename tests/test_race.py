@@ -11,11 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.race import CachedGreedy
+from benchmarks.race import CachedGreedy, min_budget
 from nanoseek import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = {"arm", "params", "params_activated", "steps", "step_budget", "tokens", "tokens_per_s", "ms_per_token"}
+FIELDS = {
+    "arm",
+    "params",
+    "probe_budget",
+    "params_activated",
+    "steps",
+    "step_budget",
+    "tokens",
+    "tokens_per_s",
+    "ms_per_token",
+}
 FIELDS |= {"train_s", "target_s", "val_loss", "accuracy", "decoder", "first_loss", "final_loss", "curve"}
 
 
@@ -48,8 +58,10 @@ def test_smoke_race_trains_every_arm_to_its_probed_budget(builtin_data, tok_dir,
     for a in arms:
         assert FIELDS <= set(a), FIELDS - set(a)
         assert a["final_loss"] < a["first_loss"] and a["val_loss"] < a["curve"][0]["val_loss"], a["arm"]
-        left = round((a["target_s"] - a["probe_s"]) * a["probe_steps_per_s"])  # the budget the probe's rate gives
-        assert abs(a["step_budget"] - a["probe_steps"] - left) <= 1 and a["steps"] == a["step_budget"]
+        left = round((a["target_s"] - a["probe_s"]) * a["probe_steps_per_s"])  # the steps the probe's rate fits
+        assert abs(a["probe_budget"] - a["probe_steps"] - left) <= 1
+        # raised only where the probe would otherwise reach past WSD's stable phase (a very busy machine)
+        assert a["step_budget"] == max(a["probe_budget"], min_budget(a["probe_steps"], 0.2)) == a["steps"]
         assert a["tokens"] == a["steps"] * 4 * 64 and 0 <= a["accuracy"] <= 1
     assert arms[0]["params"] == arms[2]["params"]  # V3 with AdamW and with Muon: the same model
     assert summary["summary"] and (out / "val_loss.png").stat().st_size > 0
