@@ -1,4 +1,4 @@
-"""benchmarks/race.py: the V3 / V4 / V3-Muon race runs end to end in smoke mode, and its V4 greedy decoder is the
+"""benchmarks/arch_race.py: the V3 / V4 / V3-Muon race runs end to end in smoke mode, and its V4 greedy decoder is the
 model's own greedy continuation."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.race import CachedGreedy, min_budget
+from benchmarks.arch_race import CachedGreedy, min_budget
 from nanoseek import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_cached_greedy_continues_as_the_full_forward_does(tok):
 @pytest.mark.slow
 def test_smoke_race_trains_every_arm_to_its_probed_budget(builtin_data, tok_dir, tmp_path):
     out = tmp_path / "race"
-    cmd = [sys.executable, "-m", "benchmarks.race", "--smoke", "--data", str(builtin_data), "--out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.arch_race", "--smoke", "--data", str(builtin_data), "--out", str(out)]
     run = subprocess.run([*cmd, "--tokenizer", str(tok_dir)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     *arms, summary = [json.loads(line) for line in (out / "race.jsonl").read_text().splitlines()]

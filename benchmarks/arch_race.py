@@ -1,7 +1,7 @@
 """V3 vs V4 (and V3 with Muon) at equal wall clock on the speedrun corpus: one process, the arms alternating.
 
-    python -m benchmarks.race --data RUN/data --tokenizer RUN/tokenizer --minutes 3.5 --out runs/arch-race
-    python -m benchmarks.race --smoke --out /tmp/race      # tiny presets, seconds: the pipeline, not the result
+    python -m benchmarks.arch_race --data RUN/data --tokenizer RUN/tokenizer --minutes 3.5 --out runs/arch-race
+    python -m benchmarks.arch_race --smoke --out /tmp/race      # tiny presets, seconds: the pipeline, not the result
 
 Arms: `v3` (cpu-small, AdamW), `v4` (cpu-small-v4, AdamW), `v3-muon` (cpu-small, Muon). Same parameter budget:
 when cpu-small-v4's total differs from cpu-small's by more than 10%, the V4 arm's moe_intermediate_size is set to
