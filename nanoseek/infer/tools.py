@@ -160,6 +160,7 @@ class ToolCallParser:
                     content.append(TOOL_CALL_BEGIN + body + TOOL_CALL_END)
                 else:
                     done.append(call)
+                    self.calls.append(call)
                 self.state = "section"
                 continue
             found = [(self.pending.find(m), m) for m in MARKERS if m in self.pending]
@@ -181,7 +182,6 @@ class ToolCallParser:
                 self.state, self.cuts = "call", [len(self.pending)] if self.pending else []
             else:
                 self.state = "section" if marker == TOOL_CALLS_BEGIN else "text"
-        self.calls += done
         return "".join(content), done
 
     def _complete(self, body: str) -> ToolCall | None:
