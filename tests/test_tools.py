@@ -287,3 +287,27 @@ def test_jsonl_conversations_with_tools_and_the_calculator_task(tmp_path):
         expression
     )
     assert (calculate("2+3*4"), calculate("7/2"), calculate("(1")[:6]) == ("14", "3.5", "error:")
+
+
+def test_templates_without_tools_get_them_in_the_system_prompt_and_older_ones_a_400(wide_tok):
+    from types import SimpleNamespace
+
+    from nanoseek.infer.server.app import Server
+
+    deepseek_like = (  # renders calls, not `tools`: DeepSeek's own templates expect them in the system prompt
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+        "{% elif m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}{% elif m['tool_calls'] %}{{ 'calls' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+    )
+    server = SimpleNamespace(tok=Tokenizer(wide_tok._tk, {"chat_template": deepseek_like}), reasoning=False)
+    use = tool_use(tools=[TOOL], tool_choice="required")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    text, ids, forced = Server.chat_prompt(server, messages, True, None, use)
+    defs = wide_tok.render_tools([TOOL])
+    assert forced == prefill("v3.1") and text == f"{BOS}Be brief.\n\n{defs}{USER}hi{ASSISTANT}{forced}"
+    assert ids == wide_tok.encode(text)
+    assert Server.chat_prompt(server, messages[1:], True, None, use)[0].startswith(f"{BOS}{defs}{USER}hi")
+    server.tok = Tokenizer(wide_tok._tk, {"chat_template": deepseek_like.replace("m['tool_calls']", "false")})
+    with pytest.raises(APIError, match="cannot render tool calls") as e:
+        Server.chat_prompt(server, messages, True, None, use)
+    assert e.value.param == "tools"

@@ -224,7 +224,7 @@ class ChatRequest(_Sampling):
         if choice == "none":
             return None
         max_calls = 1 if self.parallel_tool_calls is False else None
-        return ToolUse([t for t in tools], schemas, forced, max_calls)
+        return ToolUse(list(tools), schemas, forced, max_calls)
 
     def _check_tool_turns(self) -> None:
         """Tool results answer calls, as OpenAI insists: each `tool` message follows an assistant turn with
