@@ -71,7 +71,7 @@ class FunctionCall(_Strict):
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(_Strict):
+class MessageToolCall(_Strict):
     """A call an earlier assistant turn made (sent back in the history)."""
 
     id: str
@@ -84,7 +84,7 @@ class Message(_Strict):
     content: str | list[ContentPart] | None = None
     reasoning_content: str | None = None  # accepted on assistant turns; earlier reasoning is not re-sent
     reasoning: str | None = None
-    tool_calls: list[ToolCall] | None = None  # assistant turns
+    tool_calls: list[MessageToolCall] | None = None  # assistant turns
     tool_call_id: str | None = None  # tool turns: the call this result answers
 
     def text(self) -> str:
