@@ -276,7 +276,7 @@ def test_jsonl_conversations_with_tools_and_the_calculator_task(tmp_path):
     assert isinstance(docs[1], list)
     bad = dict(line, messages=[CONVERSATION[1], {"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}])
     (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: messages\[1\]: assistant tool_calls are"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: bad messages: messages\[1\] assistant tool_calls are"):
         list(iter_documents([tmp_path / "bad.jsonl"]))
     args = {"data": "builtin:calculator", "n": 40, "data_seed": 0, "worked_fraction": 1.0, "levels": ["2x1"]}
     conv = load_conversations(args, "train")

@@ -83,7 +83,7 @@ def _jsonl_document(line: str, path: Path, lineno: int) -> Document:
         for i, m in enumerate(messages):
             problem = _bad_message(m)
             if problem:
-                raise ValueError(f"{path}:{lineno}: messages[{i}]: {problem}")
+                raise ValueError(f"{path}:{lineno}: bad messages: messages[{i}] {problem}: {fix}")
         if tools is not None and not (isinstance(tools, list) and all(_is_tool(t) for t in tools)):
             raise ValueError(
                 f"{path}:{lineno}: tools must be a list of "
