@@ -12,6 +12,7 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
+from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -25,8 +26,30 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK_START = "<think>"
 THINK_END = "</think>"
-# Order fixes the ids: BOS=0, EOS=1, pad=2 as in DeepSeek-V3 and our ModelConfig defaults.
-SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END]
+# DeepSeek-V3's tool-call tokens, spelled as its tokenizer and chat templates spell them.
+TOOL_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+TOOL_CALLS_END = "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN = "<｜tool▁call▁begin｜>"
+TOOL_CALL_END = "<｜tool▁call▁end｜>"
+TOOL_SEP = "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN = "<｜tool▁outputs▁begin｜>"
+TOOL_OUTPUTS_END = "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
+TOOL_OUTPUT_END = "<｜tool▁output▁end｜>"
+TOOL_TOKENS = [
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_SEP,
+    TOOL_OUTPUTS_BEGIN,
+    TOOL_OUTPUTS_END,
+    TOOL_OUTPUT_BEGIN,
+    TOOL_OUTPUT_END,
+]
+# Order fixes the ids: BOS=0, EOS=1, pad=2 as in DeepSeek-V3 and our ModelConfig defaults. The tool tokens come
+# last (7-15), so tokenizers saved before them keep every id they have.
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END, *TOOL_TOKENS]
 
 # DeepSeek-V3's tokenizer.json split rules (llama.cpp: `deepseek-v3` pre-tokenizer).
 DEEPSEEK_V3_SPLITS = [
@@ -36,27 +59,67 @@ DEEPSEEK_V3_SPLITS = [
     r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 ]
 
-# R1-style template. System text goes right after BOS with no role tag; each assistant turn ends
-# with EOS. As in R1, the reasoning of *earlier* assistant turns is dropped (history is answers
-# only); the last assistant message is kept whole so SFT targets keep their `<think>` trace.
+# Tool definitions, rendered into the system prompt under the headings DeepSeek-V3.1's model card gives them
+# (`## Tools`, `### name`, `Description:`, `Parameters:` + the JSON schema). `tools` is the OpenAI list
+# ({"type": "function", "function": {...}}), as transformers passes it to a template; bare functions work too.
+TOOLS_TEMPLATE = (
+    "{% if tools %}"
+    "{% if system %}{{ '\\n\\n' }}{% endif %}"
+    "{{ '## Tools\\nYou have access to the following tools:\\n' }}"
+    "{% for tool in tools %}"
+    "{% set f = tool['function'] if tool['function'] is defined else tool %}"
+    "{{ '\\n### ' + f['name'] + '\\nDescription: ' + (f['description'] or '') + '\\n\\nParameters: ' }}"
+    "{{ (f['parameters'] or {}) | tojson }}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% endif %}"
+)
+
+# R1-style template with DeepSeek-V3's tool calls. System text (then the tools) goes right after BOS with no role
+# tag; each assistant turn ends with EOS. As in R1, the reasoning of *earlier* assistant turns is dropped (history
+# is answers only); the last assistant message is kept whole so SFT targets keep their `<think>` trace.
 # The generation prompt is plain `<｜Assistant｜>` (not R1's `<｜Assistant｜><think>\n`): our SFT
 # targets start with `<think>`, so the model opens the think block itself. With `thinking=false`
 # (DeepSeek-V3.1's switch) the prompt closes an empty block for it: `<｜Assistant｜><think></think>`.
+# Tool calls and results as DeepSeek-V3-0324's template writes them: an assistant turn's content is followed by
+# `<｜tool▁calls▁begin｜>`, one `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>` a
+# call (newline between calls), `<｜tool▁calls▁end｜>`, EOS. A run of `tool` messages is
+# `<｜tool▁outputs▁begin｜>` + `<｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜>` each + `<｜tool▁outputs▁end｜>`,
+# and the assistant's answer follows with no role tag (so a prompt ending in tool results ends there). Unlike
+# that template, every assistant turn with calls opens with `<｜Assistant｜>` and every run of results opens
+# with `<｜tool▁outputs▁begin｜>` (its namespace flags are never reset, so later rounds lose them).
 CHAT_TEMPLATE = (
     "{% set system = messages | selectattr('role', 'equalto', 'system')"
     " | map(attribute='content') | join('\\n\\n') %}"
-    "{{ bos_token }}{{ system }}"
+    "{{ bos_token }}{{ system }}" + TOOLS_TEMPLATE + "{% set ns = namespace(outputs=false) %}"
     "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% if m['role'] == 'user' %}"
+    "{% if ns.outputs %}{{ '<｜tool▁outputs▁end｜>' }}{% set ns.outputs = false %}{% endif %}"
+    "{{ '<｜User｜>' + m['content'] }}"
     "{% elif m['role'] == 'assistant' %}"
-    "{% set content = m['content'] %}"
+    "{% set content = m['content'] or '' %}"
     "{% if not loop.last and '</think>' in content %}"
     "{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
+    "{% if ns.outputs %}{{ '<｜tool▁outputs▁end｜>' }}{% set ns.outputs = false %}"
+    "{% else %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{{ content }}"
+    "{% if m['tool_calls'] %}{{ '<｜tool▁calls▁begin｜>' }}"
+    "{% for call in m['tool_calls'] %}"
+    "{% set f = call['function'] %}"
+    "{% set args = f['arguments'] if f['arguments'] is string else f['arguments'] | tojson %}"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<｜tool▁call▁begin｜>' + (call['type'] or 'function') + '<｜tool▁sep｜>' + f['name'] }}"
+    "{{ '\\n```json\\n' + args + '\\n```<｜tool▁call▁end｜>' }}"
+    "{% endfor %}"
+    "{{ '<｜tool▁calls▁end｜>' }}{% endif %}"
+    "{{ '<｜end▁of▁sentence｜>' }}"
+    "{% elif m['role'] == 'tool' %}"
+    "{% if not ns.outputs %}{{ '<｜tool▁outputs▁begin｜>' }}{% set ns.outputs = true %}{% endif %}"
+    "{{ '<｜tool▁output▁begin｜>' + m['content'] + '<｜tool▁output▁end｜>' }}"
     "{% elif m['role'] != 'system' %}{{ raise_exception('unknown role: ' + m['role']) }}"
     "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}"
+    "{% if ns.outputs %}{{ '<｜tool▁outputs▁end｜>' }}{% endif %}"
+    "{% if add_generation_prompt %}{% if not ns.outputs %}{{ '<｜Assistant｜>' }}{% endif %}"
     "{% if thinking is defined and not thinking %}{{ '<think></think>' }}{% endif %}{% endif %}"
 )
 
@@ -70,6 +133,12 @@ def _deepseek_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 def _raise_exception(message: str) -> None:
     raise ValueError(f"chat template: {message}")
+
+
+def _tojson(x, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    """transformers' `tojson` for templates: plain json.dumps, not jinja2's HTML-escaping one, so a template
+    renders the same text here and in `AutoTokenizer.apply_chat_template`."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _byte_level_chars() -> dict[str, int]:
@@ -124,8 +193,12 @@ class Tokenizer:
         self.assistant_id: int | None = tk.token_to_id(ASSISTANT)
         self.think_start_id: int | None = tk.token_to_id(THINK_START)
         self.think_end_id: int | None = tk.token_to_id(THINK_END)
+        # Absent in tokenizers saved before tool calling: their markers are then plain text (many tokens).
+        self.tool_calls_begin_id: int | None = tk.token_to_id(TOOL_CALLS_BEGIN)
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception
+        env.filters["tojson"] = _tojson
+        self._env = env
         self._template = env.from_string(self.chat_template)
 
     def _token_name(self, key: str, default: str) -> str:
@@ -223,20 +296,41 @@ class Tokenizer:
             return bytes(byte_of[ch] for ch in piece)
         return piece.encode("utf-8")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
-        """Render messages ({"role": "system"|"user"|"assistant", "content": str}) as one string. `kwargs` are
-        template variables, as transformers passes them (`thinking=False`: the reply skips its think block)."""
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None, **kwargs
+    ) -> str:
+        """Render messages ({"role": "system"|"user"|"assistant"|"tool", "content": str, assistant "tool_calls"})
+        as one string. `tools`: OpenAI tool definitions, rendered into the system prompt. `kwargs` are template
+        variables, as transformers passes them (`thinking=False`: the reply skips its think block)."""
         return self._template.render(
             **kwargs,
             messages=messages,
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
+    ) -> list[int]:
         # The template emits BOS itself, so no extra special tokens here.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools))
+
+    @property
+    def renders_tool_calls(self) -> bool:
+        """Whether the chat template knows assistant `tool_calls` (ours and DeepSeek-V3's since 0324 do)."""
+        return "tool_calls" in self.chat_template
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template renders `tools` itself (DeepSeek's own expect them in the system prompt)."""
+        return "tools" in meta.find_undeclared_variables(self._env.parse(self.chat_template))
+
+    def render_tools(self, tools: list[dict]) -> str:
+        """The tool definitions as our template writes them into the system prompt (`TOOLS_TEMPLATE`): what a
+        server adds to the system message for templates that do not render `tools`."""
+        return self._env.from_string(TOOLS_TEMPLATE).render(tools=tools, system="")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:

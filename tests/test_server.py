@@ -218,7 +218,8 @@ def test_bad_requests_are_400_with_the_openai_envelope(server, stream):
         ({**ok, "n": True}, "n", "valid integer"),
         ({**ok, "top_logprobs": 2}, "top_logprobs", "logprobs: true"),
         ({**ok, "messages": []}, "messages", "at least 1"),
-        ({**ok, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", None),
+        ({**ok, "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", None),
+        ({**ok, "messages": [{"role": "tool", "content": "x"}]}, "messages.0", "must answer a preceding assistant"),
         ({**ok, "messages": [{"role": "user", "content": "x " * 400}]}, "messages", "context holds 128"),
         ({**ok, "stop": [""] * 40}, "stop", None),
     ]

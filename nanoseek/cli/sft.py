@@ -23,7 +23,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d = SFTJob(None, None, "")
     p = subparsers.add_parser("sft", help="supervised fine-tuning on chat data, loss on assistant tokens only")
     p.add_argument("--model", help="model dir or run folder to fine-tune (with its tokenizer)")
-    p.add_argument("--data", help="a .jsonl of {'messages': [...]}, a dir of them, or builtin:arithmetic,countdown")
+    p.add_argument(
+        "--data",
+        help="a .jsonl of {'messages': [...]} (OpenAI chat format, tool calls too), a dir of them, or "
+        "builtin:arithmetic,countdown,calculator",
+    )
     p.add_argument("--out", required=True, help="run dir: metrics.jsonl, plots/, checkpoints/step_N/")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--worked-fraction", type=float, help=f"built-in: share of worked solutions ({d.worked_fraction})")

@@ -1,5 +1,7 @@
-"""Chat data for SFT: conversations (built-in worked solutions or .jsonl), the chat template's token ids with a
-loss mask on the assistant's tokens only, and a length-bucketed loader."""
+"""Chat data for SFT: conversations (built-in worked solutions, the calculator tool task, or .jsonl), the chat
+template's token ids with a loss mask on the assistant's tokens only (its answers and its tool calls, never the
+tool results), and a length-bucketed loader. A conversation is its list of messages, or `{"messages": [...],
+"tools": [...]}` when it offers tools."""
 
 from __future__ import annotations
 
@@ -11,39 +13,42 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoseek.data.shards import iter_documents
+from nanoseek.data.shards import chat_parts, iter_documents
 from nanoseek.model.transformer import IGNORE_INDEX
+from nanoseek.tasks.calculator import NAME as CALCULATOR
+from nanoseek.tasks.calculator import calculator_chat
 from nanoseek.tasks.problems import LEVELS, generate
 from nanoseek.tokenizer import Tokenizer
 
 BUILTIN = "builtin:"
+CHAT_TASKS = (*LEVELS, CALCULATOR)  # what `builtin:` names
 
 
 POOL_BATCHES = 64  # batches per length-sorting pool: bigger = less padding, less randomness in batch makeup
 
 
-def chat_example(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered conversation and, per token, whether it is a loss target.
+def chat_example(tokenizer: Tokenizer, conversation: list[dict] | dict) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation and, per token, whether it is a loss target: each assistant turn as
+    the template renders it after its prompt (content, tool calls, EOS).
 
-    Pieces are cut at special tokens (the role tags and EOS), where the BPE never merges across, so the
-    concatenated ids equal `tokenizer.encode_chat(messages)`.
+    Pieces are cut at special tokens (the role tags, `<｜tool▁outputs▁end｜>` and EOS), where the BPE never merges
+    across, so the concatenated ids equal `tokenizer.encode_chat(messages, tools=tools)`.
     """
-    full = tokenizer.apply_chat_template(messages)
-    eos = tokenizer.eos_token
+    messages, tools = chat_parts(conversation)
+    full = tokenizer.apply_chat_template(messages, tools=tools)
     ids: list[int] = []
     is_target: list[bool] = []
     done = 0  # characters of `full` already encoded
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        start = len(prefix)
-        end = full.find(eos, start)
-        if not full.startswith(prefix) or end < 0:
-            raise ValueError("the chat template does not render assistant turns as prefix + content + EOS")
-        if full[start:end] != m["content"]:  # reasoning stripped from an earlier turn: history, not target
+        prefix = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tools=tools)
+        start, end = len(prefix), len(upto)
+        if not (full.startswith(prefix) and upto.startswith(prefix) and upto.endswith(tokenizer.eos_token)):
+            raise ValueError("the chat template does not render assistant turns as prefix + turn + EOS")
+        if full[start:end] != upto[start:]:  # reasoning stripped from an earlier turn: history, not target
             continue
-        end += len(eos)
         for text, target in ((full[done:start], False), (full[start:end], True)):
             piece = tokenizer.encode(text) if text else []
             ids += piece
@@ -60,28 +65,32 @@ def inputs_and_targets(ids: list[int], is_target: list[bool]) -> tuple[list[int]
 
 def builtin_conversations(
     tasks: list[str], n: int, seed: int, split: str, worked_fraction: float, levels: list[str] | None = None
-) -> list[list[dict]]:
-    """n problems per task (per level when levels are given), each worked with probability worked_fraction."""
+) -> list[list[dict] | dict]:
+    """n problems per task (per level when levels are given), each worked with probability worked_fraction.
+    `calculator`: arithmetic problems solved by a call to the calculator tool (nanoseek/tasks/calculator.py)."""
     rng = random.Random(f"worked:{seed}:{split}")
     out = []
     for task in tasks:
-        task_levels = [lv for lv in levels if lv in LEVELS[task]] if levels else [None]
+        kind = "arithmetic" if task == CALCULATOR else task
+        task_levels = [lv for lv in levels if lv in LEVELS[kind]] if levels else [None]
         if levels and not task_levels:
-            raise ValueError(f"none of --levels {levels} is a {task} level ({list(LEVELS[task])})")
+            raise ValueError(f"none of --levels {levels} is a {task} level ({list(LEVELS[kind])})")
         for level in task_levels:
-            for p in generate(task, n, seed, split, level):
-                out.append(p.chat(worked=rng.random() < worked_fraction))
+            for i, p in enumerate(generate(kind, n, seed, split, level)):
+                out.append(
+                    calculator_chat(p, i) if task == CALCULATOR else p.chat(worked=rng.random() < worked_fraction)
+                )
     random.Random(f"order:{seed}:{split}").shuffle(out)  # interleave tasks and levels
     return out
 
 
-def jsonl_conversations(paths: list[str], val_fraction: float, split: str) -> list[list[dict]]:
+def jsonl_conversations(paths: list[str], val_fraction: float, split: str) -> list[list[dict] | dict]:
     """Conversations from .jsonl files (or dirs of them); val/train by a stable hash of the conversation."""
     out = []
     for doc, source in iter_documents(paths):
         if isinstance(doc, str):
             raise ValueError(f"{source}: SFT needs {{'messages': [...]}} lines, got a text document")
-        if not any(m["role"] == "assistant" for m in doc):
+        if not any(m["role"] == "assistant" for m in chat_parts(doc)[0]):
             continue
         digest = hashlib.sha1(json.dumps(doc, sort_keys=True).encode("utf-8")).digest()
         is_val = int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
@@ -91,7 +100,7 @@ def jsonl_conversations(paths: list[str], val_fraction: float, split: str) -> li
 
 
 def encode_conversations(
-    tokenizer: Tokenizer, conversations: list[list[dict]], seq_len: int | None = None
+    tokenizer: Tokenizer, conversations: list[list[dict] | dict], seq_len: int | None = None
 ) -> tuple[list[tuple[list[int], list[int]]], int]:
     """(inputs, targets) pairs, truncated to seq_len; conversations left with no target are dropped.
 
@@ -183,14 +192,14 @@ class SFTLoader:
         self._batches = self._epoch_batches(self.epoch)
 
 
-def load_conversations(args: dict[str, Any], split: str) -> list[list[dict]]:
+def load_conversations(args: dict[str, Any], split: str) -> list[list[dict] | dict]:
     """The run's conversations for one split, from its (saved) arguments."""
     data = args["data"]
     if data.startswith(BUILTIN):
         tasks = [t.strip() for t in data[len(BUILTIN) :].split(",") if t.strip()]
-        bad = [t for t in tasks if t not in LEVELS]
+        bad = [t for t in tasks if t not in CHAT_TASKS]
         if not tasks or bad:
-            raise ValueError(f"--data {data}: name built-in tasks from {sorted(LEVELS)}, e.g. builtin:arithmetic")
+            raise ValueError(f"--data {data}: name built-in tasks from {sorted(CHAT_TASKS)}, e.g. builtin:arithmetic")
         n = args["n"] if split == "train" else max(1, args["n"] // 20)
         return builtin_conversations(tasks, n, args["data_seed"], split, args["worked_fraction"], args["levels"])
     return jsonl_conversations([data], args["val_fraction"], split)

@@ -6,7 +6,8 @@ BOS + tokens + EOS, documents back to back.
 
 Inputs: a `.txt` file is ONE document (a book, an article); a `.jsonl` line is one document,
 `{"text": ...}` or `{"messages": [{"role": ..., "content": ...}, ...]}` (rendered with the chat
-template, which supplies BOS and EOS itself); a directory means every .txt/.jsonl file under it.
+template, which supplies BOS and EOS itself; OpenAI's chat format, so assistant `tool_calls`, `tool`
+messages and a `tools` list beside `messages` too); a directory means every .txt/.jsonl file under it.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ MANIFEST = "manifest.json"
 FORMAT = "nanoseek-tokens-v1"
 SHARD_TOKENS = 2**27  # tokens per shard file (256 MiB as uint16)
 CHUNK_DOCS = 512  # documents encoded per batch call (the tokenizer's Rust backend uses every core)
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
-Document = str | list[dict]
+# text, a conversation's messages, or {"messages": [...], "tools": [...]} for one that offers tools
+Document = str | list[dict] | dict
 
 
 # ----------------------------------------------------------------------------- reading inputs
@@ -75,14 +77,54 @@ def _jsonl_document(line: str, path: Path, lineno: int) -> Document:
     if isinstance(obj, dict) and isinstance(obj.get("text"), str):
         return obj["text"]
     if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-        messages = obj["messages"]
-        ok = messages and all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
-        )
-        if ok:
-            return [{"role": m["role"], "content": m["content"]} for m in messages]
-        raise ValueError(f"{path}:{lineno}: bad messages: each needs a role in {ROLES} and a string content: {fix}")
+        messages, tools = obj["messages"], obj.get("tools")
+        if not messages:
+            raise ValueError(f"{path}:{lineno}: empty messages: {fix}")
+        for i, m in enumerate(messages):
+            problem = _bad_message(m)
+            if problem:
+                raise ValueError(f"{path}:{lineno}: bad messages: messages[{i}] {problem}: {fix}")
+        if tools is not None and not (isinstance(tools, list) and all(_is_tool(t) for t in tools)):
+            raise ValueError(
+                f"{path}:{lineno}: tools must be a list of "
+                '{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}'
+            )
+        out = [_message(m) for m in messages]
+        return {"messages": out, "tools": tools} if tools else out
     raise ValueError(f"{path}:{lineno}: no string field 'text' or list field 'messages': {fix}")
+
+
+def _bad_message(m) -> str | None:
+    """What is wrong with one chat message (None: nothing): a role in ROLES and a string content, or an assistant
+    turn's `tool_calls` ([{"function": {"name", "arguments"}}], content may then be null)."""
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        return f"each message needs a role in {ROLES}"
+    calls = m.get("tool_calls")
+    if calls is not None:
+        ok = m["role"] == "assistant" and isinstance(calls, list) and calls
+        for c in calls if ok else []:
+            fn = c.get("function") if isinstance(c, dict) else None
+            ok = ok and isinstance(fn, dict) and isinstance(fn.get("name"), str)
+            ok = ok and isinstance(fn.get("arguments"), (str, dict))
+        if not ok:
+            return 'assistant tool_calls are [{"type": "function", "function": {"name": ..., "arguments": "{...}"}}]'
+    if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
+        return "needs a string content (null only beside tool_calls)"
+    return None
+
+
+def _is_tool(t) -> bool:
+    fn = t.get("function") if isinstance(t, dict) else None
+    return isinstance(fn, dict) and isinstance(fn.get("name"), str)
+
+
+def _message(m: dict) -> dict:
+    """The fields of a message the chat template reads."""
+    out = {"role": m["role"], "content": m.get("content") or ""}
+    for key in ("tool_calls", "tool_call_id"):
+        if m.get(key) is not None:
+            out[key] = m[key]
+    return out
 
 
 def iter_documents(paths: Iterable[str | Path]) -> Iterator[tuple[Document, str]]:
@@ -99,8 +141,15 @@ def iter_documents(paths: Iterable[str | Path]) -> Iterator[tuple[Document, str]
                 if not line.strip():
                     continue
                 doc = _jsonl_document(line, path, lineno)
-                if doc if isinstance(doc, list) else doc.strip():
+                if doc.strip() if isinstance(doc, str) else doc:
                     yield doc, str(path)
+
+
+def chat_parts(doc: list[dict] | dict) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools or None) of a conversation document."""
+    if isinstance(doc, dict):
+        return doc["messages"], doc.get("tools")
+    return doc, None
 
 
 # ----------------------------------------------------------------------------- writing shards
@@ -241,8 +290,13 @@ def prepare(
     return manifest
 
 
+def _render_chat(tokenizer: Tokenizer, doc: list[dict] | dict) -> str:
+    messages, tools = chat_parts(doc)
+    return tokenizer.apply_chat_template(messages, tools=tools)
+
+
 def _write_chunk(tokenizer, chunk, writers, val_fraction, sources) -> None:
-    texts = [d if isinstance(d, str) else tokenizer.apply_chat_template(d) for d, _ in chunk]
+    texts = [d if isinstance(d, str) else _render_chat(tokenizer, d) for d, _ in chunk]
     for (doc, source), ids in zip(chunk, tokenizer.encode_batch(texts)):
         if isinstance(doc, str):
             ids = [tokenizer.bos_id, *ids, tokenizer.eos_id]

@@ -1,12 +1,13 @@
 """Supervised fine-tuning on chat data (`nanoseek sft`): loss on assistant tokens only, through `train()`.
 
-Data: `.jsonl` files (one `{"messages": [{"role", "content"}, ...]}` per line, OpenAI style) or the built-in
-tasks (`builtin:arithmetic,countdown`), rendered with the model's chat template. `worked_fraction` F makes
+Data: `.jsonl` files (one `{"messages": [{"role", "content"}, ...]}` per line, OpenAI style, with assistant
+`tool_calls`, `tool` results and a `tools` list when the conversation uses tools) or the built-in tasks
+(`builtin:arithmetic,countdown,calculator`), rendered with the model's chat template. `worked_fraction` F makes
 a share F of built-in completions worked (`<think>steps</think> answer`) and the rest answer-only
 (`<think></think> answer`); which problems are worked is fixed by the seed.
 
-Loss mask: every assistant turn the template renders unchanged is a target, content plus its closing EOS;
-the prompt, BOS, role tokens and system text are -100. R1's template drops the reasoning of *earlier*
+Loss mask: every assistant turn the template renders unchanged is a target, content and tool calls plus its
+closing EOS; the prompt, BOS, role tokens, system text, tool definitions and tool results are -100. R1's template drops the reasoning of *earlier*
 assistant turns, so such a turn is context (history as the model will see it), not a target.
 
 Batching: conversations are NOT packed. Packing would let attention cross conversation boundaries (our

@@ -31,6 +31,7 @@ from nanoseek.infer.server.openai import (
     ChatRequest,
     Choice,
     CompletionRequest,
+    ToolUse,
     chat_response,
     chat_stream,
     completion_response,
@@ -40,6 +41,7 @@ from nanoseek.infer.server.openai import (
     validate,
 )
 from nanoseek.infer.server.responses import ResponsesRequest, response_body, response_events, response_meta
+from nanoseek.infer.tools import call_style, prefill
 
 STATIC = Path(__file__).parent / "static"
 REQUEST_BODIES = {
@@ -182,13 +184,34 @@ class Server:
             m.of(m.request_prompt).observe(len(p))
         return job
 
-    def chat_prompt(self, messages: list[dict], thinking: bool, kwargs: dict | None = None) -> tuple[str, list[int]]:
-        """Messages ({role, content}) rendered by the chat template: (text, token ids). With thinking off the
-        prompt ends in a closed, empty think block, whatever the template knows of the switch."""
+    def chat_prompt(
+        self, messages: list[dict], thinking: bool, kwargs: dict | None = None, tools: ToolUse | None = None
+    ) -> tuple[str, list[int], str]:
+        """Messages ({role, content, ...}) rendered by the chat template: (text, token ids, the prefill a forced
+        tool call opens the reply with). With thinking off the prompt ends in a closed, empty think block,
+        whatever the template knows of the switch."""
         if all(m["role"] == "system" for m in messages):
             raise APIError(400, "messages has no user or assistant turn: add a user message", "messages")
         kwargs = {**(kwargs or {}), "thinking": thinking}
         kwargs.pop("enable_thinking", None)
+        uses_tools = tools is not None or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        if uses_tools and not self.tok.renders_tool_calls:
+            raise APIError(
+                400,
+                "this model's chat template cannot render tool calls (it predates them): re-save the model's "
+                "tokenizer with a current nanoseek, or send no tools",
+                "tools",
+            )
+        if tools is not None and self.tok.renders_tools:
+            kwargs["tools"] = tools.tools
+        elif tools is not None:  # DeepSeek's own templates expect the tools at the end of the system prompt
+            defs = self.tok.render_tools(tools.tools)
+            last = max((i for i, m in enumerate(messages) if m["role"] == "system"), default=None)
+            if last is None:
+                messages = [{"role": "system", "content": defs}, *messages]
+            else:
+                system = {**messages[last], "content": f"{messages[last]['content']}\n\n{defs}"}
+                messages = [*messages[:last], system, *messages[last + 1 :]]
         try:
             text = self.tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except ValueError as e:
@@ -197,7 +220,11 @@ class Server:
             raise APIError(400, f"the chat template fails with these kwargs: {e!r}", "chat_template_kwargs") from None
         if self.reasoning and not thinking:
             text = close_think(text)
-        return text, self.tok.encode(text)
+        forced = ""
+        if tools is not None and tools.forced is not None:
+            name = None if tools.forced == "required" else tools.forced
+            forced = prefill(call_style(self.tok.chat_template), name)
+        return text + forced, self.tok.encode(text + forced), forced
 
     def completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """The request's prompts as token ids, and as the text an echo shows."""
@@ -259,8 +286,9 @@ async def chat_completions(server: Server, request: Request) -> Response:
     req: ChatRequest = validate(ChatRequest, await server.read_body(request))
     server.check_model(req.model)
     req.unsupported()
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    prompt_text, ids = server.chat_prompt(messages, req.thinking, req.chat_template_kwargs)
+    tools = req.tool_use()
+    messages = [m.for_template() for m in req.messages]
+    prompt_text, ids, forced = server.chat_prompt(messages, req.thinking, req.chat_template_kwargs, tools)
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -268,6 +296,8 @@ async def chat_completions(server: Server, request: Request) -> Response:
     params = [req.sampling_params(n_tokens, i, req.top_logprobs or 0, bool(req.logprobs)) for i in range(req.n)]
     opens_think, split = prompt_opens_think(prompt_text), server.reasoning and req.thinking
     choices = [Choice(i, ReasoningSplitter(opens_think) if split else None, params[i].stop) for i in range(req.n)]
+    for c in choices if tools is not None else []:
+        c.tools = tools.parser(prefix=forced)
     job = server.start_job([ids] * req.n, params)
     meta = _meta("chatcmpl", server)
     if req.stream:
@@ -307,7 +337,7 @@ async def responses(server: Server, request: Request) -> Response:
     req: ResponsesRequest = validate(ResponsesRequest, await server.read_body(request))
     server.check_model(req.model)
     req.unsupported()
-    prompt_text, ids = server.chat_prompt(req.messages(), req.thinking)
+    prompt_text, ids, _ = server.chat_prompt(req.messages(), req.thinking)
     params = req.sampling_params(server.max_tokens(req.max_output_tokens, len(ids), "max_output_tokens"))
     split = server.reasoning and req.thinking
     choice = Choice(0, ReasoningSplitter(prompt_opens_think(prompt_text)) if split else None, [])

@@ -6,12 +6,14 @@ Requests: unknown fields are ignored, as OpenAI does; a known field of the wrong
 Responses: each sequence of a request is a `Choice` fed the engine loop's updates; it becomes a chat message or a
 completion's text (`chat_response`, `completion_response`), or a stream of chunks (`sse_events`; the two
 endpoints' chunks differ only as their `StreamFormat` says). The thinking part of `<think>` models goes to
-`reasoning_content` (DeepSeek's API, SGLang) and `reasoning` (vLLM), never to `content`.
+`reasoning_content` (DeepSeek's API, SGLang) and `reasoning` (vLLM), never to `content`. With `tools`, calls the
+model writes become `message.tool_calls` / `delta.tool_calls` (nanoseek/infer/tools.py finds and checks them).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -22,11 +24,14 @@ from nanoseek.infer.engine_loop import Update
 from nanoseek.infer.reasoning import ReasoningSplitter, partial_suffix, split_reasoning
 from nanoseek.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from nanoseek.infer.server.metrics import Timing
+from nanoseek.infer.tools import ToolCallParser, stream_fragments
 from nanoseek.tokenizer import Tokenizer
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
 MEDIA = ("image_url", "input_audio", "file", "input_image", "input_file")  # content parts we cannot read
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
+TOOL_SHAPE = '{"type": "function", "function": {"name": "...", "description": "...", "parameters": {JSON Schema}}}'
 
 
 class APIError(Exception):
@@ -61,16 +66,53 @@ class ContentPart(_Strict):
     refusal: str | None = None
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(_Strict):
+    """A call an earlier assistant turn made (sent back in the history)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     reasoning_content: str | None = None  # accepted on assistant turns; earlier reasoning is not re-sent
     reasoning: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns: the call this result answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text or p.refusal or "" for p in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict:
+        """The message as the chat template reads it (`developer` is `system`)."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+@dataclass
+class ToolUse:
+    """What a request's `tools`, `tool_choice` and `parallel_tool_calls` ask of one reply."""
+
+    tools: list[dict]  # rendered into the prompt
+    schemas: dict[str, dict | None]  # name -> parameters schema: what generated calls are checked against
+    forced: str | None  # "required", a function name (tool_choice), or None ("auto")
+    max_calls: int | None  # 1 with parallel_tool_calls false
+
+    def parser(self, prefix: str = "") -> ToolCallParser:
+        return ToolCallParser(self.schemas, self.max_calls, prefix)
 
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -125,9 +167,10 @@ class ChatRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # passed to the template; {"thinking": false} skips thinking
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None  # "none": no thinking
-    # read only to refuse them by name (`unsupported`), never silently dropped
-    tools: Any = None
+    tools: Any = None  # checked by `tool_use`, whose 400s name the bad field and show the right shape
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    # read only to refuse it by name (`unsupported`), never silently dropped
     response_format: Any = None
 
     @property
@@ -138,14 +181,73 @@ class ChatRequest(_Sampling):
         off = kwargs.get("thinking", kwargs.get("enable_thinking", True)) is False
         return not off and self.reasoning_effort != "none"
 
+    def tool_use(self) -> ToolUse | None:
+        """The request's tools, checked (a 400 names the field, the problem and the fix); None when the reply
+        may not call tools: no tools, or `tool_choice: "none"`."""
+        self._check_tool_turns()
+        choice, tools = self.tool_choice, self.tools
+        if tools is None:
+            if choice not in (None, "none", "auto"):
+                raise APIError(
+                    400, "tool_choice: a tool must be called but no tools were sent; add tools", "tool_choice"
+                )
+            return None
+        if not isinstance(tools, list) or not tools:
+            raise APIError(400, f"tools: must be a non-empty list of {TOOL_SHAPE}; or omit tools", "tools")
+        schemas: dict[str, dict | None] = {}
+        for i, tool in enumerate(tools):
+            schemas.update([_tool_schema(f"tools.{i}", tool, schemas)])
+        forced = None
+        if isinstance(choice, dict):
+            fn = choice.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if choice.get("type") != "function" or not isinstance(name, str):
+                raise APIError(
+                    400,
+                    'tool_choice: must be "none", "auto", "required" or {"type": "function", "function": {"name": '
+                    '"..."}}',
+                    "tool_choice",
+                )
+            if name not in schemas:
+                raise APIError(
+                    400, f"tool_choice: no tool named {name!r} in tools (they are {sorted(schemas)})", "tool_choice"
+                )
+            forced = name
+        elif choice == "required":
+            forced = "required"
+        elif choice not in (None, "auto", "none"):
+            raise APIError(
+                400,
+                f'tool_choice: must be "none", "auto", "required" or a named function, got {json.dumps(choice)[:40]}',
+                "tool_choice",
+            )
+        if choice == "none":
+            return None
+        max_calls = 1 if self.parallel_tool_calls is False else None
+        return ToolUse(list(tools), schemas, forced, max_calls)
+
+    def _check_tool_turns(self) -> None:
+        """Tool results answer calls, as OpenAI insists: each `tool` message follows an assistant turn with
+        `tool_calls` (or another result) and names the call it answers."""
+        for i, m in enumerate(self.messages):
+            if m.role != "tool":
+                continue
+            before = self.messages[i - 1] if i else None
+            if before is None or not (before.role == "tool" or (before.role == "assistant" and before.tool_calls)):
+                raise APIError(
+                    400,
+                    f"messages.{i}: a 'tool' message must answer a preceding assistant message with 'tool_calls'",
+                    f"messages.{i}",
+                )
+            if m.tool_call_id is None:
+                raise APIError(
+                    400,
+                    f"messages.{i}.tool_call_id: a 'tool' message needs the id of the call it answers",
+                    f"messages.{i}.tool_call_id",
+                )
+
     def unsupported(self) -> None:
         """A 400 naming the first field or content part this server cannot honour yet, as OpenAI names them."""
-        if self.tools:
-            raise APIError(400, "tools: tool calling is not supported by this server yet; send no tools", "tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise APIError(
-                400, "tool_choice: tool calling is not supported by this server yet; omit tool_choice", "tool_choice"
-            )
         kind = self.response_format.get("type") if isinstance(self.response_format, dict) else self.response_format
         if kind not in (None, "text"):
             raise APIError(
@@ -165,6 +267,44 @@ class ChatRequest(_Sampling):
                     raise APIError(400, f"{where}: {part.type!r} content parts are not supported ({why})", where)
                 if getattr(part, part.type) is None:
                     raise APIError(400, f"{where}: a {part.type!r} part needs a string {part.type!r}", where)
+
+
+def _tool_schema(where: str, tool, seen: dict) -> tuple[str, dict | None]:
+    """(name, parameters schema) of one entry of `tools`, or a 400 naming what is wrong with it."""
+    fix = f"each tool is {TOOL_SHAPE}"
+    if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+        raise APIError(400, f"{where}: not a function tool; {fix}", where)
+    if tool.get("type") != "function":
+        raise APIError(
+            400,
+            f"{where}.type: only 'function' tools are supported, got {json.dumps(tool.get('type'))}",
+            f"{where}.type",
+        )
+    fn = tool["function"]
+    name = fn.get("name")
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+        raise APIError(
+            400,
+            f"{where}.function.name: must be 1-64 letters, digits, '_' or '-', got {json.dumps(name)[:80]}",
+            f"{where}.function.name",
+        )
+    if name in seen:
+        raise APIError(
+            400,
+            f"{where}.function.name: {name!r} is defined twice; give each tool its own name",
+            f"{where}.function.name",
+        )
+    if not isinstance(fn.get("description", ""), str):
+        raise APIError(400, f"{where}.function.description: must be a string", f"{where}.function.description")
+    params = fn.get("parameters")
+    if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
+        raise APIError(
+            400,
+            f"{where}.function.parameters: must be a JSON Schema object, e.g. "
+            '{"type": "object", "properties": {...}, "required": [...]}',
+            f"{where}.function.parameters",
+        )
+    return name, params
 
 
 class CompletionRequest(_Sampling):
@@ -233,6 +373,7 @@ class Choice:
     logprobs: list = field(default_factory=list)  # per token: (id, logprob, {id: logprob})
     ids: list[int] = field(default_factory=list)  # the tokens generated
     cached_tokens: int = 0  # of its prompt, from the prefix cache
+    tools: ToolCallParser | None = None  # finds tool calls in the text (chat requests with tools)
 
     def advance(self, up: Update) -> str:
         """Record an update; return the newly released text. Text that may still become a stop string is held
@@ -251,6 +392,13 @@ class Choice:
         new = text[self.shown : cut] if cut > self.shown else ""
         self.shown, self.text = max(self.shown, cut), text[: max(self.shown, cut)]
         return new
+
+    @property
+    def reason(self) -> str | None:
+        """The finish reason the client sees: "tool_calls" when the model stopped after calling tools."""
+        if self.finish_reason == "stop" and self.tools is not None and self.tools.calls:
+            return "tool_calls"
+        return self.finish_reason
 
     def finished(self) -> tuple[str | None, int]:
         """(finish reason, tokens generated): what the request metrics record."""
@@ -299,13 +447,17 @@ def chat_response(meta: dict, choices: list[Choice], prompt_tokens: int, tok: To
     """The `chat.completion` body. `meta`: id, created, model."""
     out = []
     for c in choices:
+        text = c.tools.feed(c.text, final=True)[0] if c.tools is not None else c.text
         opens_think = c.splitter is not None and c.splitter.starts_in_think
-        reasoning, content = split_reasoning(c.text, opens_think) if c.splitter is not None else (None, c.text)
-        message = {"role": "assistant", "content": content if (content or reasoning is None) else None, "refusal": None}
+        reasoning, content = split_reasoning(text, opens_think) if c.splitter is not None else (None, text)
+        shown = content if (content or (reasoning is None and not (c.tools and c.tools.calls))) else None
+        message = {"role": "assistant", "content": shown, "refusal": None}
         if c.splitter is not None:
             message.update(reasoning_content=reasoning, reasoning=reasoning)
+        if c.tools is not None and c.tools.calls:
+            message["tool_calls"] = [call.message() for call in c.tools.calls]
         lp = chat_logprobs(tok, c.logprobs) if logprobs else None
-        out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason})
+        out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.reason})
     return {**meta, "object": "chat.completion", "choices": out, "usage": usage(prompt_tokens, choices)}
 
 
@@ -331,17 +483,20 @@ class StreamFormat:
     prompt_tokens: int
     include_usage: bool
     opening: Callable[[Choice], dict | None]  # the chunk each choice starts with, if any
-    piece: Callable[[Choice, str, list, int], dict | None]  # (choice, new text, new logprob entries, text offset)
+    piece: Callable[[Choice, str, list, int], list[dict]]  # (choice, new text, new logprob entries, text offset)
     closing: dict  # the payload of the chunk that carries the finish reason
 
 
 def chat_stream(meta: dict, prompt_tokens: int, req: ChatRequest, tok: Tokenizer) -> StreamFormat:
-    """Chat chunks: the role first, then deltas with the reasoning split from the content."""
+    """Chat chunks: the role first, then deltas with the reasoning split from the content, and each tool call
+    as `delta.tool_calls` fragments once it is complete and checked."""
 
-    def piece(c: Choice, text: str, entries: list, offset: int) -> dict | None:
-        delta = {}
+    def piece(c: Choice, text: str, entries: list, offset: int) -> list[dict]:
+        final, delta, calls = c.finish_reason is not None, {}, []
+        if c.tools is not None:
+            text, calls = c.tools.feed(text, final)
         if c.splitter is not None:
-            reasoning, content = c.splitter.feed(text, final=c.finish_reason is not None)
+            reasoning, content = c.splitter.feed(text, final)
             if reasoning:
                 delta.update(reasoning_content=reasoning, reasoning=reasoning)
             if content:
@@ -349,7 +504,11 @@ def chat_stream(meta: dict, prompt_tokens: int, req: ChatRequest, tok: Tokenizer
         elif text:
             delta["content"] = text
         lp = chat_logprobs(tok, entries) if req.logprobs and entries else None
-        return {"delta": delta, "logprobs": lp} if delta or lp else None
+        out = [{"delta": delta, "logprobs": lp}] if delta or lp else []
+        first = len(c.tools.calls) - len(calls) if calls else 0
+        for k, call in enumerate(calls):
+            out += [{"delta": {"tool_calls": [f]}, "logprobs": None} for f in stream_fragments(first + k, call)]
+        return out
 
     role = {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
     return StreamFormat(
@@ -368,9 +527,9 @@ def completion_stream(
 ) -> StreamFormat:
     """Completion chunks: the echoed prompt first (when asked), then text."""
 
-    def piece(c: Choice, text: str, entries: list, offset: int) -> dict | None:
+    def piece(c: Choice, text: str, entries: list, offset: int) -> list[dict]:
         lp = completion_logprobs(tok, entries, offset) if req.logprobs is not None and entries else None
-        return {"text": text, "logprobs": lp} if text or lp else None
+        return [{"text": text, "logprobs": lp}] if text or lp else []
 
     def opening(c: Choice) -> dict | None:
         return {"text": echo[c.index], "logprobs": None} if echo[c.index] else None
@@ -413,10 +572,10 @@ async def sse_events(
         if c.finish_reason == "error":
             yield sse(APIError(500, c.error or "generation failed").body())
             break
-        if (payload := fmt.piece(c, text, c.logprobs[n_lp:], offset)) is not None:
+        for payload in fmt.piece(c, text, c.logprobs[n_lp:], offset):
             yield chunk(i, payload)
         if c.finish_reason is not None:
-            yield chunk(i, fmt.closing, c.finish_reason)
+            yield chunk(i, fmt.closing, c.reason)
     else:
         timing.on_finish([c.finished() for c in choices])
         if fmt.include_usage:
