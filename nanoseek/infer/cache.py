@@ -15,7 +15,7 @@ from nanoseek.model.compressed_attention import LayerCacheV4, empty_layer_cache
 
 
 class _Slots:
-    """Which cache rows are free; a subclass holds the tensors."""
+    """Which cache rows are free; a subclass holds the tensors (`tensors()`, slot on dim 0 or 1)."""
 
     def __init__(self, n_slots: int) -> None:
         self.n_slots = n_slots
@@ -37,6 +37,18 @@ class _Slots:
         self.lengths[slot] = 0
         self._free.append(slot)
 
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes the cache's tensors hold, all slots."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def bytes_per_sequence(self) -> int:
+        """Measured: the bytes one slot's share of the cache tensors holds (every slot is preallocated for max_len
+        tokens), to compare with `kv_cache_bytes(config, max_len)`."""
+        return self.nbytes() // self.n_slots
+
 
 class LatentCache(_Slots):
     def __init__(
@@ -53,6 +65,9 @@ class LatentCache(_Slots):
         self.max_len = max_len
         self.width = config.latent_cache_width
         self.kv = torch.zeros(self.n_layers, n_slots, max_len, self.width, dtype=dtype, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.kv]
 
     def bytes_per_token(self) -> int:
         """(kv_lora_rank + qk_rope_head_dim [+ index_head_dim for V3.2]) x layers x dtype size."""
@@ -84,9 +99,8 @@ class CompressedKVCache(_Slots):
             empty_layer_cache(config, i, n_slots, max_len, dtype, device) for i in range(config.num_hidden_layers)
         ]
 
-    def nbytes(self) -> int:
-        """Bytes held by the cache, all slots."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers for t in layer.tensors()]
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Share a prefilled prompt: src's whole state (window, entries, open windows) into dst."""
@@ -94,6 +108,18 @@ class CompressedKVCache(_Slots):
             for t in layer.tensors():
                 t[dst] = t[src]
         self.lengths[dst] = self.lengths[src]
+
+
+def decode_cache(
+    config: ModelConfig,
+    n_slots: int,
+    max_len: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LatentCache | CompressedKVCache:
+    """The model family's own decode cache: V4's compressed one, else MLA's latent one (V3.2: + indexer keys)."""
+    kind = CompressedKVCache if config.is_v4 else LatentCache
+    return kind(config, n_slots, max_len, dtype=dtype, device=device)
 
 
 def kv_cache_bytes(config: ModelConfig, seq_len: int, dtype_bytes: int = 2) -> int:

@@ -3,11 +3,12 @@
 Each `step()` admits waiting requests into free cache slots (prefill, one prompt at a time so no compute is
 spent on padding; identical prompts are prefilled once and the cache row copied; with a prefix cache, a prompt's
 known prefix is copied in and only the rest computed), then decodes one token
-for every running sequence in a single batched forward (absorbed MLA over the cached latents).
+for every running sequence in a single batched forward (absorbed MLA over the cached latents; DeepSeek-V3.2 adds
+the indexer's keys and attends to its top-k; DeepSeek-V4 decodes over its own window + compressed-entry cache).
 Finished sequences free their slot at once, so new requests join a running batch.
 
 This file is the scheduler: who runs this step, what their sampled tokens mean (EOS, stop strings, limits).
-The forward passes are `runner.py` (eager, or compiled at fixed shapes), drafting and verifying is
+The forward passes are `runner.py` (eager, or compiled at fixed shapes; V4: `runner_v4.py`), drafting and verifying is
 `speculative.py`, a request's state and its incrementally decoded text `sequence.py`.
 """
 
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.infer.cache import LatentCache
+from nanoseek.infer.cache import LatentCache, decode_cache
 from nanoseek.infer.prefix_cache import PrefixCache
 from nanoseek.infer.runner import Runner, single_thread
+from nanoseek.infer.runner_v4 import RunnerV4
 from nanoseek.infer.sampling import SampleOutput, Sampler, SamplingParams
 from nanoseek.infer.sequence import Completion, Sequence
 from nanoseek.infer.speculative import Speculator
@@ -48,12 +50,18 @@ class Engine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
+        if speculative and c.is_v4:
+            raise ValueError(
+                "speculative decoding of deepseek_v4 models needs V4's MTP block, which nanoseek does not build yet; "
+                "drop --speculative"
+            )
         if speculative and not model.mtp:
             raise ValueError("speculative decoding needs an MTP module: this model has num_nextn_predict_layers=0")
         self.speculative = speculative
-        self.cache = LatentCache(c, max_batch_size, self.max_len, dtype=self.dtype, device=self.device)
+        # V3 / V3.2: MLA's latent cache (+ indexer keys); V4: its window + compressed entries, decoded eagerly
+        self.cache = decode_cache(c, max_batch_size, self.max_len, dtype=self.dtype, device=self.device)
         self.sampler = Sampler(c.vocab_size, max_batch_size, self.device)
-        self.runner = Runner(model, self.cache, compile)
+        self.runner = (RunnerV4 if c.is_v4 else Runner)(model, self.cache, compile)
         self.mtp_cache, self.speculator = None, None
         if speculative:
             self.mtp_cache = LatentCache(
@@ -189,12 +197,12 @@ class Engine:
                 src, logits, hidden = prefilled[key]
                 self.cache.copy_slot(src, seq.slot)
             else:
-                pc, kv = self.prefix_cache, self.cache.kv
-                start = seq.cached_tokens = pc.load(seq.prompt_ids, kv, seq.slot) if pc is not None else 0
+                pc = self.prefix_cache  # V3 / V3.2 only: then the cache is a LatentCache
+                start = seq.cached_tokens = pc.load(seq.prompt_ids, self.cache.kv, seq.slot) if pc is not None else 0
                 logits, hidden = self.runner.prefill(seq.prompt_ids, slot_t, start)
                 self.cache.lengths[seq.slot] = len(seq.prompt_ids)
                 if pc is not None:
-                    pc.save(seq.prompt_ids, kv, seq.slot)
+                    pc.save(seq.prompt_ids, self.cache.kv, seq.slot)
                 prefilled[key] = (seq.slot, logits, hidden)
             out = self.sampler.sample(slot_t, logits[:, -1], return_probs=False)
             new[seq] = self._append(seq, out, 0)

@@ -45,6 +45,9 @@ class Runner:
         self.model, self.cache, self.compiled = model, cache, compile
         self.device, self.max_len = cache.kv.device, cache.max_len
         self.compiled_prefill_max = 256  # prompt tokens; each power-of-two length from 16 compiles once
+        # V3.2: longer prompts prefill in chunks of this many tokens, whose index scores are [chunk, cached + chunk]
+        # instead of [P, P] (4 GiB at 32k tokens); exact, a chunk continues from the cache like any step
+        self.sparse_prefill_chunk = 1024
         self._compiled_fns: list[Callable] = []
         self._compiled_shapes: set[tuple] = set()  # (function, thread count, input shapes and ints) compiled
         if compile:
@@ -84,6 +87,8 @@ class Runner:
         padded to a power of two (causal attention: padding changes no real position, and its entries are not
         stored); longer prompts and prompt tails stay eager, where padding would cost more than it saves."""
         P, zero = len(prompt), torch.zeros(1, dtype=torch.long, device=self.device)
+        if self.model.config.sparse_attention and P - start > self.sparse_prefill_chunk:
+            return self._prefill_chunks(prompt, slot, start)
         if start:
             tail = torch.tensor([prompt[start:]], device=self.device)
             return self.model.forward_cached(tail, self.cache.kv, slot, zero + start, last_only=True)
@@ -94,6 +99,16 @@ class Runner:
         logits, hidden, new = self.call(self.step_fn, F.pad(ids, (0, L - P)), self.cache.kv, slot, zero, 0)
         write_latents(self.cache.kv, slot, zero, new[:, :, :P])
         return logits[:, P - 1 : P], hidden[:, :P]
+
+    def _prefill_chunks(self, prompt: list[int], slot: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """prefill, eager, sparse_prefill_chunk tokens at a time."""
+        hidden = []
+        for i in range(start, len(prompt), self.sparse_prefill_chunk):
+            ids = torch.tensor([prompt[i : i + self.sparse_prefill_chunk]], device=self.device)
+            pos = torch.tensor([i], device=self.device)
+            logits, h = self.model.forward_cached(ids, self.cache.kv, slot, pos, last_only=True)
+            hidden.append(h)
+        return logits, torch.cat(hidden, dim=1)
 
     def forward(self, slots: list[int], tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One cached forward of `tokens` (one row per sequence) after the cached positions of each cache row in
