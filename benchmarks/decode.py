@@ -2,7 +2,9 @@
 
     python -m benchmarks.decode --preset cpu-small                 # random weights
     python -m benchmarks.decode --model runs/x/checkpoints/step_N  # a trained model: adds MTP speculation
-    python -m benchmarks.decode --model DIR --gguf FILE.gguf       # vs llama.cpp on the same weights (f32 export)
+    python -m benchmarks.decode --model DIR --gguf FILE.gguf       # vs llama.cpp through llama-cpp-python's binding
+    python -m benchmarks.decode --model DIR --llama-bench ~/.cache/nanoseek/llama.cpp-0.3.36/bin
+                                                                   # vs llama.cpp's own llama-bench (see below)
 
 Greedy, float32. Decode tokens/s excludes prefill (time(N new tokens) - time(1 new token)); EOS is ignored by
 both so every sequence runs N tokens. Prefill tokens/s is one 256-token prompt. KV-cache bytes per token are read
@@ -10,16 +12,26 @@ off each cache after generation. With a trained model, MTP self-speculation at b
 prompts: acceptance, speedup, and its factors (tokens per step, step-cost ratio, the step's anatomy). After a warm-up (which compiles every shape with --compile), the two
 sides are timed alternately, --reps rounds, and medians reported: this VM's speed drifts over minutes, and
 alternating keeps each ratio a same-moment comparison. One JSON line.
+
+`--gguf` drives llama.cpp token by token from Python (llama-cpp-python): what Python users of the binding see.
+`--llama-bench PATH` measures llama.cpp on its own runtime instead: its `llama-bench` and `llama-batched-bench`
+(built from the sources llama-cpp-python 0.3.36 vendors by `bash benchmarks/build_llama_cpp.sh`; PATH is that bin
+dir or the llama-bench binary) against the default `Engine()` on the same f32 GGUF weights, exported by
+`nanoseek export`'s writer, and the same thread counts: greedy decode tokens/s at batch 1 (1 thread), batch 16 and
+32 (--threads, default 2) and a 256-token prefill (--threads), alternating the two sides --reps rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -172,12 +184,10 @@ def step_anatomy(spec: Engine, reps: int) -> dict[str, float]:
 
 
 def gguf_bench(args) -> dict:
-    """The same greedy workload through llama.cpp (llama-cpp-python) and our engine, eager and compiled: batch-1
+    """What Python users of llama-cpp-python see: the same greedy workload through llama.cpp's binding and our engine, eager and compiled: batch-1
     decode (EOS ignored, tokens/s excluding prefill) and one 256-token prefill (+ its first token), alternately
     timed. Threads as ours: our engine decodes batch 1 on one thread and prefills on all torch threads, so llama.cpp
     gets n_threads=1 (generation) and n_threads_batch=torch threads (prompt processing)."""
-    from pathlib import Path
-
     import llama_cpp
     import numpy as np
 
@@ -257,6 +267,148 @@ def gguf_bench(args) -> dict:
     }
 
 
+LLAMA_BUILD = "bash benchmarks/build_llama_cpp.sh"
+
+
+def llama_binaries(path: str, names: tuple[str, ...]) -> dict[str, Path]:
+    """llama.cpp binaries in PATH (their bin dir, or one binary in it); missing ones say how to build them."""
+    p = Path(path).expanduser()
+    bin_dir = p.parent if p.name.startswith("llama-") and not p.is_dir() else p
+    found = {name: bin_dir / name for name in names}
+    missing = [str(f) for f in found.values() if not (f.is_file() and os.access(f, os.X_OK))]
+    if missing:
+        raise SystemExit(
+            f"no llama.cpp binary at {', '.join(missing)}: build llama-bench, llama-batched-bench and llama-server "
+            f"from llama-cpp-python 0.3.36's vendored sources with `{LLAMA_BUILD}` (it prints their bin dir, "
+            "~/.cache/nanoseek/llama.cpp-0.3.36/bin by default) and pass that dir"
+        )
+    return found
+
+
+def run_json(cmd: list[str]) -> list[dict]:
+    """Run a llama.cpp tool and parse its JSON output (llama-bench: one array; llama-batched-bench: JSON lines)."""
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {r.returncode}:\n{r.stderr[-3000:]}")
+    out = r.stdout.strip()
+    if out.startswith("["):
+        return json.loads(out)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    if not rows:
+        raise RuntimeError(f"{' '.join(cmd)} printed no JSON:\n{out[-2000:]}\n{r.stderr[-2000:]}")
+    return rows
+
+
+def model_and_gguf(args, work: Path) -> tuple[Path, Path]:
+    """(model dir, its f32 GGUF): --model (or a random-weight --preset model with the built-in tokenizer), exported
+    by nanoseek's GGUF writer unless --gguf names an existing file."""
+    from benchmarks.serve import make_model
+    from nanoseek.checkpoint.run import resolve_model_dir
+    from nanoseek.export.gguf import export_gguf
+
+    model = resolve_model_dir(args.model) if args.model else make_model(work / args.preset, preset=args.preset)
+    gguf = Path(args.gguf) if args.gguf else work / "model-f32.gguf"
+    if not gguf.exists():
+        export_gguf(model, gguf, dtype="f32")
+    return model, gguf
+
+
+def llama_bench(args) -> dict:
+    """llama.cpp's own runtime vs the default `Engine()` on the same GGUF weights and threads (see the docstring).
+
+    Both sides decode N tokens after a P-token prompt (llama-bench: `-d P -n N`; llama-batched-bench: `-npp P
+    -ntg N`, one prompt per sequence); llama.cpp decodes random tokens with no sampling, we decode greedily, EOS
+    ignored, tokens/s over the decode steps after the prefill. Each round runs every llama.cpp measurement once
+    (`-r 1`, after its own warm-up) alternately with ours; medians over rounds, ratio = nanoseek / llama.cpp per
+    round, then the median."""
+    tools = llama_binaries(args.llama_bench, ("llama-bench", "llama-batched-bench"))
+    work = Path(tempfile.mkdtemp(prefix="decode-llama-"))
+    model_dir, gguf = model_and_gguf(args, work)
+    ours = load_model(model_dir, dtype=torch.float32)
+    P, N, T, batches = args.prompt_len, args.new_tokens, args.threads, (16, 32)
+    V = ours.config.vocab_size
+    engine = Engine(ours, max_batch_size=max(batches), compile=args.compile)
+    engine.eos_ids = set()  # every sequence runs N tokens, as llama.cpp's do
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, V, (P,), generator=g).tolist() for _ in range(max(batches))]
+    long_prompt = torch.randint(3, V, (256,), generator=g).tolist()
+    name = "nanoseek_compiled" if args.compile else "nanoseek"
+
+    def ours_decode(bs: int, threads: int) -> float:
+        """Seconds for the N - 1 decode steps of `bs` sequences after their admission step (prefill, first token)."""
+        torch.set_num_threads(threads)
+        for p in prompts[:bs]:
+            engine.add_request(p, SamplingParams(max_tokens=N, temperature=0))
+        engine.step()  # admits all of them: the engine has a slot for each
+        _sync()
+        t = time.perf_counter()
+        while engine.has_work():
+            engine.step()
+        _sync()
+        return time.perf_counter() - t
+
+    @torch.inference_mode()
+    def ours_prefill() -> float:
+        torch.set_num_threads(T)
+        slot = engine.cache.allocate()
+        try:
+            return _timed(lambda: engine.runner.prefill(long_prompt, torch.tensor([slot]), 0))
+        finally:
+            engine.cache.release(slot)
+
+    base = [str(tools["llama-bench"]), "-m", str(gguf), "-r", "1", "-o", "json"]
+    batched = [str(tools["llama-batched-bench"]), "-m", str(gguf), "-c", str(max(batches) * (P + N)), "-b", "2048"]
+    batched += ["-ub", "512", "-npp", str(P), "-ntg", str(N), "-npl", ",".join(map(str, batches))]
+    batched += ["-t", str(T), "-tb", str(T), "--output-format", "jsonl"]
+    llama: dict[str, list] = {"batch1": [], "prefill": [], **{f"batch{b}": [] for b in batches}}
+    mine: dict[str, list] = {k: [] for k in llama}
+    info: dict = {}
+
+    ours_decode(1, 1), [ours_decode(b, T) for b in batches], ours_prefill()  # warm-up (compiles every shape)
+    load_before = os.getloadavg()
+    for _ in range(args.reps):
+        (row,) = run_json([*base, "-p", "0", "-n", str(N), "-d", str(P), "-t", "1"])
+        info = {k: row.get(k) for k in ("build_commit", "build_number", "cpu_info", "model_type")}
+        llama["batch1"].append(row["avg_ts"])
+        mine["batch1"].append((N - 1) / ours_decode(1, 1))
+        rows = {r["pl"]: r for r in run_json(batched)}
+        for b in batches:
+            llama[f"batch{b}"].append(rows[b]["speed_tg"])
+            mine[f"batch{b}"].append(b * (N - 1) / ours_decode(b, T))
+        (row,) = run_json([*base, "-p", "256", "-n", "0", "-t", str(T)])
+        llama["prefill"].append(row["avg_ts"])
+        mine["prefill"].append(256 / ours_prefill())
+
+    def side_by_side(key: str, threads: int) -> dict:
+        return {
+            "llama.cpp": round(statistics.median(llama[key]), 1),
+            name: round(statistics.median(mine[key]), 1),
+            "ratio": round(statistics.median(o / t for o, t in zip(mine[key], llama[key])), 2),
+            "threads": threads,
+        }
+
+    return {
+        "bench": "decode_llama_cpp",
+        "model": str(model_dir),
+        "gguf": str(gguf),
+        "params": ours.num_parameters(),
+        "prompt_len": P,
+        "new_tokens": N,
+        "rounds": args.reps,
+        "decode_tokens_per_s": {
+            "batch1": side_by_side("batch1", 1),
+            **{f"batch{b}": side_by_side(f"batch{b}", T) for b in batches},
+        },
+        "prefill_tokens_per_s_256": side_by_side("prefill", T),
+        "nanoseek_engine": {"compiled": engine.compiled},
+        "llama.cpp": {"tools": "llama-bench, llama-batched-bench", "bin": str(tools["llama-bench"].parent), **info},
+        "loadavg_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu-small")
@@ -267,7 +419,17 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd step (Engine(compile=True))")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--gguf", default=None, help="compare with llama.cpp on this GGUF file (exported from --model)")
+    p.add_argument(
+        "--llama-bench",
+        default=None,
+        metavar="PATH",
+        help=f"compare with llama.cpp's own llama-bench / llama-batched-bench in PATH (built by `{LLAMA_BUILD}`)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="threads for batch 16/32 and prefill (--llama-bench)")
     args = p.parse_args()
+    if args.llama_bench:
+        print(json.dumps(llama_bench(args)))
+        return
     if args.gguf:
         print(json.dumps(gguf_bench(args)))
         return

@@ -12,6 +12,16 @@ stops at, counted from the stream). Reported per server and client count: reques
 first token p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks). One JSON line per client count
 and a summary line with the ratios.
 
+    python -m benchmarks.serve --model DIR --llama-server ~/.cache/nanoseek/llama.cpp-0.3.36/bin --skip-transformers
+
+`--llama-server PATH` adds llama.cpp's own `llama-server` (built by `bash benchmarks/build_llama_cpp.sh` from the
+sources llama-cpp-python 0.3.36 vendors; PATH is its bin dir or the binary) on the same weights: the model exported
+by nanoseek's GGUF writer (f32, or `--gguf FILE`), `--parallel` 32 slots of the model's context each, continuous
+batching (`-cb`), its own chat template and prompt cache, and the same threads as `nanoseek serve` (torch's
+default, `--threads`). Same prompts, same `max_tokens` with `ignore_eos` (both honour it), measured alternately
+with the others; each line adds `over_llama_server`: nanoseek / llama.cpp per round (median) of output tokens/s
+(above 1: nanoseek faster) and of TTFT p50 (below 1: nanoseek answers sooner).
+
     python -m benchmarks.serve --prefix                # prefix caching: TTFT with a 1,000-token shared system prompt
 
 `--prefix` instead runs two `nanoseek serve` processes side by side, prefix cache on (the default) and off
@@ -48,8 +58,8 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def make_model(out: Path, **overrides) -> Path:
-    """A cpu-small model with random weights and the built-in-corpus tokenizer (what the speedrun trains)."""
+def make_model(out: Path, preset: str = "cpu-small", **overrides) -> Path:
+    """A `preset` model (cpu-small: what the speedrun trains) with random weights and the built-in-corpus tokenizer."""
     from nanoseek import ModelConfig, Transformer, save_model
     from nanoseek.tasks.problems import builtin_corpus
     from nanoseek.tokenizer import train_tokenizer
@@ -57,16 +67,18 @@ def make_model(out: Path, **overrides) -> Path:
     tok = train_tokenizer(builtin_corpus(2000, seed=0), vocab_size=512)
     torch.manual_seed(0)
     c = ModelConfig.from_preset(
-        "cpu-small", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, **overrides
+        preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, **overrides
     )
     save_model(Transformer(c), out, tokenizer=tok)
     return out
 
 
 class Server:
-    def __init__(self, name: str, cmd: list[str], port: int, log: Path, health: str = "/health") -> None:
+    def __init__(
+        self, name: str, cmd: list[str], port: int, log: Path, health: str = "/health", env: dict | None = None
+    ) -> None:
         self.name, self.url = name, f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
         self._log = open(log, "w")
         self.log = log
         self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
@@ -240,6 +252,24 @@ def prefix_bench(work: Path, model: Path | None, requests: int, max_tokens: int)
             s.close()
 
 
+def llama_server_cmd(path: str, gguf: Path | None, model: Path, work: Path, parallel: int, threads: int) -> list[str]:
+    """The `llama-server` command for `model`'s f32 GGUF (exported unless given): `parallel` slots with the model's
+    whole context each, continuous batching, `threads` threads. Fails before any server starts."""
+    from benchmarks.decode import llama_binaries
+    from nanoseek.checkpoint.run import resolve_model_dir
+    from nanoseek.config import ModelConfig
+    from nanoseek.export.gguf import export_gguf
+
+    exe = llama_binaries(path, ("llama-server",))["llama-server"]
+    model = resolve_model_dir(model)
+    if gguf is None:
+        gguf = work / "model-f32.gguf"
+        export_gguf(model, gguf, dtype="f32")
+    ctx = ModelConfig.from_json(model).max_position_embeddings
+    cmd = [str(exe), "-m", str(gguf), "--host", "127.0.0.1", "--port", "8815", "--parallel", str(parallel), "-cb"]
+    return cmd + ["-c", str(parallel * ctx), "-t", str(threads), "-tb", str(threads), "--no-webui"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model dir (default: a random-weight cpu-small model)")
@@ -254,6 +284,12 @@ def main() -> None:
         help="extra `transformers serve` flags (its --continuous-batching fails on MLA in 5.24: index_copy_ shape error)",
     )
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--llama-server", metavar="PATH", help="also run llama.cpp's llama-server from PATH (see above)")
+    ap.add_argument("--gguf", help="the f32 GGUF of --model for llama-server (default: exported into a temp dir)")
+    ap.add_argument("--parallel", type=int, default=32, help="llama-server slots (nanoseek serve: --max-batch 32)")
+    ap.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="threads for both llama-server and nanoseek"
+    )
     ap.add_argument("--prefix", action="store_true", help="only the prefix-cache TTFT benchmark (see above)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -264,6 +300,10 @@ def main() -> None:
     from nanoseek.tasks.problems import builtin_corpus
 
     prompts = [line.split("<think>")[0].strip()[:120] for line in builtin_corpus(200, seed=1)]
+    llama_cmd = None
+    if args.llama_server:
+        gguf = Path(args.gguf).resolve() if args.gguf else None
+        llama_cmd = llama_server_cmd(args.llama_server, gguf, model, work, args.parallel, args.threads)
     servers = {
         "nanoseek": Server(
             "nanoseek",
@@ -271,14 +311,18 @@ def main() -> None:
              "--served-model-name", "m", *args.nanoseek_args.split()],
             8811,
             work / "nanoseek.log",
+            env={"OMP_NUM_THREADS": str(args.threads)},  # torch's threads: what llama-server gets too
         ),
     }  # fmt: skip
+    if llama_cmd is not None:
+        servers["llama.cpp"] = Server("llama.cpp", llama_cmd, 8815, work / "llama-server.log")
     if not args.skip_transformers:
         exe = shutil.which("transformers") or "transformers"
         cmd = [exe, "serve", str(model), "--port", "8812", "--device", "cpu", *args.transformers_args.split()]
         servers["transformers"] = Server("transformers", cmd, 8812, work / "transformers.log")
-    names = {"nanoseek": "m", "transformers": str(model)}
-    extra = {"nanoseek": {"ignore_eos": True}, "transformers": {}}  # transformers refuses unknown fields
+    names = {"nanoseek": "m", "transformers": str(model), "llama.cpp": "m"}
+    # transformers refuses unknown fields
+    extra = {"nanoseek": {"ignore_eos": True}, "transformers": {}, "llama.cpp": {"ignore_eos": True}}
     try:
         for s in servers.values():
             s.wait()
@@ -305,10 +349,27 @@ def main() -> None:
             if "transformers" in rows:
                 ratio = line["nanoseek"]["output_tokens_per_s"] / max(1e-9, line["transformers"]["output_tokens_per_s"])
                 line["tokens_per_s_ratio"] = round(ratio, 2)
-                summary[clients] = line["tokens_per_s_ratio"]
+                summary.setdefault("nanoseek_over_transformers_tokens_per_s", {})[clients] = line["tokens_per_s_ratio"]
+            if "llama.cpp" in rows:
+                ours, theirs = rows["nanoseek"], rows["llama.cpp"]  # per-round ratios: same-moment comparisons
+                line["over_llama_server"] = {
+                    "output_tokens_per_s": round(
+                        statistics.median(
+                            a["output_tokens_per_s"] / max(1e-9, b["output_tokens_per_s"]) for a, b in zip(ours, theirs)
+                        ),
+                        2,
+                    ),
+                    "ttft_p50": round(
+                        statistics.median(a["ttft_p50_ms"] / max(1e-9, b["ttft_p50_ms"]) for a, b in zip(ours, theirs)),
+                        2,
+                    ),
+                }
+                summary.setdefault("nanoseek_over_llama_server", {})[clients] = line["over_llama_server"]
+            line["threads"] = args.threads
+            line["loadavg_1m"] = round(os.getloadavg()[0], 2)
             line["machine"] = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
             print(json.dumps(line), flush=True)
-        print(json.dumps({"bench": "serve-summary", "nanoseek_over_transformers_tokens_per_s": summary}), flush=True)
+        print(json.dumps({"bench": "serve-summary", **summary}), flush=True)
     finally:
         for s in servers.values():
             s.close()
