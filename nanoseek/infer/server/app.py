@@ -14,6 +14,7 @@ import importlib.metadata
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -259,6 +260,7 @@ async def chat_completions(server: Server, request: Request) -> Response:
     req: ChatRequest = validate(ChatRequest, await server.read_body(request))
     server.check_model(req.model)
     req.unsupported()
+    grammar = req.grammar()
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     prompt_text, ids = server.chat_prompt(messages, req.thinking, req.chat_template_kwargs)
     if req.top_logprobs and not req.logprobs:
@@ -266,6 +268,7 @@ async def chat_completions(server: Server, request: Request) -> Response:
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     n_tokens = server.max_tokens(asked, len(ids))
     params = [req.sampling_params(n_tokens, i, req.top_logprobs or 0, bool(req.logprobs)) for i in range(req.n)]
+    params = [replace(p, grammar=grammar) for p in params]
     opens_think, split = prompt_opens_think(prompt_text), server.reasoning and req.thinking
     choices = [Choice(i, ReasoningSplitter(opens_think) if split else None, params[i].stop) for i in range(req.n)]
     job = server.start_job([ids] * req.n, params)
@@ -307,8 +310,10 @@ async def responses(server: Server, request: Request) -> Response:
     req: ResponsesRequest = validate(ResponsesRequest, await server.read_body(request))
     server.check_model(req.model)
     req.unsupported()
+    grammar = req.grammar()
     prompt_text, ids = server.chat_prompt(req.messages(), req.thinking)
     params = req.sampling_params(server.max_tokens(req.max_output_tokens, len(ids), "max_output_tokens"))
+    params = replace(params, grammar=grammar)
     split = server.reasoning and req.thinking
     choice = Choice(0, ReasoningSplitter(prompt_opens_think(prompt_text)) if split else None, [])
     job = server.start_job([ids], [params])

@@ -22,6 +22,7 @@ from nanoseek.infer.engine_loop import Update
 from nanoseek.infer.reasoning import ReasoningSplitter, partial_suffix, split_reasoning
 from nanoseek.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from nanoseek.infer.server.metrics import Timing
+from nanoseek.infer.structured import StructuredOutputError, grammar_from_response_format
 from nanoseek.tokenizer import Tokenizer
 
 MAX_N = 16  # choices per request
@@ -125,10 +126,10 @@ class ChatRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # passed to the template; {"thinking": false} skips thinking
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None  # "none": no thinking
+    response_format: Any = None  # text, json_object or json_schema: checked and compiled by `grammar`
     # read only to refuse them by name (`unsupported`), never silently dropped
     tools: Any = None
     tool_choice: Any = None
-    response_format: Any = None
 
     @property
     def thinking(self) -> bool:
@@ -138,6 +139,13 @@ class ChatRequest(_Sampling):
         off = kwargs.get("thinking", kwargs.get("enable_thinking", True)) is False
         return not off and self.reasoning_effort != "none"
 
+    def grammar(self) -> str | None:
+        """The grammar `response_format` asks the reply to follow (None: free text); a 400 naming what is wrong."""
+        try:
+            return grammar_from_response_format(self.response_format)
+        except StructuredOutputError as e:
+            raise APIError(400, str(e), e.param) from None
+
     def unsupported(self) -> None:
         """A 400 naming the first field or content part this server cannot honour yet, as OpenAI names them."""
         if self.tools:
@@ -145,14 +153,6 @@ class ChatRequest(_Sampling):
         if self.tool_choice not in (None, "none", "auto"):
             raise APIError(
                 400, "tool_choice: tool calling is not supported by this server yet; omit tool_choice", "tool_choice"
-            )
-        kind = self.response_format.get("type") if isinstance(self.response_format, dict) else self.response_format
-        if kind not in (None, "text"):
-            raise APIError(
-                400,
-                f"response_format: {json.dumps(kind)[:40]} output is not supported by this server yet; omit "
-                "response_format or use {'type': 'text'}",
-                "response_format",
             )
         for i, m in enumerate(self.messages):
             for j, part in enumerate(m.content if isinstance(m.content, list) else []):
