@@ -241,6 +241,8 @@ def mask_logits(logits: Tensor, constraints: list[Constraint | None]) -> Tensor:
     for j, i in enumerate(rows):
         constraints[i].fill(words[j])
     allowed = ((words.unsqueeze(-1) >> _SHIFTS) & 1).view(len(rows), -1)[:, :V].bool()  # [R, V]
+    for j in torch.nonzero(~allowed.any(dim=1)).flatten().tolist():  # a grammar in an error state: end, not NaN
+        allowed[j, constraints[rows[j]].eos_id] = True
     idx = torch.tensor(rows, device=logits.device)
     out = logits.clone()
     out[idx] = logits[idx].masked_fill(~allowed.to(logits.device), -math.inf)
