@@ -71,12 +71,19 @@ def test_the_checker_fails_a_message_without_refusal():
 
 
 # ------------------------------------------------------------------------------- what is not served, said so
+UNIQUE = {"type": "array", "uniqueItems": True}  # a JSON Schema keyword constrained decoding cannot enforce
+
+
 def test_unsupported_fields_and_parts_get_a_400_naming_them(server):
     url = server.base_url + "/chat/completions"
     ok = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     cases = [
-        ({**ok, "response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {**ok, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": UNIQUE}}},
+            "response_format.json_schema.schema",
+        ),
+        ({**ok, "tool_choice": {"type": "function", "function": {"name": "add"}}}, "tool_choice"),
         ({**ok, "messages": [{"role": "user", "content": [image]}]}, "messages.0.content.0"),
         ({**ok, "messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}]}, None),
     ]
@@ -208,7 +215,7 @@ def test_responses_refuses_what_it_cannot_do_by_name(server):
     cases = [
         ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id", "stateless"),
         ({"input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools", "not supported"),
-        ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "text.format", "not supported"),
+        ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": UNIQUE}}}, "text.format.schema", "uniqueItems"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input.0", "not supported"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0", "text only"),
         ({"input": "hi", "max_output_tokens": 10**6}, "max_output_tokens", "context holds"),

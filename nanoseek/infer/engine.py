@@ -28,6 +28,7 @@ from nanoseek.infer.runner_v4 import RunnerV4
 from nanoseek.infer.sampling import SampleOutput, Sampler, SamplingParams
 from nanoseek.infer.sequence import Completion, Sequence
 from nanoseek.infer.speculative import Speculator
+from nanoseek.infer.structured import grammar_vocabulary, start_constraint
 from nanoseek.model import Transformer
 
 
@@ -71,6 +72,7 @@ class Engine:
         self.prefix_cache = self._prefix_cache(prefix_cache_tokens)
         eos = tokenizer.eos_id if tokenizer is not None else c.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()
+        self.grammar_vocab = None  # llguidance's view of the tokenizer, built by the first constrained request
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self._ids = itertools.count()
@@ -135,6 +137,12 @@ class Engine:
                 "tokens and at least one new one); shorten the prompt or load with a larger max_len"
             )
         seq = Sequence(next(self._ids), ids, params)
+        if params.grammar is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured output (a grammar) needs the model's tokenizer")
+            if self.grammar_vocab is None:
+                self.grammar_vocab = grammar_vocabulary(self.tokenizer, self.config.vocab_size)
+            seq.constraint = start_constraint(self.grammar_vocab, params.grammar, self.tokenizer, ids)
         self.waiting.append(seq)
         return seq.id
 
@@ -190,7 +198,7 @@ class Engine:
             seq = self.waiting.popleft()
             seq.slot = self.cache.allocate()
             self.running[seq.slot] = seq
-            self.sampler.add(seq.slot, seq.params, seq.prompt_ids)
+            self.sampler.add(seq.slot, seq.params, seq.prompt_ids, seq.constraint)
             key = tuple(seq.prompt_ids)
             slot_t = torch.tensor([seq.slot], device=self.device)
             if key in prefilled:  # same prompt (e.g. G samples in GRPO): share the prefill
@@ -244,6 +252,9 @@ class Engine:
                 seq.top_logprobs.append(dict(zip(ids, lps)))
         if self.tokenizer is not None and seq.add_text(self.tokenizer.token_bytes(token), seq.params.stop):
             seq.finish_reason = "stop"  # the text is cut before the stop string
+            return [token]
+        if seq.constraint is not None and seq.constraint.accept(token):  # a complete answer: only EOS may follow
+            self._finish(seq, "stop")
             return [token]
         limit = self.max_len - (2 if self.speculative else 1)
         if len(seq.output_ids) >= seq.params.max_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= limit:

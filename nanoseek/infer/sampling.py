@@ -5,7 +5,8 @@ The engine calls `Sampler.sample(slots, logits)` once per decoding step with the
 running sequence. Per-request parameters live in `[max_slots]` tensors indexed by slot, so sequences join and
 leave the batch without rebuilding anything, and every step is a handful of batched tensor ops.
 
-Processing order (the HF / vLLM order): penalties -> temperature -> top-k -> top-p -> min-p -> draw.
+Processing order (the HF / vLLM order): grammar mask -> penalties -> temperature -> top-k -> top-p -> min-p -> draw.
+The grammar mask (`structured.py`) is applied only to rows with a constraint: other rows pay nothing.
 The "processed logits" are the output of that chain, with removed tokens at -inf. Reported log-probs are
 `log_softmax(processed logits)`: the distribution actually sampled from, as OpenAI reports them. Greedy rows
 (temperature 0) use temperature 1 for the log-probs, since their sampling distribution is a point mass and
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from nanoseek.infer.structured import Constraint, mask_logits
 
 MAX_TOP_LOGPROBS = 20
 
@@ -47,6 +50,7 @@ class SamplingParams:
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)  # stop strings, checked by the engine on decoded text
     ignore_eos: bool = False  # keep going past EOS (vLLM's option: fixed-length benchmarks)
+    grammar: str | None = None  # llguidance grammar the output must match (structured.grammar_from_response_format)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # the OpenAI API accepts a bare string
@@ -63,6 +67,7 @@ class SamplingParams:
             ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"must be an int in [0, {MAX_TOP_LOGPROBS}]"),
             ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an int >= 1"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be a list of non-empty strings"),
+            ("grammar", self.grammar is None or isinstance(self.grammar, str), "must be None or a grammar string"),
         ]  # fmt: skip
         for name, ok, rule in checks:
             if not ok:
@@ -198,9 +203,12 @@ class Sampler:
         self.plain_greedy: set[int] = set()  # argmax rows with no penalty and no log-probs: the decode fast path
         self.penalised: set[int] = set()  # rows whose penalties need token counts
         self.generators: dict[int, torch.Generator] = {}
+        self.constraints: dict[int, Constraint] = {}  # rows whose tokens a grammar restricts
 
-    def add(self, slot: int, params: SamplingParams, prompt_ids: list[int]) -> None:
-        """Start a sequence in row `slot`."""
+    def add(
+        self, slot: int, params: SamplingParams, prompt_ids: list[int], constraint: Constraint | None = None
+    ) -> None:
+        """Start a sequence in row `slot` (with `constraint`, its tokens are masked by a grammar)."""
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
         if slot in self.params:
@@ -229,7 +237,9 @@ class Sampler:
         penalised = p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
         if penalised:
             self.penalised.add(slot)
-        if temperature == 0 and not penalised and not p.wants_logprobs:
+        if constraint is not None:
+            self.constraints[slot] = constraint
+        elif temperature == 0 and not penalised and not p.wants_logprobs:  # a masked row is never plain argmax
             self.plain_greedy.add(slot)
 
     def remove(self, slot: int) -> None:
@@ -238,6 +248,7 @@ class Sampler:
         self.generators.pop(slot, None)
         self.plain_greedy.discard(slot)
         self.penalised.discard(slot)
+        self.constraints.pop(slot, None)
 
     def observe(self, slots: Tensor, tokens: Tensor) -> None:
         """Count generated tokens. tokens [N] or [N, K] (K accepted tokens per row); negative entries are
@@ -268,6 +279,7 @@ class Sampler:
     def sample(self, slots: Tensor, logits: Tensor, return_probs: bool = False) -> SampleOutput:
         """Draw one token for each row. slots [N]; logits [N, V]. `return_probs` adds the sampling distribution
         (e.g. the draft's q for `verify`), except when every row is plain greedy: `verify` then needs none."""
+        logits = self._constrain(slots, logits)
         if self.plain_greedy.issuperset(slots.tolist()):
             return SampleOutput(tokens=logits.argmax(dim=-1).to(self.device))
         slots = slots.to(self.device).long()
@@ -290,6 +302,7 @@ class Sampler:
         """Speculative step: accept or replace each row's drafted token against the target model's logits at
         the same position. Returns (accepted [N] bool, output whose tokens are the emitted ones). The caller
         `observe`s emitted tokens before processing the next position, so its penalties see them."""
+        target_logits = self._constrain(slots, target_logits)
         if self.plain_greedy.issuperset(slots.tolist()):  # greedy: accept iff the draft is the argmax
             tokens = target_logits.argmax(dim=-1).to(self.device)
             return tokens == draft_tokens.to(self.device), SampleOutput(tokens=tokens)
@@ -304,6 +317,12 @@ class Sampler:
         return accepted, self._logprobs(slots, proc, tokens)
 
     # -------------------------------------------------------------------------------------- internals
+    def _constrain(self, slots: Tensor, logits: Tensor) -> Tensor:
+        """Grammar-forbidden tokens at -inf for constrained rows; a no-op (no copy) when no row has a constraint."""
+        if not self.constraints:
+            return logits
+        return mask_logits(logits, [self.constraints.get(s) for s in slots.tolist()])
+
     def _logprobs(self, slots: Tensor, proc: Tensor, tokens: Tensor) -> SampleOutput:
         out = SampleOutput(tokens=tokens)
         if not bool(self.wants_logprobs[slots].any()):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.structured import Constraint
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Sequence:
     text: str = ""  # the decoded output (cut before a stop string); complete characters only until finished
     draft: int | None = None  # speculative: MTP's guess for the token after output_ids[-1]
     draft_probs: torch.Tensor | None = None
+    constraint: Constraint | None = None  # structured output: the grammar its tokens must follow
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
     @property

@@ -14,6 +14,7 @@ import importlib.metadata
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -287,6 +288,11 @@ async def chat_completions(server: Server, request: Request) -> Response:
     server.check_model(req.model)
     req.unsupported()
     tools = req.tool_use()
+    grammar = req.grammar()
+    if tools is not None and grammar is not None:
+        raise APIError(
+            400, "response_format: a JSON reply and tool calls exclude each other; send one", "response_format"
+        )
     messages = [m.for_template() for m in req.messages]
     prompt_text, ids, forced = server.chat_prompt(messages, req.thinking, req.chat_template_kwargs, tools)
     if req.top_logprobs and not req.logprobs:
@@ -294,6 +300,7 @@ async def chat_completions(server: Server, request: Request) -> Response:
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     n_tokens = server.max_tokens(asked, len(ids))
     params = [req.sampling_params(n_tokens, i, req.top_logprobs or 0, bool(req.logprobs)) for i in range(req.n)]
+    params = [replace(p, grammar=grammar) for p in params]
     opens_think, split = prompt_opens_think(prompt_text), server.reasoning and req.thinking
     choices = [Choice(i, ReasoningSplitter(opens_think) if split else None, params[i].stop) for i in range(req.n)]
     for c in choices if tools is not None else []:
@@ -337,8 +344,10 @@ async def responses(server: Server, request: Request) -> Response:
     req: ResponsesRequest = validate(ResponsesRequest, await server.read_body(request))
     server.check_model(req.model)
     req.unsupported()
+    grammar = req.grammar()
     prompt_text, ids, _ = server.chat_prompt(req.messages(), req.thinking)
     params = req.sampling_params(server.max_tokens(req.max_output_tokens, len(ids), "max_output_tokens"))
+    params = replace(params, grammar=grammar)
     split = server.reasoning and req.thinking
     choice = Choice(0, ReasoningSplitter(prompt_opens_think(prompt_text)) if split else None, [])
     job = server.start_job([ids], [params])

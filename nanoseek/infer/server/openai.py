@@ -24,6 +24,7 @@ from nanoseek.infer.engine_loop import Update
 from nanoseek.infer.reasoning import ReasoningSplitter, partial_suffix, split_reasoning
 from nanoseek.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from nanoseek.infer.server.metrics import Timing
+from nanoseek.infer.structured import StructuredOutputError, grammar_from_response_format
 from nanoseek.infer.tools import ToolCallParser, stream_fragments
 from nanoseek.tokenizer import Tokenizer
 
@@ -170,8 +171,7 @@ class ChatRequest(_Sampling):
     tools: Any = None  # checked by `tool_use`, whose 400s name the bad field and show the right shape
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
-    # read only to refuse it by name (`unsupported`), never silently dropped
-    response_format: Any = None
+    response_format: Any = None  # text, json_object or json_schema: checked and compiled by `grammar`
 
     @property
     def thinking(self) -> bool:
@@ -246,16 +246,15 @@ class ChatRequest(_Sampling):
                     f"messages.{i}.tool_call_id",
                 )
 
+    def grammar(self) -> str | None:
+        """The grammar `response_format` asks the reply to follow (None: free text); a 400 naming what is wrong."""
+        try:
+            return grammar_from_response_format(self.response_format)
+        except StructuredOutputError as e:
+            raise APIError(400, str(e), e.param) from None
+
     def unsupported(self) -> None:
         """A 400 naming the first field or content part this server cannot honour yet, as OpenAI names them."""
-        kind = self.response_format.get("type") if isinstance(self.response_format, dict) else self.response_format
-        if kind not in (None, "text"):
-            raise APIError(
-                400,
-                f"response_format: {json.dumps(kind)[:40]} output is not supported by this server yet; omit "
-                "response_format or use {'type': 'text'}",
-                "response_format",
-            )
         for i, m in enumerate(self.messages):
             for j, part in enumerate(m.content if isinstance(m.content, list) else []):
                 where, allowed = (

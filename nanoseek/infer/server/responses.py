@@ -21,6 +21,7 @@ from nanoseek.infer.reasoning import split_reasoning
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.server.metrics import Timing
 from nanoseek.infer.server.openai import MEDIA, APIError, Choice, _Strict
+from nanoseek.infer.structured import StructuredOutputError, grammar_from_text_format
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -55,12 +56,12 @@ class ResponsesRequest(_Strict):
     reasoning: Reasoning | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None  # accepted; nothing is stored (the body says store: false)
+    text: Any = None  # {"format": ...}: text, json_object or json_schema, checked and compiled by `grammar`
     # read only to refuse them by name
     previous_response_id: Any = None
     conversation: Any = None
     tools: Any = None
     tool_choice: Any = None
-    text: Any = None
 
     @property
     def thinking(self) -> bool:
@@ -80,12 +81,20 @@ class ResponsesRequest(_Strict):
             raise APIError(400, "tools: tool calling is not supported by this server yet; send no tools", "tools")
         if self.tool_choice not in (None, "none", "auto"):
             raise APIError(400, "tool_choice: tool calling is not supported by this server yet", "tool_choice")
-        fmt = self.text.get("format") if isinstance(self.text, dict) else None
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        if kind not in (None, "text"):
-            raise APIError(
-                400, f"text.format: {json.dumps(kind)[:40]} output is not supported by this server yet", "text.format"
-            )
+
+    @property
+    def format(self) -> dict | None:
+        """`text.format`: the output format asked for (None: text)."""
+        return self.text.get("format") if isinstance(self.text, dict) else None
+
+    def grammar(self) -> str | None:
+        """The grammar `text.format` asks the reply to follow (None: free text); a 400 naming what is wrong."""
+        if self.text is not None and not isinstance(self.text, dict):
+            raise APIError(400, "text: must be an object such as {'format': {'type': 'json_object'}}", "text")
+        try:
+            return grammar_from_text_format(self.format)
+        except StructuredOutputError as e:
+            raise APIError(400, str(e), e.param) from None
 
     def messages(self) -> list[dict]:
         """`instructions` and `input` as chat messages ({role, content}); earlier reasoning items are dropped."""
@@ -163,7 +172,7 @@ def response_object(
         "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
         "store": False,
         "temperature": 1.0 if req.temperature is None else req.temperature,
-        "text": {"format": {"type": "text"}},
+        "text": {"format": req.format or {"type": "text"}},
         "tool_choice": "none",
         "tools": [],
         "top_p": 1.0 if req.top_p is None else req.top_p,
