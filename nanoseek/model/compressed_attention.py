@@ -68,7 +68,7 @@ def empty_layer_cache(
 ) -> LayerCacheV4:
     """Zeroed decode state of layer layer_idx for n_slots sequences of up to max_len tokens."""
     c, rate = config, config.compress_rate(layer_idx)
-    overlap = 2 if c.layer_types[layer_idx] == CSA else 1  # CSA entries span two windows
+    overlap = 2 if c.attention_type(layer_idx) == CSA else 1  # CSA entries span two windows
 
     def zeros(*shape: int) -> torch.Tensor:
         return torch.zeros(n_slots, *shape, dtype=dtype, device=device)
@@ -228,7 +228,7 @@ class CompressedAttention(nn.Module):
         self.o_a_proj = nn.Linear(self.n_heads * d // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)
         self.o_b_proj = nn.Linear(c.o_groups * c.o_lora_rank, H, bias=False)
         self.sinks = nn.Parameter(torch.zeros(self.n_heads))
-        is_csa = c.layer_types[layer_idx] == CSA
+        is_csa = c.attention_type(layer_idx) == CSA
         self.compressor = Compressor(H, d, self.rate, is_csa, c.rms_norm_eps) if self.rate else None
         self.indexer = CompressedIndexer(c, self.rate) if is_csa else None
 
