@@ -17,7 +17,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
 from nanoseek.model.block_v4 import BlockV4, RopeTables
-from nanoseek.model.compressed_attention import CompressedAttention, Compressor, LayerCacheV4
+from nanoseek.model.compressed_attention import CompressedAttention, CompressedIndexer, Compressor, LayerCacheV4
 from nanoseek.model.hyper_connections import HyperConnection, HyperHead
 from nanoseek.model.mla import write_latents
 from nanoseek.model.moe import Experts, MoE, hash_table
@@ -270,8 +270,8 @@ class TransformerV4(Transformer):
     bookkeeping and parameter counting; module names follow transformers' DeepseekV4 (`attn_hc`, `hc_head`), and
     checkpoint/hub_v4.py maps them to DeepSeek's hub names. MTP: num_nextn_predict_layers MTPModuleV4 depths
     (DeepSeek's; transformers has none). Decoding: `forward_cached` over per-layer caches
-    (compressed_attention.LayerCacheV4); the MTP block has no decode path yet. Not built yet: an indexer
-    training loss."""
+    (compressed_attention.LayerCacheV4); the MTP block has no decode path yet. The CSA indexers train as V3.2's
+    (set_indexer_training)."""
 
     def __init__(self, config: ModelConfig) -> None:
         nn.Module.__init__(self)
@@ -351,8 +351,11 @@ class TransformerV4(Transformer):
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp: bool = True) -> Losses:
         """Next-token loss, MTP loss and balance loss (targets[b, t] = input_ids[b, t+1], IGNORE_INDEX to skip).
         MTP depth k at position i reads Emb(targets[i+k-1]) and predicts targets[i+k], as V3's."""
-        for m in self.moe_layers():  # only this forward's balance losses count (mtp=False skips MTP's MoE)
-            m.aux_loss = None
+        for m in self.modules():  # only this forward's balance and indexer losses count (mtp=False skips MTP)
+            if isinstance(m, MoE):
+                m.aux_loss = None
+            elif isinstance(m, CompressedAttention):
+                m.indexer_loss = None
         streams, rope = self.streams(input_ids)
         V = self.config.vocab_size
         logits = self.lm_head(self.norm(self.hc_head(streams)))
@@ -369,11 +372,22 @@ class TransformerV4(Transformer):
             tokens = _shift_left(tokens, 0)
         zero = main.new_zeros(())
         aux_terms = [m.aux_loss for m in self.moe_layers() if self.training and m.aux_loss is not None]
+        index_terms = [m.indexer_loss for m in self.modules() if getattr(m, "indexer_loss", None) is not None]
         return Losses(
             main=main,
             mtp=torch.stack(mtp_losses).mean() if mtp_losses else zero,
             aux=torch.stack(aux_terms).sum() if aux_terms else zero,
+            indexer=torch.stack(index_terms).sum() if index_terms else None,
         )
+
+    def set_indexer_training(self, mode: str | None) -> None:
+        """As V3.2's, for the CSA layers' indexers, over compressed entries: "dense" (warm-up: every visible entry
+        attended, the indexer fitted to the attention by KL), "sparse" (top-k entries, the indexer fitted on its
+        selection) or None. The indexers are trainable exactly while a mode is set (frozen otherwise)."""
+        super().set_indexer_training(mode)
+        for m in self.modules():
+            if isinstance(m, CompressedIndexer):
+                m.requires_grad_(mode is not None)
 
     def mtp_logits(self, input_ids: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         """The first MTP depth's logits [B, T, V] over t_{i+2}, given tokens [B, T] and the tokens after them

@@ -61,13 +61,17 @@ def expert_bias_step(model: Transformer, loads: torch.Tensor | None, gamma: floa
 
 
 def indexer_stage(model: Transformer, step: int, warmup: int | None) -> bool:
-    """V3.2's indexer training (report sec. 2.1.1) at optimizer step `step`: None leaves the indexer untrained;
-    else the first `warmup` steps are the dense warm-up (dense attention, only the indexer learns, by KL) and
-    the rest sparse training (top-k attention, the indexer fitted on its selection). True in the warm-up."""
+    """V3.2's indexer training (report sec. 2.1.1) at optimizer step `step`, for V3.2's indexers over tokens and
+    V4's over compressed entries (CSA layers): None leaves the indexer untrained; else the first `warmup` steps
+    are the dense warm-up (dense attention, only the indexer learns, by KL) and the rest sparse training (top-k
+    attention, the indexer fitted on its selection). True in the warm-up."""
     if warmup is None:
         return False
-    if not model.config.sparse_attention:
-        raise ValueError("--indexer-warmup trains the V3.2 lightning indexer: the model has none (deepseek_v32)")
+    if not any(getattr(m, "indexer", None) is not None for m in model.modules()):
+        raise ValueError(
+            "--indexer-warmup trains a lightning indexer: the model has none (deepseek_v32, or deepseek_v4 with "
+            "compressed_sparse_attention layers, have one)"
+        )
     model.set_indexer_training("dense" if step < warmup else "sparse")
     return step < warmup
 

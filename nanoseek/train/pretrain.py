@@ -3,8 +3,8 @@
 One optimizer step: for each of grad_accum micro-batches, forward with MTP (`compute_loss`), backward
 total(mtp_weight) / grad_accum and sum the expert loads; then clip the grad norm, set the scheduled lr,
 AdamW (or Muon) step, aux-loss-free bias update from the summed loads, zero grads. bf16 autocast on CUDA, fp32
-on CPU. V3.2 with --indexer-warmup N: the indexer's KL loss joins the total; the first N steps update the indexer
-alone, over dense attention (optim.indexer_stage).
+on CPU. V3.2 (and V4's CSA layers) with --indexer-warmup N: the indexer's KL loss joins the total; the first N
+steps update the indexer alone, over dense attention (optim.indexer_stage).
 
 `train(cfg, model, loader, run_dir, ...)` takes any loader with `next_batch() -> (inputs, targets)`,
 `state_dict()` and `load_state_dict()`, so SFT passes its own (targets -100 outside completions).
@@ -107,7 +107,7 @@ class TrainConfig:
     mtp_weight: float = 0.3
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed
     aux_alpha: float | None = None  # sequence-wise balance loss weight (None: the model config's)
-    indexer_warmup: int | None = None  # V3.2: train the indexer by KL, after this many dense warm-up steps
+    indexer_warmup: int | None = None  # V3.2 / V4 CSA: train the indexer by KL, after this many dense warm-up steps
     seed: int = 0
     save_every: int = 1000  # steps (0: only at the end)
     keep_last: int = 3
@@ -236,6 +236,7 @@ def train(
     model.to(device).train()
     if cfg.aux_alpha is not None:
         set_aux_alpha(model, cfg.aux_alpha)
+    indexer_stage(model, 0, cfg.indexer_warmup)  # before the wrappers and the optimizer: V4's indexers unfreeze
     par = Parallel(model, env, cfg.dp, mtp=cfg.mtp_weight > 0, ep=cfg.ep if env.distributed else 1)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, optim=cfg.optim)
     step, elapsed0 = 0, 0.0
