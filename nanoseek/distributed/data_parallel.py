@@ -44,16 +44,19 @@ class _Forward(nn.Module):
         if not loss:
             return self.model(*args, **kwargs)
         losses = self.model.compute_loss(*args, **kwargs)
-        return losses.main, losses.mtp, losses.aux
+        return losses.main, losses.mtp, losses.aux, losses.indexer  # the indexer's KL loss: None unless trained
 
 
 class Parallel:
     """The model as the training loop drives it; one process: a thin pass-through."""
 
-    def __init__(self, model: Transformer, env: DistEnv, dp: str = "ddp", mtp: bool = True, ep: int = 1) -> None:
-        """Wrap `model` (already on env.device) in place. mtp: whether the MTP modules take part in the loss
-        (DDP must otherwise look for unused parameters every step). ep: expert-parallel degree (divides the
-        world size and n_routed_experts)."""
+    def __init__(
+        self, model: Transformer, env: DistEnv, dp: str = "ddp", mtp: bool = True, ep: int = 1, indexer: bool = False
+    ) -> None:
+        """Wrap `model` (already on env.device) in place. mtp: whether the MTP modules take part in the loss;
+        indexer: whether the lightning indexers are trained (V3.2's are trainable parameters that only their KL
+        loss reaches); DDP must otherwise look for unused parameters every step. ep: expert-parallel degree
+        (divides the world size and n_routed_experts)."""
         if dp not in DP_MODES:
             raise ValueError(f"--dp must be one of {', '.join(DP_MODES)}, got {dp!r}")
         self.model, self.env, self.dp, self.ep = model, env, dp if env.distributed else "none", ep
@@ -70,7 +73,10 @@ class Parallel:
         if self.dp == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            unused = not mtp and len(model.mtp) > 0
+            idle_indexer = not indexer and any(
+                p.requires_grad for n, p in model.named_parameters() if ".indexer." in n
+            )  # V3.2 trained without --indexer-warmup
+            unused = (not mtp and len(model.mtp) > 0) or idle_indexer
             wrapper = _Forward(model)
             # sharded experts are not replicas: DDP must not average them (reduce_gradients does)
             DDP._set_params_and_buffers_to_ignore_for_model(wrapper, [f"model.{n}" for n in expert_names])

@@ -237,7 +237,8 @@ def train(
     if cfg.aux_alpha is not None:
         set_aux_alpha(model, cfg.aux_alpha)
     indexer_stage(model, 0, cfg.indexer_warmup)  # before the wrappers and the optimizer: V4's indexers unfreeze
-    par = Parallel(model, env, cfg.dp, mtp=cfg.mtp_weight > 0, ep=cfg.ep if env.distributed else 1)
+    ep = cfg.ep if env.distributed else 1
+    par = Parallel(model, env, cfg.dp, mtp=cfg.mtp_weight > 0, ep=ep, indexer=cfg.indexer_warmup is not None)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, optim=cfg.optim)
     step, elapsed0 = 0, 0.0
     if resume_from is not None:
