@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer, load_model
+from nanoseek.distributed.data_parallel import Parallel
+from nanoseek.distributed.process_group import DistEnv
 from nanoseek.model.indexer import indexer_kl
 from nanoseek.train.metrics import read_metrics
+from nanoseek.train.optim import split_indexer_parameters
 from nanoseek.train.pretrain import PretrainJob, TrainConfig, run_pretrain
 
 
@@ -113,6 +116,7 @@ def test_warmup_fits_the_indexer_then_sparse_training_trains_everything(builtin_
     records = read_metrics(tmp_path / "metrics.jsonl")
     kl = [r["indexer_loss"] for r in records]
     assert sum(kl[warm - 3 : warm]) < 0.8 * sum(kl[:3]), kl  # the warm-up fits the indexer
+    assert all(r["indexer_grad_norm"] > 0 for r in records) and all(r["grad_norm"] > 0 for r in records[warm:])
     torch.manual_seed(cfg.seed)  # the run's initial weights, as run_pretrain makes them
     start = Transformer(load_model(tmp_path / "checkpoints" / f"step_{warm}").config).state_dict()
     warm_sd = load_model(tmp_path / "checkpoints" / f"step_{warm}").state_dict()
@@ -121,3 +125,23 @@ def test_warmup_fits_the_indexer_then_sparse_training_trains_everything(builtin_
         assert torch.equal(warm_sd[name], start[name]) != (".indexer." in name), name  # only the indexer moved
         frozen = name.endswith(("e_score_correction_bias", "tid2eid"))  # moved by balancing / never
         assert not torch.equal(end[name], warm_sd[name]) or frozen, name
+
+
+@pytest.mark.parametrize("preset", ["tiny-v32", "tiny-v4"])
+def test_lm_and_indexer_gradients_are_clipped_each_by_its_own_norm(preset):
+    """The indexer's KL loss is detached from the LM loss: two objectives, so one joint clip norm would let the
+    larger shrink the smaller's step. Each group is clipped by its own norm."""
+    model = _model(preset)
+    ids = _ids(model)
+    model.set_indexer_training("sparse")
+    model.compute_loss(ids[:, :-1], ids[:, 1:]).total().backward()
+    groups = [[p for p in g if p.grad is not None] for g in split_indexer_parameters(model)]
+    norms = [torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in g])).item() for g in groups]
+    small, big = sorted(range(2), key=lambda i: norms[i])
+    clip = (norms[small] + norms[big]) / 2
+    before = [p.grad.clone() for p in groups[small]]
+    par = Parallel(model, DistEnv())
+    assert [par.clip_grad_norm(clip, g) for g in groups] == pytest.approx(norms)
+    assert all(torch.equal(p.grad, b) for p, b in zip(groups[small], before))  # within its own limit: untouched
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in groups[big]])).item()
+    assert after == pytest.approx(clip, rel=1e-4)

@@ -127,9 +127,12 @@ class Parallel:
         elif self.ep > 1:
             reduce_expert_grads(self.model, self._replica_group, self.env.world_size)
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip the global gradient norm (sharded gradients included); returns the norm before clipping."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+    def clip_grad_norm(self, max_norm: float, params: list[nn.Parameter] | None = None) -> float:
+        """Clip the global gradient norm of `params` (default: every parameter; sharded gradients included);
+        returns the norm before clipping."""
+        params = [p for p in (self.model.parameters() if params is None else params) if p.grad is not None]
+        if not params:
+            return 0.0
         if self.ep > 1 and self.dp == "ddp":
             return _clip_mixed(params, max_norm, self._ep_group)
         if self.ep > 1:  # FSDP2 + EP: every rank holds distinct pieces of every gradient (on two meshes)
@@ -152,9 +155,10 @@ def _clip_mixed(
         norm_sq = torch.stack(squares).sum()
         dist.all_reduce(norm_sq)
     else:
-        sharded = torch.stack([sq for p, sq in zip(params, squares) if isinstance(p, DTensor)]).sum()
+        zero = squares[0].new_zeros(())
+        sharded = sum((sq for p, sq in zip(params, squares) if isinstance(p, DTensor)), zero)
         dist.all_reduce(sharded, group=ep_group)  # each shard counted once: replicas hold the same gradient
-        norm_sq = sharded + torch.stack([sq for p, sq in zip(params, squares) if not isinstance(p, DTensor)]).sum()
+        norm_sq = sharded + sum((sq for p, sq in zip(params, squares) if not isinstance(p, DTensor)), zero)
     norm = norm_sq.sqrt()
     if max_norm > 0:
         torch._foreach_mul_(local, (max_norm / (norm + 1e-6)).clamp(max=1.0))

@@ -76,6 +76,15 @@ def indexer_stage(model: Transformer, step: int, warmup: int | None) -> bool:
     return step < warmup
 
 
+def split_indexer_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(the language model's parameters, the lightning indexers'): two objectives, clipped each by its own norm
+    (the indexer learns only from its KL loss, detached from the LM loss)."""
+    lm, indexer = [], []
+    for name, p in model.named_parameters():
+        (indexer if ".indexer." in name else lm).append(p)
+    return lm, indexer
+
+
 def keep_only_indexer_grads(model: nn.Module) -> None:
     """Warm-up: drop every other gradient, so the optimizer leaves those weights (and their state) as they are."""
     for name, p in model.named_parameters():

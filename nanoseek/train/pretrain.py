@@ -1,7 +1,8 @@
 """Pretraining (`nanoseek train`) and the training loop it shares with SFT: step, evaluate, log, checkpoint, resume.
 
 One optimizer step: for each of grad_accum micro-batches, forward with MTP (`compute_loss`), backward
-total(mtp_weight) / grad_accum and sum the expert loads; then clip the grad norm, set the scheduled lr,
+total(mtp_weight) / grad_accum and sum the expert loads; then clip the grad norm (the indexers' separately when
+they are trained), set the scheduled lr,
 AdamW (or Muon) step, aux-loss-free bias update from the summed loads, zero grads. bf16 autocast on CUDA, fp32
 on CPU. V3.2 (and V4's CSA layers) with --indexer-warmup N: the indexer's KL loss joins the total; the first N
 steps update the indexer alone, over dense attention (optim.indexer_stage).
@@ -56,6 +57,7 @@ from nanoseek.train.optim import (
     indexer_stage,
     keep_only_indexer_grads,
     max_load_violation,
+    split_indexer_parameters,
 )
 from nanoseek.train.run import (
     Clock,
@@ -300,10 +302,17 @@ def train(
             par.reduce_gradients()
             if warmup_stage:
                 keep_only_indexer_grads(model)
-            gnorm = par.clip_grad_norm(cfg.clip)
+            if cfg.indexer_warmup is None:
+                gnorm, index_gnorm = par.clip_grad_norm(cfg.clip), 0.0
+            else:  # two objectives: the LM loss and the indexer's detached KL loss, each clipped by its own norm
+                lm_params, indexer_params = split_indexer_parameters(model)
+                gnorm, index_gnorm = (
+                    par.clip_grad_norm(cfg.clip, lm_params),
+                    par.clip_grad_norm(cfg.clip, indexer_params),
+                )
             main, mtp, aux, index_loss = all_reduce(sums, env, op="mean").tolist()
             total = main + cfg.mtp_weight * mtp + aux + index_loss
-            if not (math.isfinite(total) and math.isfinite(gnorm)):
+            if not (math.isfinite(total) and math.isfinite(gnorm) and math.isfinite(index_gnorm)):
                 good = latest_checkpoint(run_dir)
                 raise NonFiniteLoss(
                     f"step {step + 1}: non-finite {'loss' if not math.isfinite(total) else 'gradient norm'} "
@@ -329,7 +338,8 @@ def train(
                 val_loss = evaluate(model, val_loader, n, autocast, env)
             if logger is not None and (step % cfg.log_every == 0 or is_eval or clock.finished(step)):
                 record = dict(step=step, loss=main, mtp_loss=mtp, aux_loss=aux, lr=lr, grad_norm=gnorm)
-                record |= {"indexer_loss": index_loss} if cfg.indexer_warmup is not None else {}
+                if cfg.indexer_warmup is not None:
+                    record |= {"indexer_loss": index_loss, "indexer_grad_norm": index_gnorm}
                 record |= {"tokens_per_s": tokens_per_s, "mfu": flops_tok * tokens_per_s / peak}
                 record["max_load_violation"] = max_load_violation(loads) if loads is not None and loads.numel() else []
                 record |= {"tokens": step * tokens_per_step, "elapsed_s": clock.elapsed()}
