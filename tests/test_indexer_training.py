@@ -12,8 +12,8 @@ from nanoseek import ModelConfig, Transformer, load_model
 from nanoseek.distributed.data_parallel import Parallel
 from nanoseek.distributed.process_group import DistEnv
 from nanoseek.model.indexer import indexer_kl
+from nanoseek.train.indexer_warmup import split_indexer_parameters
 from nanoseek.train.metrics import read_metrics
-from nanoseek.train.optim import split_indexer_parameters
 from nanoseek.train.pretrain import PretrainJob, TrainConfig, run_pretrain
 
 

@@ -60,38 +60,6 @@ def expert_bias_step(model: Transformer, loads: torch.Tensor | None, gamma: floa
     model.update_expert_bias(loads, gamma)
 
 
-def indexer_stage(model: Transformer, step: int, warmup: int | None) -> bool:
-    """V3.2's indexer training (report sec. 2.1.1) at optimizer step `step`, for V3.2's indexers over tokens and
-    V4's over compressed entries (CSA layers): None leaves the indexer untrained; else the first `warmup` steps
-    are the dense warm-up (dense attention, only the indexer learns, by KL) and the rest sparse training (top-k
-    attention, the indexer fitted on its selection). True in the warm-up."""
-    if warmup is None:
-        return False
-    if not any(getattr(m, "indexer", None) is not None for m in model.modules()):
-        raise ValueError(
-            "--indexer-warmup trains a lightning indexer: the model has none (deepseek_v32, or deepseek_v4 with "
-            "compressed_sparse_attention layers, have one)"
-        )
-    model.set_indexer_training("dense" if step < warmup else "sparse")
-    return step < warmup
-
-
-def split_indexer_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(the language model's parameters, the lightning indexers'): two objectives, clipped each by its own norm
-    (the indexer learns only from its KL loss, detached from the LM loss)."""
-    lm, indexer = [], []
-    for name, p in model.named_parameters():
-        (indexer if ".indexer." in name else lm).append(p)
-    return lm, indexer
-
-
-def keep_only_indexer_grads(model: nn.Module) -> None:
-    """Warm-up: drop every other gradient, so the optimizer leaves those weights (and their state) as they are."""
-    for name, p in model.named_parameters():
-        if ".indexer." not in name:
-            p.grad = None
-
-
 def max_load_violation(loads: torch.Tensor) -> list[float]:
     """Per MoE layer: max_e load_e / mean load - 1 (0 = perfectly balanced)."""
     loads = loads.float()
