@@ -67,6 +67,9 @@ class ModelConfig:
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
     mlp_layer_types: list[str] | None = None  # per layer: "hash_moe" (experts by token id) or "moe"
+    # per MTP block: its attention's layer type (default sliding_attention, as V4-Flash ships). config.json keeps
+    # it where DeepSeek does: compress_ratios entries past num_hidden_layers. MTP blocks always route by "moe".
+    mtp_layer_types: list[str] | None = None
     swiglu_limit: float = 10.0  # experts clamp gate <= limit and |up| <= limit before SiLU(gate) * up
     # positions and norms
     max_position_embeddings: int = 4096
@@ -127,9 +130,18 @@ class ModelConfig:
         """True for DeepSeek-V4: hybrid compressed attention, mHC residual streams, hash-routed first layers."""
         return self.model_type == "deepseek_v4"
 
+    def attention_type(self, layer_idx: int) -> str:
+        """V4: the attention layer type of layer layer_idx; num_hidden_layers + k is MTP block k."""
+        n = self.num_hidden_layers
+        return self.layer_types[layer_idx] if layer_idx < n else self.mtp_layer_types[layer_idx - n]
+
+    def mlp_layer_type(self, layer_idx: int) -> str:
+        """V4: "hash_moe" or "moe" for layer layer_idx (MTP blocks: "moe", biased routing)."""
+        return self.mlp_layer_types[layer_idx] if layer_idx < self.num_hidden_layers else "moe"
+
     def compress_rate(self, layer_idx: int) -> int:
         """V4: tokens pooled into one compressed KV entry in layer layer_idx (0: sliding window only)."""
-        return self.compress_rates.get(self.layer_types[layer_idx], 0)
+        return self.compress_rates.get(self.attention_type(layer_idx), 0)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense_replace and self.n_routed_experts > 0
@@ -364,6 +376,7 @@ _V4_FIELDS = (
     "hc_sinkhorn_iters",
     "hc_eps",
     "mlp_layer_types",
+    "mtp_layer_types",
     "swiglu_limit",
 )
 # V3 fields a V4 model does not have; `intermediate_size` would even be read as moe_intermediate_size by HF
@@ -433,14 +446,18 @@ def _fold_v4(d: dict[str, Any]) -> None:
             rates[kind] = d.pop(legacy)
     d["compress_rates"] = rates
     ratios = d.pop("compress_ratios", None)
-    if d.get("layer_types") is None and ratios is not None:
+    if ratios is not None:
         by_ratio = {0: SLIDING, rates[CSA]: CSA, rates[HCA]: HCA}
         bad = sorted(set(ratios) - set(by_ratio))
         if bad:
             raise ValueError(
                 f"config.json compress_ratios has rates {bad}; V4 layers compress by 0, {list(rates.values())}"
             )
-        d["layer_types"] = [by_ratio[r] for r in ratios]
+        n = d["num_hidden_layers"]
+        if d.get("layer_types") is None:
+            d["layer_types"] = [by_ratio[r] for r in ratios]
+        if d.get("mtp_layer_types") is None and len(ratios) > n:  # the MTP blocks' slots
+            d["mtp_layer_types"] = [by_ratio[r] for r in ratios[n:]]
     n_hash = d.pop("num_hash_layers", None)
     if d.get("mlp_layer_types") is None and n_hash is not None:
         d["mlp_layer_types"] = ["hash_moe"] * n_hash + ["moe"] * max(0, d["num_hidden_layers"] - n_hash)
@@ -455,6 +472,8 @@ def _resolve_v4_layer_types(c: ModelConfig) -> None:
     if c.mlp_layer_types is None:  # transformers' default: three hash-routed layers
         c.mlp_layer_types = ["hash_moe"] * min(n, 3) + ["moe"] * max(0, n - 3)
     c.layer_types, c.mlp_layer_types = list(c.layer_types[:n]), list(c.mlp_layer_types[:n])
+    k = c.num_nextn_predict_layers
+    c.mtp_layer_types = (list(c.mtp_layer_types or []) + [SLIDING] * k)[:k]
     c.first_k_dense_replace, c.n_group, c.topk_group = 0, 1, 1
 
 
@@ -466,7 +485,9 @@ def _validate_v4(c: ModelConfig, need) -> None:
     need(len(c.mlp_layer_types) == n, f"mlp_layer_types has {len(c.mlp_layer_types)} entries for {n} layers")
     bad = sorted(set(c.mlp_layer_types) - {"hash_moe", "moe"})
     need(not bad, f"mlp_layer_types entries must be 'hash_moe' or 'moe', got {bad}")
-    for kind in set(c.layer_types) - {SLIDING}:
+    bad = sorted(set(c.mtp_layer_types) - set(V4_LAYER_TYPES))
+    need(not bad, f"mtp_layer_types entries must be in {V4_LAYER_TYPES}, got {bad}")
+    for kind in set(c.layer_types + c.mtp_layer_types) - {SLIDING}:
         need(c.compress_rates.get(kind, 0) > 0, f"compress_rates[{kind!r}] must be a positive integer")
     need(c.q_lora_rank is not None, "deepseek_v4 needs q_lora_rank (queries and the indexer read its latent)")
     need(c.head_dim > 0 and c.qk_rope_head_dim <= c.head_dim, "qk_rope_head_dim must be <= head_dim")
@@ -481,7 +502,7 @@ def _validate_v4(c: ModelConfig, need) -> None:
     )
     need(c.n_routed_experts > 0 and c.n_shared_experts == 1, "deepseek_v4 has routed experts and one shared expert")
     need(c.swiglu_limit > 0, f"swiglu_limit must be > 0 (transformers clamps with it always), got {c.swiglu_limit}")
-    if CSA in c.layer_types:
+    if CSA in c.layer_types + c.mtp_layer_types:
         need(min(c.index_n_heads, c.index_head_dim, c.index_topk) > 0, "index_n_heads/head_dim/topk must be > 0")
         need(c.qk_rope_head_dim <= c.index_head_dim, "index_head_dim must be >= qk_rope_head_dim")
 
@@ -493,7 +514,8 @@ def _v4_to_dict(c: ModelConfig, d: dict[str, Any]) -> None:
         d.pop(k, None)
     d["num_key_value_heads"] = 1
     d["partial_rotary_factor"] = c.qk_rope_head_dim / c.head_dim
-    d["compress_ratios"] = [c.compress_rate(i) for i in range(c.num_hidden_layers)]
+    d.pop("mtp_layer_types")  # DeepSeek's form: the MTP blocks' rates follow the layers' in compress_ratios
+    d["compress_ratios"] = [c.compress_rate(i) for i in range(c.num_hidden_layers + c.num_nextn_predict_layers)]
     if c.rope_scaling:  # as given: V4 applies no YaRN magnitude factor, so no mscale keys are added
         kind = c.rope_scaling.get("type", c.rope_scaling.get("rope_type"))
         d["rope_scaling"] = {**c.rope_scaling, "type": kind, "rope_type": kind}

@@ -211,7 +211,7 @@ _V4_SMALL = dict(
     num_experts_per_tok=2,
     scoring_func="sqrtsoftplus",
     routed_scaling_factor=1.5,
-    num_nextn_predict_layers=0,  # V4's MTP block is not built yet
+    num_nextn_predict_layers=1,  # one MTP block, as tiny and cpu-small have
 )
 # unit tests: window 8, "compressed_sparse_attention" entries of 4 tokens (the indexer keeps 3), "heavily_compressed_attention" entries of 8, two hash-routed layers
 PRESETS["tiny-v4"] = dict(

@@ -15,6 +15,7 @@ from helpers import memorise, tiny_model
 from nanoseek import load_model, save_model
 from nanoseek.checkpoint.run import checkpoint_dirs
 from nanoseek.cli.main import main
+from nanoseek.data.chat import SFTLoader
 from nanoseek.tasks.problems import builtin_corpus
 from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train.distill import DistillJob, Sample, chat_completions_url, rejection_sample, run_distill, write_traces
@@ -231,6 +232,42 @@ def test_distills_a_local_teacher_into_a_student(teacher_dir, tmp_path):
     assert any(not torch.equal(student[k], teacher[k]) for k in teacher)
     saved = json.loads((out / "sft" / "args.json").read_text())
     assert saved["data"] == str((out / "traces.jsonl").resolve()) and saved["steps"] == 3
+
+
+def test_a_v4_students_sft_resumes_exactly(tok, tmp_path, monkeypatch):
+    """A DeepSeek-V4 student distilled from a URL teacher: its SFT, interrupted after step 2 and resumed with
+    `nanoseek sft --out OUT/sft --resume` (what an interrupted distill tells you to run), ends as the run that
+    never stopped."""
+    student = tmp_path / "student"
+    save_model(tiny_model(tok, preset="tiny-v4"), student, tokenizer=tok)
+    stub = Stub(lambda body: (200, {"choices": [choice(KNOWN[body["messages"][-1]["content"]])] * body["n"]}))
+    task = write_prompts(tmp_path / "p.jsonl", [{"prompt": p, "answer": a.split()[-1]} for p, a in KNOWN.items()])
+
+    def job(out: str) -> DistillJob:
+        job = DistillJob(out, task, teacher_url=stub.url, teacher_model="m", student=str(student), samples=2)
+        job.train = sft(steps=4, batch_size=2, lr=1e-2, warmup=1, save_every=2)
+        return job
+
+    try:
+        run_distill(job(str(tmp_path / "a")))
+        calls, next_batch = {"n": 0}, SFTLoader.next_batch
+
+        def interrupt_after_step_2(self):
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise KeyboardInterrupt
+            return next_batch(self)
+
+        monkeypatch.setattr(SFTLoader, "next_batch", interrupt_after_step_2)
+        with pytest.raises(KeyboardInterrupt):
+            run_distill(job(str(tmp_path / "b")))
+        monkeypatch.undo()
+    finally:
+        stub.close()
+    assert main(["sft", "--out", str(tmp_path / "b" / "sft"), "--resume"]) == 0
+    a, b = (load_model(checkpoint_dirs(tmp_path / r / "sft")[-1]).state_dict() for r in ("a", "b"))
+    assert checkpoint_dirs(tmp_path / "b" / "sft")[-1].name == "step_4" and any(k.startswith("mtp.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -207,6 +207,24 @@ def test_run_logs_eval_and_resumes_exactly(tok, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [0, 1, 2]
 
 
+def test_grpo_on_a_v4_model_resumes_exactly(tok, tmp_path):
+    """A DeepSeek-V4 policy (rollouts through the Engine's V4 cache), stopped after step 1 and resumed, ends with
+    the weights of the run that never stopped."""
+    pytest.importorskip("nanoseek.infer.runner_v4", reason="needs the Engine's DeepSeek-V4 decoding (issue 21)")
+    save_model(tiny_model(tok, preset="tiny-v4"), tmp_path / "m", tokenizer=tok)
+    cfg = GRPOConfig(
+        steps=2, group_size=4, prompts_per_step=2, max_new_tokens=4, lr=1e-2, eval_every=0,
+        zero_truncated=False, format_reward=0.5, beta=0.05, save_every=1,
+    )  # fmt: skip
+    job = GRPOJob(str(tmp_path / "m"), "arithmetic", str(tmp_path / "a"), levels=["2x1"], grpo=cfg)
+    run_grpo(job)
+    run_grpo(dataclasses.replace(job, out=str(tmp_path / "b"), grpo=dataclasses.replace(cfg, steps=1)))
+    run_grpo(dataclasses.replace(job, out=str(tmp_path / "b"), resume=True))
+    a, b = (load_model(checkpoint_dirs(tmp_path / r)[-1]).state_dict() for r in ("a", "b"))
+    assert checkpoint_dirs(tmp_path / "b")[-1].name == "step_2" and any(k.startswith("mtp.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_cli_options_make_the_job_and_resume_refuses_changed_settings(tok, tmp_path, capsys):
     save_model(tiny_model(tok), tmp_path / "m", tokenizer=tok)
     args = ["grpo", "--model", str(tmp_path / "m"), "--task", "arithmetic", "--levels", "2x1", "--group-size", "2"]

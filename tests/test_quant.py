@@ -126,13 +126,14 @@ def test_v32_fp8_checkpoint_with_ue8m0_scales_loads(tmp_path):
 
 def test_v4_checkpoint_with_fp8_linears_and_fp4_experts_loads(tmp_path):
     """V4 as published: hub names, FP8 attention and shared-expert linears with E8M0 `.scale` blocks, MXFP4
-    routed experts with per-32 E8M0 `.scale`, bf16 compressors and indexer weights, an `mtp.0.*` block (not
-    built by nanoseek, so skipped, quantised tensors and scales alike)."""
+    routed experts with per-32 E8M0 `.scale`, bf16 compressors and indexer weights, and an `mtp.0.*` block (FP8
+    e_proj / h_proj, FP4 experts) that loads into nanoseek's MTP depth."""
     torch.manual_seed(0)
     config = ModelConfig.from_preset("tiny-v4", moe_intermediate_size=32, initializer_range=0.1)
     model = Transformer(config).eval()
     save_model(model, tmp_path, max_shard_bytes=100_000)
     fp8 = ("attn.wq_a.", "attn.wq_b.", "attn.wkv.", "attn.wo_a.", "attn.wo_b.", "indexer.wq_b.", "shared_experts.")
+    fp8 += ("mtp.0.e_proj.", "mtp.0.h_proj.")
 
     def kind(name, t):
         if ".ffn.experts." in name:
@@ -143,17 +144,10 @@ def test_v4_checkpoint_with_fp8_linears_and_fp4_experts_loads(tmp_path):
         return name.removesuffix("weight") + "scale"
 
     originals = _quantize_dir(tmp_path, kind, scale_name)
-    index = tmp_path / "model.safetensors.index.json"
-    meta = json.loads(index.read_text())
-    last = sorted(set(meta["weight_map"].values()))[-1]
-    tensors = load_file(str(tmp_path / last))
-    q, s = quantize_fp4(torch.randn(32, 32))
-    tensors |= {"mtp.0.ffn.experts.0.w1.weight": q, "mtp.0.ffn.experts.0.w1.scale": s}
-    save_file(tensors, str(tmp_path / last), metadata={"format": "pt"})
-    meta["weight_map"] |= {k: last for k in ("mtp.0.ffn.experts.0.w1.weight", "mtp.0.ffn.experts.0.w1.scale")}
-    index.write_text(json.dumps(meta))
+    meta = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     _set_quantization_config(tmp_path, expert_dtype="fp4")
-    assert sum(".ffn.experts." in n for n in originals) == 4 * 8 * 3 and any("wo_b" in n for n in originals)
+    assert sum(".ffn.experts." in n for n in originals) == 5 * 8 * 3 and any("wo_b" in n for n in originals)
+    assert {"mtp.0.e_proj.scale", "mtp.0.ffn.experts.7.w2.scale", "mtp.0.hc_head_fn"} <= set(meta["weight_map"])
 
     def stored(name):
         def one(n):
@@ -162,5 +156,6 @@ def test_v4_checkpoint_with_fp8_linears_and_fp4_experts_loads(tmp_path):
         return one(name), one(scale_name(name))
 
     loaded = load_model(tmp_path, dtype=torch.float32)
-    names = dict(hub_v4.hub_tensor(n, t) for n, t in internal_to_hf(loaded))
+    assert len(loaded.mtp) == 1
+    names = dict(hub_v4.hub_tensor(n, t, loaded.config) for n, t in internal_to_hf(loaded))
     _check(loaded, names, originals, stored, model, config.vocab_size)

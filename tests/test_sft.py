@@ -132,6 +132,34 @@ def test_sft_trains_on_builtin_chat_and_resumes_exactly(tok, tmp_path, monkeypat
     assert saved["lr"] == 1e-2 and saved["eval_batches"] == SFT_DEFAULTS["eval_batches"]
 
 
+def test_sft_of_a_v4_model_resumes_exactly(tok, tmp_path, monkeypatch):
+    """Interrupted after step 2 and resumed, a DeepSeek-V4 SFT run (mHC, compressed attention, hash routing, MTP)
+    ends with the weights, balancing biases and losses of the run that never stopped."""
+    save_model(tiny_model(tok, preset="tiny-v4"), tmp_path / "m", tokenizer=tok)
+    cfg = TrainConfig(**{**SFT_DEFAULTS, "steps": 4, "batch_size": 4, "lr": 1e-2, "warmup": 1, "eval_every": 0})
+    job = SFTJob(str(tmp_path / "m"), "builtin:arithmetic", str(tmp_path / "a"), worked_fraction=0.0, n=40)
+    job.train = dataclasses.replace(cfg, save_every=2)
+    run_sft(job)
+    calls, next_batch = {"n": 0}, SFTLoader.next_batch
+
+    def interrupt_after_step_2(self):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return next_batch(self)
+
+    monkeypatch.setattr(SFTLoader, "next_batch", interrupt_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(dataclasses.replace(job, out=str(tmp_path / "b")))
+    monkeypatch.undo()
+    run_sft(dataclasses.replace(job, out=str(tmp_path / "b"), resume=True))
+    a, b = (load_model(checkpoint_dirs(tmp_path / r)[-1]).state_dict() for r in ("a", "b"))
+    assert a.keys() == b.keys() and any(k.startswith("mtp.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[r["loss"] for r in read_metrics(tmp_path / r / "metrics.jsonl")] for r in ("a", "b")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
 def test_cli_options_override_the_sft_defaults(tok, tmp_path):
     save_model(tiny_model(tok), tmp_path / "m", tokenizer=tok)
     args = ["sft", "--model", str(tmp_path / "m"), "--data", "builtin:countdown", "--problems", "40", "--steps", "1"]

@@ -19,9 +19,10 @@ from nanoseek.train.distill import DistillJob
 from nanoseek.train.grpo import GRPOConfig, GRPOJob
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.optim import build_optimizer, expert_bias_step, max_load_violation
-from nanoseek.train.pretrain import NonFiniteLoss, PretrainJob, TrainConfig, run_pretrain
+from nanoseek.train.pretrain import PretrainJob, TrainConfig, run_pretrain
 from nanoseek.train.schedule import cosine_decay, lr_at, warmup_factor, wsd_decay
 from nanoseek.train.sft import SFTJob
+from nanoseek.train.step import NonFiniteLoss
 
 REQUIRED_KEYS = {"step", "loss", "lr", "tokens_per_s", "mtp_loss", "aux_loss", "grad_norm", "mfu"}
 REQUIRED_KEYS |= {"max_load_violation", "elapsed_s"}

@@ -27,6 +27,7 @@ from nanoseek.model import Transformer
 _EXPERT = re.compile(r"^(.*?mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
+_MTP_OWN_V4 = ("enorm.", "hnorm.", "e_proj.", "h_proj.", "norm.", "hc_head.")  # DeepSeek-V4's MTPBlock
 _MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main embedding / head
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")
 
@@ -53,7 +54,7 @@ def hf_to_internal(name: str, config: ModelConfig) -> str | None:
     k = idx - config.num_hidden_layers
     if rest in _MTP_SHARED_COPIES:
         return None
-    if rest.startswith(_MTP_OWN):
+    if rest.startswith(_MTP_OWN_V4 if config.is_v4 else _MTP_OWN):
         return f"mtp.{k}.{rest}"
     return f"mtp.{k}.block.{rest}"
 
@@ -90,7 +91,7 @@ def internal_to_hf(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"{prefix}{base}{e}.down_proj.weight", t[e].T
         else:
             yield prefix + rest, t
-    for k in range(len(model.mtp)):  # real V3 checkpoints carry copies; vLLM/SGLang read them
+    for k in range(0 if c.is_v4 else len(model.mtp)):  # real V3 checkpoints carry copies (V4's do not)
         prefix = f"model.layers.{c.num_hidden_layers + k}."
         yield prefix + "embed_tokens.weight", model.embed_tokens.weight
         yield prefix + "shared_head.head.weight", model.lm_head.weight
@@ -130,7 +131,7 @@ def write_model_files(
         if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
             t = t.to(dtype)
         if c.is_v4:  # DeepSeek's hub names, which transformers reads too
-            name, t = hub_v4.hub_tensor(name, t)
+            name, t = hub_v4.hub_tensor(name, t, c)
         t = t.contiguous().clone() if not t.is_contiguous() or t.storage_offset() else t.clone()
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:

@@ -14,8 +14,8 @@ from typing import Any
 
 from nanoseek.distributed.process_group import DistEnv, init_distributed, shutdown
 from nanoseek.tasks.problems import LEVELS
-from nanoseek.train.pretrain import NonFiniteLoss
 from nanoseek.train.run import interrupted_hint, rank0_print, resume_settings, saved_run_args
+from nanoseek.train.step import NonFiniteLoss
 
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: cuda when available, else cpu)"

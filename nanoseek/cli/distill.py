@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from nanoseek.cli.common import add_device_option
+from nanoseek.train.config import TrainConfig
 from nanoseek.train.distill import DEFAULT_N, DistillJob, run_distill
-from nanoseek.train.pretrain import TrainConfig
 from nanoseek.train.run import interrupted_hint
 from nanoseek.train.sft import SFT_DEFAULTS
 

@@ -7,7 +7,7 @@ import argparse
 from nanoseek.cli.common import config_from_options, run_distributed, run_stage, train_summary
 from nanoseek.cli.train import add_train_options
 from nanoseek.distributed.process_group import DistEnv
-from nanoseek.train.pretrain import RESUME_OVERRIDABLE, TrainConfig
+from nanoseek.train.config import RESUME_OVERRIDABLE, TrainConfig
 from nanoseek.train.sft import SFT_DEFAULTS, SFTJob, run_sft
 
 

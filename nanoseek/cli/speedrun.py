@@ -9,7 +9,7 @@ from pathlib import Path
 from nanoseek.cli.common import parse_set
 from nanoseek.speedrun.recipe import RECIPES, Recipe, checkpoint_of
 from nanoseek.speedrun.stages import run_speedrun
-from nanoseek.train.pretrain import NonFiniteLoss
+from nanoseek.train.step import NonFiniteLoss
 
 
 def run(args: argparse.Namespace) -> int:

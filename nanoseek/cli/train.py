@@ -46,7 +46,7 @@ def add_train_options(p: argparse.ArgumentParser, d: TrainConfig | None = None) 
     g.add_argument(
         "--indexer-warmup",
         type=int,
-        help="V3.2: fit the lightning indexer to the attention by KL, first N dense warm-up steps (default: off)",
+        help="V3.2 / V4 CSA: fit the lightning indexer to the attention by KL, first N dense warm-up steps (default: off)",
     )
     g.add_argument("--seed", type=int, help="seed for init and data order (default 0)")
     g.add_argument("--save-every", type=int, help=f"checkpoint every N steps, 0 = only at the end ({d.save_every})")

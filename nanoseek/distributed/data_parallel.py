@@ -44,16 +44,19 @@ class _Forward(nn.Module):
         if not loss:
             return self.model(*args, **kwargs)
         losses = self.model.compute_loss(*args, **kwargs)
-        return losses.main, losses.mtp, losses.aux
+        return losses.main, losses.mtp, losses.aux, losses.indexer  # the indexer's KL loss: None unless trained
 
 
 class Parallel:
     """The model as the training loop drives it; one process: a thin pass-through."""
 
-    def __init__(self, model: Transformer, env: DistEnv, dp: str = "ddp", mtp: bool = True, ep: int = 1) -> None:
-        """Wrap `model` (already on env.device) in place. mtp: whether the MTP modules take part in the loss
-        (DDP must otherwise look for unused parameters every step). ep: expert-parallel degree (divides the
-        world size and n_routed_experts)."""
+    def __init__(
+        self, model: Transformer, env: DistEnv, dp: str = "ddp", mtp: bool = True, ep: int = 1, indexer: bool = False
+    ) -> None:
+        """Wrap `model` (already on env.device) in place. mtp: whether the MTP modules take part in the loss;
+        indexer: whether the lightning indexers are trained (V3.2's are trainable parameters that only their KL
+        loss reaches); DDP must otherwise look for unused parameters every step. ep: expert-parallel degree
+        (divides the world size and n_routed_experts)."""
         if dp not in DP_MODES:
             raise ValueError(f"--dp must be one of {', '.join(DP_MODES)}, got {dp!r}")
         self.model, self.env, self.dp, self.ep = model, env, dp if env.distributed else "none", ep
@@ -70,7 +73,10 @@ class Parallel:
         if self.dp == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            unused = not mtp and len(model.mtp) > 0
+            idle_indexer = not indexer and any(
+                p.requires_grad for n, p in model.named_parameters() if ".indexer." in n
+            )  # V3.2 trained without --indexer-warmup
+            unused = (not mtp and len(model.mtp) > 0) or idle_indexer
             wrapper = _Forward(model)
             # sharded experts are not replicas: DDP must not average them (reduce_gradients does)
             DDP._set_params_and_buffers_to_ignore_for_model(wrapper, [f"model.{n}" for n in expert_names])
@@ -121,9 +127,12 @@ class Parallel:
         elif self.ep > 1:
             reduce_expert_grads(self.model, self._replica_group, self.env.world_size)
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip the global gradient norm (sharded gradients included); returns the norm before clipping."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+    def clip_grad_norm(self, max_norm: float, params: list[nn.Parameter] | None = None) -> float:
+        """Clip the global gradient norm of `params` (default: every parameter; sharded gradients included);
+        returns the norm before clipping."""
+        params = [p for p in (self.model.parameters() if params is None else params) if p.grad is not None]
+        if not params:
+            return 0.0
         if self.ep > 1 and self.dp == "ddp":
             return _clip_mixed(params, max_norm, self._ep_group)
         if self.ep > 1:  # FSDP2 + EP: every rank holds distinct pieces of every gradient (on two meshes)
@@ -146,9 +155,10 @@ def _clip_mixed(
         norm_sq = torch.stack(squares).sum()
         dist.all_reduce(norm_sq)
     else:
-        sharded = torch.stack([sq for p, sq in zip(params, squares) if isinstance(p, DTensor)]).sum()
+        zero = squares[0].new_zeros(())
+        sharded = sum((sq for p, sq in zip(params, squares) if isinstance(p, DTensor)), zero)
         dist.all_reduce(sharded, group=ep_group)  # each shard counted once: replicas hold the same gradient
-        norm_sq = sharded + torch.stack([sq for p, sq in zip(params, squares) if not isinstance(p, DTensor)]).sum()
+        norm_sq = sharded + sum((sq for p, sq in zip(params, squares) if not isinstance(p, DTensor)), zero)
     norm = norm_sq.sqrt()
     if max_norm > 0:
         torch._foreach_mul_(local, (max_norm / (norm + 1e-6)).clamp(max=1.0))

@@ -29,7 +29,7 @@ class BlockV4(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.rope_set = "main" if config.layer_types[layer_idx] == SLIDING else "compress"
+        self.rope_set = "main" if config.attention_type(layer_idx) == SLIDING else "compress"
         self.attn_hc = HyperConnection(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = CompressedAttention(config, layer_idx)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import CSA, ModelConfig
-from nanoseek.model.indexer import index_scores, select_topk
+from nanoseek.model.indexer import index_scores, indexer_kl, select_topk
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope_tail
 
@@ -68,7 +68,7 @@ def empty_layer_cache(
 ) -> LayerCacheV4:
     """Zeroed decode state of layer layer_idx for n_slots sequences of up to max_len tokens."""
     c, rate = config, config.compress_rate(layer_idx)
-    overlap = 2 if c.layer_types[layer_idx] == CSA else 1  # CSA entries span two windows
+    overlap = 2 if c.attention_type(layer_idx) == CSA else 1  # CSA entries span two windows
 
     def zeros(*shape: int) -> torch.Tensor:
         return torch.zeros(n_slots, *shape, dtype=dtype, device=device)
@@ -164,7 +164,9 @@ class Compressor(nn.Module):
 class CompressedIndexer(nn.Module):
     """V4's lightning indexer: its own overlapping compressor (width index_head_dim) makes one key per CSA entry;
     queries come from the attention's query latent c_Q, head weights from x; the score and top-k are V3.2's
-    (indexer.py). Selection is not differentiable; nothing here learns from the language-model loss."""
+    (indexer.py). Selection is not differentiable; the language-model loss never reaches it. It learns only by
+    the indexer KL loss (CompressedAttention.indexer_training), and stays frozen otherwise, so data-parallel
+    training does not wait for gradients that never come (TransformerV4.set_indexer_training unfreezes it)."""
 
     def __init__(self, config: ModelConfig, rate: int) -> None:
         super().__init__()
@@ -173,19 +175,22 @@ class CompressedIndexer(nn.Module):
         self.compressor = Compressor(c.hidden_size, self.head_dim, rate, overlap=True, eps=c.rms_norm_eps)
         self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.weights_proj = nn.Linear(c.hidden_size, self.n_heads, bias=False)
-        # no loss reaches it yet (an indexer loss as V3.2's would): frozen, so data-parallel training does not
-        # wait for gradients that never come
         self.requires_grad_(False)
+
+    def scores(self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Index scores I [B, T, T_c] (float32, differentiable; no masking) of queries x [B, T, hidden] with query
+        latents c_q [B, T, q_r] against the entries of x's complete windows."""
+        B, T, _ = x.shape
+        keys = self.compressor(x, cos, sin)  # [B, T_c, d_I]
+        q = apply_rope_tail(self.q_b_proj(c_q).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        return index_scores(q, keys, self.weights_proj(x))
 
     @torch.no_grad()
     def forward(
         self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor
     ) -> torch.Tensor:
         """[B, T, T_c] bool: the entries each query attends to, at most index_topk of the visible [T, T_c]."""
-        B, T, _ = x.shape
-        keys = self.compressor(x, cos, sin)  # [B, T_c, d_I]
-        q = apply_rope_tail(self.q_b_proj(c_q).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        return select_topk(index_scores(q, keys, self.weights_proj(x)), visible, self.topk)
+        return select_topk(self.scores(x, c_q, cos, sin), visible, self.topk)
 
     @torch.no_grad()
     def forward_cached(
@@ -228,9 +233,11 @@ class CompressedAttention(nn.Module):
         self.o_a_proj = nn.Linear(self.n_heads * d // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)
         self.o_b_proj = nn.Linear(c.o_groups * c.o_lora_rank, H, bias=False)
         self.sinks = nn.Parameter(torch.zeros(self.n_heads))
-        is_csa = c.layer_types[layer_idx] == CSA
+        is_csa = c.attention_type(layer_idx) == CSA
         self.compressor = Compressor(H, d, self.rate, is_csa, c.rms_norm_eps) if self.rate else None
         self.indexer = CompressedIndexer(c, self.rate) if is_csa else None
+        self.indexer_training: str | None = None  # None | "dense" (warm-up) | "sparse": compute indexer_loss
+        self.indexer_loss: torch.Tensor | None = None  # of the last forward with gradients, when indexer_training
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Query latent c_Q [B, T, q_r], roped queries [B, T, n_h, d] and the roped key = value [B, T, d]."""
@@ -248,14 +255,23 @@ class CompressedAttention(nn.Module):
         pos = torch.arange(T, device=x.device)
         visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window)  # [T, T]
         visible = visible.expand(B, T, T)
+        self.indexer_loss = scores = None
         if self.compressor is not None:
             entries = self.compressor(x, cos, sin)  # [B, T_c, d]
             ready = torch.arange(entries.shape[1], device=x.device) < ((pos + 1) // self.rate)[:, None]  # [T, T_c]
-            if self.indexer is not None:
+            if self.indexer is not None and self.indexer_training is not None and torch.is_grad_enabled():
+                # detached inputs: the indexer learns from its KL loss alone, the rest never from it
+                scores = self.indexer.scores(x.detach(), c_q.detach(), cos, sin)
+                if self.indexer_training == "sparse":
+                    ready = select_topk(scores.detach(), ready, self.indexer.topk)
+            elif self.indexer is not None and self.indexer_training != "dense":
                 ready = self.indexer(x, c_q, cos, sin, ready)
             kv = torch.cat((kv, entries), dim=1)
             visible = torch.cat((visible, ready.expand(B, *ready.shape[-2:])), dim=-1)  # [B, T, T + T_c]
-        return self._attend(q, kv, visible, cos, sin)
+        out, p = self._attend(q, kv, visible, cos, sin)
+        if scores is not None:
+            self.indexer_loss = compressed_indexer_kl(p[..., T:], scores, visible[..., T:])
+        return out
 
     def forward_cached(
         self,
@@ -290,15 +306,15 @@ class CompressedAttention(nn.Module):
                 ready = self.indexer.forward_cached(x, c_q, cos, sin, ready, cache.indexer, slots, start, rope_at)
             keys = torch.cat((keys, cache.compressor.entries[slots, :n_entries].to(kv.dtype)), dim=1)
             visible = torch.cat((visible, ready), dim=-1)
-        out = self._attend(q, keys, visible, cos, sin)
+        out, _ = self._attend(q, keys, visible, cos, sin)
         cache.window[slots[:, None], pos[:, -ring:] % ring] = kv[:, -ring:].to(cache.window.dtype)
         return out
 
     def _attend(
         self, q: torch.Tensor, kv: torch.Tensor, visible: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sink softmax of queries q [B, T, n_h, d] over keys = values kv [B, S, d] where visible [B, T, S], the
-        de-rotation and the grouped output projection: [B, T, hidden]."""
+        de-rotation and the grouped output projection: ([B, T, hidden], the probabilities [B, n_h, T, S])."""
         B, T = q.shape[:2]
         scores = (q.transpose(1, 2) @ kv.unsqueeze(1).mT) * self.head_dim**-0.5  # [B, H, T, S]
         scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
@@ -309,4 +325,18 @@ class CompressedAttention(nn.Module):
         o = o.reshape(B, T, self.o_groups, -1)  # heads stay contiguous within a group
         w = self.o_a_proj.weight.view(self.o_groups, self.o_lora_rank, -1)  # [G, r_o, n_h d / G]
         o = torch.einsum("btgi,goi->btgo", o, w).flatten(2)  # [B, T, G r_o]
-        return self.o_b_proj(o)
+        return self.o_b_proj(o), p
+
+
+def compressed_indexer_kl(p: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """V3.2's indexer loss over V4's compressed entries: the target is the attention's probability of each allowed
+    entry [B, T, T_c] (every visible one in the dense warm-up, the selected ones in sparse training) summed over
+    heads p [B, n_h, T, T_c] and L1-normalised, i.e. conditioned on attending to an entry at all (the softmax is
+    joint over window, entries and sink). The mean is over the queries that see an entry (early ones see none)."""
+    has = allowed.any(dim=-1)  # [B, T]
+    if not has.any():
+        return scores.sum() * 0.0  # no complete window yet: a zero that still reaches the indexer's graph
+    with torch.no_grad():
+        target = p.sum(dim=1).masked_fill(~allowed, 0.0)
+        target = target / target.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+    return indexer_kl(target[has], scores[has], allowed[has])

@@ -175,7 +175,7 @@ class MoE(nn.Module):
         c = config
         self.top_k, self.n_experts = c.num_experts_per_tok, c.n_routed_experts
         self.aux_loss_alpha = c.aux_loss_alpha
-        self.hash_routed = c.is_v4 and layer_idx is not None and c.mlp_layer_types[layer_idx] == "hash_moe"
+        self.hash_routed = c.is_v4 and layer_idx is not None and c.mlp_layer_type(layer_idx) == "hash_moe"
         self.gate = Gate(c, hash_routed=self.hash_routed)
         limit = c.swiglu_limit if c.is_v4 else None
         self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, limit)

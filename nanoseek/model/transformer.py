@@ -17,11 +17,11 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
 from nanoseek.model.block_v4 import BlockV4, RopeTables
-from nanoseek.model.compressed_attention import CompressedAttention, Compressor, LayerCacheV4
+from nanoseek.model.compressed_attention import CompressedAttention, CompressedIndexer, Compressor, LayerCacheV4
 from nanoseek.model.hyper_connections import HyperConnection, HyperHead
 from nanoseek.model.mla import write_latents
 from nanoseek.model.moe import Experts, MoE, hash_table
-from nanoseek.model.mtp import MTPModule
+from nanoseek.model.mtp import MTPModule, MTPModuleV4
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import rope_cos_sin, rope_frequencies
 
@@ -268,9 +268,10 @@ class TransformerV4(Transformer):
     """DeepSeek-V4 (V4 report sec. 2): the token's embedding is copied into hc_mult residual streams, BlockV4s
     (block_v4.py) mix them, HyperHead collapses them before the final norm. Shares Transformer's loss terms, MoE
     bookkeeping and parameter counting; module names follow transformers' DeepseekV4 (`attn_hc`, `hc_head`), and
-    checkpoint/hub_v4.py maps them to DeepSeek's hub names. Decoding: `forward_cached` over per-layer caches
-    (compressed_attention.LayerCacheV4). Not built yet: V4's MTP block (transformers has none either) and an
-    indexer training loss."""
+    checkpoint/hub_v4.py maps them to DeepSeek's hub names. MTP: num_nextn_predict_layers MTPModuleV4 depths
+    (DeepSeek's; transformers has none). Decoding: `forward_cached` over per-layer caches
+    (compressed_attention.LayerCacheV4); the MTP block has no decode path yet. The CSA indexers train as V3.2's
+    (set_indexer_training)."""
 
     def __init__(self, config: ModelConfig) -> None:
         nn.Module.__init__(self)
@@ -282,7 +283,8 @@ class TransformerV4(Transformer):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = nn.ModuleList()  # V4's MTP block is not built yet (transformers has none either)
+        n, k = c.num_hidden_layers, c.num_nextn_predict_layers
+        self.mtp = nn.ModuleList([MTPModuleV4(c, n + i) for i in range(k)])
         # two rope sets: "main" (rope_theta, no YaRN) for sliding-only layers, "compress" (compress_rope_theta,
         # YaRN without a cos/sin magnitude factor unless attention_factor says so) for CSA/HCA layers
         main, _ = rope_frequencies(c.replace(rope_scaling=None))
@@ -302,25 +304,8 @@ class TransformerV4(Transformer):
         std = c.initializer_range
         out_std = std / math.sqrt(2 * c.num_hidden_layers)
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, out_std if name.endswith(("o_b_proj", "down_proj")) else std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, Experts):
-                nn.init.normal_(module.w13, 0.0, std)
-                nn.init.normal_(module.w2, 0.0, out_std)
-            elif isinstance(module, HyperConnection):
-                nn.init.normal_(module.fn, 0.0, std)
-                nn.init.zeros_(module.base)
-                nn.init.ones_(module.scale)
-            elif isinstance(module, HyperHead):
-                nn.init.normal_(module.hc_fn, 0.0, std)
-                nn.init.zeros_(module.hc_base)
-                nn.init.ones_(module.hc_scale)
-            elif isinstance(module, CompressedAttention):
-                nn.init.zeros_(module.sinks)
-            elif isinstance(module, Compressor):
-                nn.init.zeros_(module.position_bias)
+            if not name.startswith("mtp."):
+                _init_v4_module(name, module, std, out_std)
         for i, layer in enumerate(self.layers):
             gate = layer.mlp.gate
             nn.init.normal_(gate.weight, 0.0, std)
@@ -329,6 +314,12 @@ class TransformerV4(Transformer):
                 gate.tid2eid.copy_(table)
             else:
                 gate.e_score_correction_bias.zero_()
+        # then the MTP depths, whose routers are always bias-routed
+        for name, module in self.mtp.named_modules():
+            _init_v4_module(name, module, std, out_std)
+        for module in self.mtp:
+            nn.init.normal_(module.block.mlp.gate.weight, 0.0, std)
+            module.block.mlp.gate.e_score_correction_bias.zero_()
 
     # --------------------------------------------------------------- forward
     def rope_at(self, name: str, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,25 +332,68 @@ class TransformerV4(Transformer):
         """{"main", "compress"}: cos, sin [..., T, 1, d_R/2] for positions [..., T]."""
         return {name: self.rope_at(name, positions, dtype) for name in self.inv_freqs}
 
-    def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, RopeTables]:
-        """Final-normed hidden states [B, T, d] (after the streams' collapse) and the rope tables used."""
+    def streams(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, RopeTables]:
+        """The last layer's residual streams [B, T, hc, d] (before the HyperHead; what MTP reads) and the rope
+        tables used."""
         self._check_input(input_ids)
         x = self.embed_tokens(input_ids)
         rope = self.rope_tables(torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype)
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)  # hc copies of the embedding
         for layer in self.layers:
             streams = layer(streams, rope, input_ids)
+        return streams, rope
+
+    def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, RopeTables]:
+        """Final-normed hidden states [B, T, d] (after the streams' collapse) and the rope tables used."""
+        streams, rope = self.streams(input_ids)
         return self.norm(self.hc_head(streams)), rope
 
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp: bool = True) -> Losses:
-        """Next-token loss and balance loss (targets[b, t] = input_ids[b, t+1], IGNORE_INDEX to skip); the MTP
-        term is 0 until V4's MTP block exists."""
-        h, _ = self.hidden(input_ids)
+        """Next-token loss, MTP loss and balance loss (targets[b, t] = input_ids[b, t+1], IGNORE_INDEX to skip).
+        MTP depth k at position i reads Emb(targets[i+k-1]) and predicts targets[i+k], as V3's."""
+        for m in self.modules():  # only this forward's balance and indexer losses count (mtp=False skips MTP)
+            if isinstance(m, MoE):
+                m.aux_loss = None
+            elif isinstance(m, CompressedAttention):
+                m.indexer_loss = None
+        streams, rope = self.streams(input_ids)
         V = self.config.vocab_size
-        main = F.cross_entropy(self.lm_head(h).view(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        logits = self.lm_head(self.norm(self.hc_head(streams)))
+        main = F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        mtp_losses = []
+        tokens, labels = targets, targets
+        for module in self.mtp if mtp else ():
+            labels = _shift_left(labels, IGNORE_INDEX)
+            next_ids = tokens.clamp(min=0)
+            streams, h = module(streams, self.embed_tokens(next_ids), rope, next_ids)
+            mtp_losses.append(
+                F.cross_entropy(self.lm_head(h).view(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+            )
+            tokens = _shift_left(tokens, 0)
         zero = main.new_zeros(())
         aux_terms = [m.aux_loss for m in self.moe_layers() if self.training and m.aux_loss is not None]
-        return Losses(main=main, mtp=zero, aux=torch.stack(aux_terms).sum() if aux_terms else zero)
+        index_terms = [m.indexer_loss for m in self.modules() if getattr(m, "indexer_loss", None) is not None]
+        return Losses(
+            main=main,
+            mtp=torch.stack(mtp_losses).mean() if mtp_losses else zero,
+            aux=torch.stack(aux_terms).sum() if aux_terms else zero,
+            indexer=torch.stack(index_terms).sum() if index_terms else None,
+        )
+
+    def set_indexer_training(self, mode: str | None) -> None:
+        """As V3.2's, for the CSA layers' indexers, over compressed entries: "dense" (warm-up: every visible entry
+        attended, the indexer fitted to the attention by KL), "sparse" (top-k entries, the indexer fitted on its
+        selection) or None. The indexers are trainable exactly while a mode is set (frozen otherwise)."""
+        super().set_indexer_training(mode)
+        for m in self.modules():
+            if isinstance(m, CompressedIndexer):
+                m.requires_grad_(mode is not None)
+
+    def mtp_logits(self, input_ids: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """The first MTP depth's logits [B, T, V] over t_{i+2}, given tokens [B, T] and the tokens after them
+        next_ids [B, T] (t_{i+1}): a full forward, for tests and drafting without a cache."""
+        streams, rope = self.streams(input_ids)
+        return self.lm_head(self.mtp[0](streams, self.embed_tokens(next_ids), rope, next_ids)[1])
 
     def forward_cached(
         self,
@@ -394,6 +428,30 @@ class TransformerV4(Transformer):
         )
 
     mtp_cached_step = cached_step
+
+
+@torch.no_grad()
+def _init_v4_module(name: str, module: nn.Module, std: float, out_std: float) -> None:
+    """TransformerV4.init_weights for one module (not recursive; routers are initialised by the caller)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, 0.0, out_std if name.endswith(("o_b_proj", "down_proj")) else std)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
+    elif isinstance(module, Experts):
+        nn.init.normal_(module.w13, 0.0, std)
+        nn.init.normal_(module.w2, 0.0, out_std)
+    elif isinstance(module, HyperConnection):
+        nn.init.normal_(module.fn, 0.0, std)
+        nn.init.zeros_(module.base)
+        nn.init.ones_(module.scale)
+    elif isinstance(module, HyperHead):
+        nn.init.normal_(module.hc_fn, 0.0, std)
+        nn.init.zeros_(module.hc_base)
+        nn.init.ones_(module.hc_scale)
+    elif isinstance(module, CompressedAttention):
+        nn.init.zeros_(module.sinks)
+    elif isinstance(module, Compressor):
+        nn.init.zeros_(module.position_bias)
 
 
 def _shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:

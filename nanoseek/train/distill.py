@@ -41,7 +41,7 @@ from nanoseek.tasks.rewards import accuracy_reward, format_reward, has_reasoning
 from nanoseek.tasks.sources import prompt_ids, read_prompt_file, task_eval_examples
 from nanoseek.tasks.verify import NO_LEVEL
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.pretrain import TrainConfig
+from nanoseek.train.config import TrainConfig
 from nanoseek.train.run import resolve_device
 from nanoseek.train.sft import SFT_DEFAULTS, SFTJob, run_sft
 

@@ -60,25 +60,6 @@ def expert_bias_step(model: Transformer, loads: torch.Tensor | None, gamma: floa
     model.update_expert_bias(loads, gamma)
 
 
-def indexer_stage(model: Transformer, step: int, warmup: int | None) -> bool:
-    """V3.2's indexer training (report sec. 2.1.1) at optimizer step `step`: None leaves the indexer untrained;
-    else the first `warmup` steps are the dense warm-up (dense attention, only the indexer learns, by KL) and
-    the rest sparse training (top-k attention, the indexer fitted on its selection). True in the warm-up."""
-    if warmup is None:
-        return False
-    if not model.config.sparse_attention:
-        raise ValueError("--indexer-warmup trains the V3.2 lightning indexer: the model has none (deepseek_v32)")
-    model.set_indexer_training("dense" if step < warmup else "sparse")
-    return step < warmup
-
-
-def keep_only_indexer_grads(model: nn.Module) -> None:
-    """Warm-up: drop every other gradient, so the optimizer leaves those weights (and their state) as they are."""
-    for name, p in model.named_parameters():
-        if ".indexer." not in name:
-            p.grad = None
-
-
 def max_load_violation(loads: torch.Tensor) -> list[float]:
     """Per MoE layer: max_e load_e / mean load - 1 (0 = perfectly balanced)."""
     loads = loads.float()

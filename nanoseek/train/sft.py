@@ -33,7 +33,8 @@ from nanoseek.checkpoint.run import resolve_model_dir, resume_point
 from nanoseek.data.chat import BUILTIN, SFTLoader, chat_example, encode_conversations, load_conversations
 from nanoseek.distributed.process_group import DistEnv
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.pretrain import RESUME_OVERRIDABLE, TrainConfig, resumed_model, train, val_loaders
+from nanoseek.train.config import RESUME_OVERRIDABLE, TrainConfig
+from nanoseek.train.loop import resumed_model, train, val_loaders
 from nanoseek.train.run import rank0_print, resumed_job, seed_everything, training_device
 
 # TrainConfig defaults that differ for fine-tuning; seq_len None: the longest conversation

@@ -12,17 +12,17 @@ from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer
 
 
-def tiny_config(tok: Tokenizer | None = None, **overrides) -> ModelConfig:
-    """The tiny preset; with `tok`, its vocabulary size and BOS/EOS ids."""
+def tiny_config(tok: Tokenizer | None = None, preset: str = "tiny", **overrides) -> ModelConfig:
+    """The tiny preset (or `preset`, e.g. tiny-v4); with `tok`, its vocabulary size and BOS/EOS ids."""
     if tok is not None:
         overrides = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, **overrides}
-    return ModelConfig.from_preset("tiny", **overrides)
+    return ModelConfig.from_preset(preset, **overrides)
 
 
-def tiny_model(tok: Tokenizer | None = None, seed: int = 0, **overrides) -> Transformer:
+def tiny_model(tok: Tokenizer | None = None, seed: int = 0, preset: str = "tiny", **overrides) -> Transformer:
     """A freshly initialised tiny model: the same weights for the same seed and config."""
     torch.manual_seed(seed)
-    return Transformer(tiny_config(tok, **overrides))
+    return Transformer(tiny_config(tok, preset, **overrides))
 
 
 def weights(model_dir: str | Path) -> dict[str, torch.Tensor]:

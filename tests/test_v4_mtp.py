@@ -1,0 +1,113 @@
+"""DeepSeek-V4's MTP block (DeepSeek's reference MTPBlock; transformers 5.25 has none): depth 1 at position i
+reads the main model's streams and Emb(t_{i+1}) and predicts t_{i+2}; it trains with mtp_weight as V3's does;
+its config slot is DeepSeek's compress_ratios tail; on disk it is `mtp.0.*` in the hub layout, which transformers
+ignores on load and so never saves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from nanoseek import ModelConfig, Transformer, load_model, save_model
+from nanoseek.config import CSA, SLIDING
+
+
+def _model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_preset("tiny-v4", initializer_range=0.1, **overrides)).eval()
+
+
+def _ids(seq: int = 20) -> torch.Tensor:
+    return torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(1))
+
+
+def test_mtp_loss_is_the_cross_entropy_of_token_i_plus_2():
+    model = _model()
+    ids = _ids()
+    x, y = ids[:, :-1], ids[:, 1:]
+    with torch.no_grad():
+        losses = model.compute_loss(x, y)
+        logits = model.mtp_logits(x, y)  # position i reads t_{i+1} = y[i]
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+    assert torch.allclose(losses.mtp, expected, atol=1e-6)
+
+
+def test_mtp_prediction_sees_no_token_after_i_plus_1():
+    model = _model()
+    ids = _ids()
+    changed = ids.clone()
+    changed[:, 12:] = (changed[:, 12:] + 7) % 256
+    with torch.no_grad():
+        a = model.mtp_logits(ids[:, :-1], ids[:, 1:])
+        b = model.mtp_logits(changed[:, :-1], changed[:, 1:])
+    assert torch.equal(a[:, :11], b[:, :11])  # position 10 reads t_11; t_12 is what it predicts
+    assert not torch.allclose(a[:, 11], b[:, 11])
+
+
+def test_mtp_trains_with_mtp_weight_and_is_skipped_without():
+    model = _model().train()
+    ids = _ids()
+    model.compute_loss(ids[:, :-1], ids[:, 1:]).total(0.3).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if n.startswith("mtp.")}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "experts" not in n), grads.keys()
+    assert model.mtp[0].block.mlp.gate.tid2eid is None  # MTP routes by score and bias, never by hash
+    model.zero_grad(set_to_none=True)
+    losses = model.compute_loss(ids[:, :-1], ids[:, 1:], mtp=False)
+    losses.total().backward()
+    assert losses.mtp.item() == 0 and all(p.grad is None for n, p in model.named_parameters() if n.startswith("mtp."))
+
+
+def test_mtp_attention_type_lives_in_compress_ratios_tail(tmp_path):
+    """DeepSeek's config lists one compress ratio per layer, then one per MTP block (0 for V4-Flash's)."""
+    c = ModelConfig.from_preset("tiny-v4")
+    assert c.mtp_layer_types == [SLIDING] and c.to_dict()["compress_ratios"] == [0, 4, 8, 4, 0]
+    csa = c.replace(mtp_layer_types=[CSA])
+    d = csa.to_dict()
+    assert d["compress_ratios"][-1] == 4 and "mtp_layer_types" not in d
+    hub = {k: v for k, v in d.items() if k not in ("layer_types", "mlp_layer_types")}
+    assert ModelConfig.from_dict(hub).mtp_layer_types == [CSA] and ModelConfig.from_dict(d).to_dict() == d
+    model = Transformer(csa)
+    assert model.mtp[0].block.self_attn.indexer is not None and model.mtp[0].block.rope_set == "compress"
+    save_model(model, tmp_path)
+    assert load_model(tmp_path).config.mtp_layer_types == [CSA]
+
+
+def test_mtp_block_saves_in_the_hub_layout_and_loads_back(tmp_path):
+    model = _model()
+    save_model(model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    own = {"e_proj.weight", "h_proj.weight", "enorm.weight", "hnorm.weight", "norm.weight", "hc_head_fn"}
+    block = {"attn.wq_a.weight", "attn_norm.weight", "hc_attn_fn", "ffn.gate.bias", "ffn.experts.7.w2.weight"}
+    assert {f"mtp.0.{n}" for n in own | block} <= names
+    assert not any(n.startswith("mtp.0.") and ("embed" in n or "head.weight" in n) for n in names)  # shared
+    loaded = load_model(tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(loaded.mtp_logits(ids, ids), model.mtp_logits(ids, ids))
+
+
+def test_transformers_ignores_mtp_on_load_and_so_saves_none(tmp_path):
+    """transformers 5.25 drops `mtp.*` on load (no warning, logits unchanged): a round trip through it loses the
+    MTP block, and nanoseek then builds the model without one (num_nextn_predict_layers 0)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DeepseekV4ForCausalLM"):
+        pytest.skip("transformers >= 5.25 is needed for DeepseekV4ForCausalLM")
+    model = _model()
+    save_model(model, tmp_path / "ours")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = _ids()
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() < 1e-4
+    hf.save_pretrained(tmp_path / "theirs")
+    with safe_open(str(tmp_path / "theirs" / "model.safetensors"), framework="pt") as f:
+        assert not any(n.startswith("mtp.") for n in f.keys())
+    assert json.loads((tmp_path / "theirs" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    back = load_model(tmp_path / "theirs")
+    assert len(back.mtp) == 0 and back.config.num_nextn_predict_layers == 0
+    with torch.no_grad():
+        assert (back(ids) - model(ids)).abs().max() < 1e-4
