@@ -53,8 +53,8 @@ class Engine:
         self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
         if speculative and c.is_v4:
             raise ValueError(
-                "speculative decoding of deepseek_v4 models needs V4's MTP block, which nanoseek does not build yet; "
-                "drop --speculative"
+                "speculative decoding of deepseek_v4 models needs an incremental step of V4's MTP block, which "
+                "nanoseek does not have yet (it trains and loads the block); drop --speculative"
             )
         if speculative and not model.mtp:
             raise ValueError("speculative decoding needs an MTP module: this model has num_nextn_predict_layers=0")
