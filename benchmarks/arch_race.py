@@ -54,9 +54,9 @@ from nanoseek.speedrun.evaluate import eval_problems
 from nanoseek.speedrun.recipe import make_recipe
 from nanoseek.speedrun.stages import prepare_stage, tokenizer_stage
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.loop import evaluate as evaluate_loss
 from nanoseek.train.optim import build_optimizer, expert_bias_step
-from nanoseek.train.pretrain import TrainConfig
-from nanoseek.train.pretrain import evaluate as evaluate_loss
 from nanoseek.train.schedule import lr_at
 
 # arm -> (preset, optimizer); --smoke swaps each preset for its tiny counterpart

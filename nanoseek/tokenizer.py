@@ -333,12 +333,14 @@ class Tokenizer:
         return self._env.from_string(TOOLS_TEMPLATE).render(tools=tools, system="")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, tools: bool = True) -> Tokenizer:
     """Train a byte-level BPE with DeepSeek-V3 split rules and single-digit number tokens.
 
-    The vocabulary may come out smaller than vocab_size when the corpus has fewer useful merges.
+    The vocabulary may come out smaller than vocab_size when the corpus has fewer useful merges. `tools=False`
+    leaves out the nine tool-call tokens (a model that never calls tools; its server refuses `tools` by name).
     """
-    min_size = 256 + len(SPECIAL_TOKENS)
+    special = SPECIAL_TOKENS if tools else [t for t in SPECIAL_TOKENS if t not in TOOL_TOKENS]
+    min_size = 256 + len(special)
     if vocab_size < min_size:
         raise ValueError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {min_size}")
     tk = HFTokenizer(models.BPE())
@@ -351,7 +353,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
     )
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

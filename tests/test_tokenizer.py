@@ -184,3 +184,17 @@ def test_loads_deepseek_style_config_with_added_token_dicts(wide_tok, tmp_path):
     loaded = Tokenizer.from_pretrained(tmp_path)
     assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (0, 1, 1)
     assert loaded.apply_chat_template([{"role": "user", "content": "hi"}]) == f"{BOS}hi"
+
+
+def test_a_tokenizer_without_tool_tokens_keeps_the_other_ids():
+    """`tools=False` (the speedrun's arithmetic tokenizer) leaves out only the nine tool-call tokens: the merges
+    then start 9 ids earlier, and no tool token encodes as one id."""
+    from nanoseek.tokenizer import TOOL_CALLS_BEGIN
+
+    texts = builtin_corpus(100, seed=0)
+    with_tools, without = train_tokenizer(texts, vocab_size=320), train_tokenizer(texts, vocab_size=320, tools=False)
+    assert without.tool_calls_begin_id is None and with_tools.tool_calls_begin_id is not None
+    assert len(without.encode(TOOL_CALLS_BEGIN)) > 1 and with_tools.encode(TOOL_CALLS_BEGIN) == [
+        with_tools.tool_calls_begin_id
+    ]
+    assert without.bos_id == with_tools.bos_id and without.eos_id == with_tools.eos_id

@@ -119,7 +119,8 @@ def run_stages(out: Path, r: Recipe, seed: int, progress: Progress) -> dict[str,
 def tokenizer_stage(out: Path, r: Recipe) -> Tokenizer:
     """BPE on the built-in corpus of every task (what `nanoseek tokenizer train --builtin` trains on)."""
     print(f"\n== tokenizer: BPE, vocabulary {r.vocab_size}, on the built-in task corpus -> {out}", flush=True)
-    tok = train_tokenizer(builtin_corpus(n=TOKENIZER_PROBLEMS, seed=TOKENIZER_SEED), r.vocab_size)
+    # no tool-call tokens: the task never calls tools, and they would shift every id of the runs in BENCHMARKS.md
+    tok = train_tokenizer(builtin_corpus(n=TOKENIZER_PROBLEMS, seed=TOKENIZER_SEED), r.vocab_size, tools=False)
     tok.save(out)
     print(f"saved tokenizer ({tok.vocab_size} tokens, hash {tok.hash()[:12]}) to {out}", flush=True)
     return tok
