@@ -6,7 +6,7 @@
 Arms: `v3` (cpu-small, AdamW), `v4` (cpu-small-v4, AdamW), `v3-muon` (cpu-small, Muon). Same parameter budget:
 when cpu-small-v4's total differs from cpu-small's by more than 10%, the V4 arm's moe_intermediate_size is set to
 the value that brings it closest (V4 has no dense first layer, so its experts take the difference). No MTP in any
-arm (V4's MTP block does not exist yet; the speedrun pretrains with mtp_weight 0 too), so every parameter counted
+arm (the speedrun pretrains with mtp_weight 0 too), so every parameter counted
 is trained. Every arm starts from the same seed and reads the same batches (its own TokenLoader, same seed).
 
 Why alternating: the arms take turns in one process, `--chunk` steps each, so load from elsewhere on the machine

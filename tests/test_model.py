@@ -120,6 +120,7 @@ def test_group_limit_restricts_experts_to_kept_groups_even_with_negative_scores(
 
 
 def test_softmax_greedy_routing_is_unnormalised_probabilities():
+    torch.manual_seed(0)  # the gate's weights and the input: not whatever the tests before left in the RNG
     g = _gate(
         scoring_func="softmax",
         topk_method="greedy",
@@ -130,7 +131,7 @@ def test_softmax_greedy_routing_is_unnormalised_probabilities():
     )
     w, idx, scores = g(torch.randn(4, 32))
     torch.testing.assert_close(w, scores.gather(1, idx))
-    assert (w.sum(-1) < 1).all()
+    assert (w.sum(-1) <= 1 + 1e-6).all() and (w.sum(-1) < 0.999).any()  # top-k of a softmax, not renormalised
 
 
 def test_grouped_experts_equal_a_per_token_loop():

@@ -83,7 +83,6 @@ def test_unsupported_fields_and_parts_get_a_400_naming_them(server):
             {**ok, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": UNIQUE}}},
             "response_format.json_schema.schema",
         ),
-        ({**ok, "tool_choice": {"type": "function", "function": {"name": "add"}}}, "tool_choice"),
         ({**ok, "messages": [{"role": "user", "content": [image]}]}, "messages.0.content.0"),
         ({**ok, "messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}]}, None),
     ]

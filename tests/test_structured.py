@@ -27,7 +27,7 @@ from nanoseek.infer.structured import (
     mask_logits,
     start_constraint,
 )
-from nanoseek.tokenizer import THINK_END, THINK_START, train_tokenizer
+from nanoseek.tokenizer import SPECIAL_TOKENS, THINK_END, THINK_START, train_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -54,7 +54,9 @@ SCHEMAS = {
         "properties": {"owner": {"$ref": "#/$defs/who"}, "count": {"type": "integer"}, "ok": {"type": "boolean"}},
         "required": ["owner", "count", "ok"],
         "additionalProperties": False,
-        "$defs": {"who": {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}},
+        "$defs": {
+            "who": {"type": "object", "properties": {"id": {"type": "string", "maxLength": 12}}, "required": ["id"]}
+        },
     },
     "choices": {
         "type": "object",
@@ -99,9 +101,11 @@ def test_the_grammar_vocabulary_spells_each_token_as_its_bytes(json_tok):
     assert all(vocab.decode_bytes([i]) == json_tok.token_bytes(i) for i in ordinary)
     specials = [json_tok.bos_id, json_tok.eos_id, json_tok.think_start_id, json_tok.think_end_id]
     assert all(vocab.is_special_token(i) for i in specials) and vocab.eos_token == json_tok.eos_id
-    # kept out of grammars: the 7 special tokens, and byte 0xFF (llguidance's special-token marker; never UTF-8)
+    # kept out of grammars: the special tokens, and byte 0xFF (llguidance's special-token marker; never UTF-8)
+    n_special = sum(len(json_tok.encode(t)) == 1 for t in SPECIAL_TOKENS)
     byte_ff = next(i for i in range(json_tok.vocab_size) if json_tok.token_bytes(i) == b"\xff")
-    assert len(ordinary) == json_tok.vocab_size - 8 and vocab.is_special_token(byte_ff)
+    assert n_special == len(SPECIAL_TOKENS) and vocab.is_special_token(byte_ff)
+    assert len(ordinary) == json_tok.vocab_size - n_special - 1
 
 
 def test_unsupported_schema_features_are_named_with_where_they_are():
