@@ -165,8 +165,14 @@ def _run(model: str, model_args: str, task_dir: Path, tasks=TASKS, batch_size: i
 def runs(model_dir, task_dir):
     import nanoseek.eval.harness  # noqa: F401  registers --model nanoseek in this process (CLI: the installed hook)
 
-    hf, hf_s = _run("hf", f"pretrained={model_dir},dtype=float32", task_dir)
-    ours, ours_s = _run("nanoseek", f"pretrained={model_dir}", task_dir)
+    hf_args, ours_args = f"pretrained={model_dir},dtype=float32", f"pretrained={model_dir}"
+    hf, hf_s = _run("hf", hf_args, task_dir)
+    ours, ours_s = _run("nanoseek", ours_args, task_dir)
+    # a second round, alternating, and the faster of the two per side: one-off costs (first imports, a busy
+    # moment on a shared machine) then do not decide the speed test
+    again_hf, again_ours = _run("hf", hf_args, task_dir)[1], _run("nanoseek", ours_args, task_dir)[1]
+    hf_s = {k: min(v, again_hf[k]) for k, v in hf_s.items()}
+    ours_s = {k: min(v, again_ours[k]) for k, v in ours_s.items()}
     return hf, ours, hf_s, ours_s
 
 
