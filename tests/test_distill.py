@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from helpers import memorise, tiny_model
+from helpers import interrupt_after, memorise, tiny_model
 
 from nanoseek import load_model, save_model
 from nanoseek.checkpoint.run import checkpoint_dirs
@@ -250,15 +250,7 @@ def test_a_v4_students_sft_resumes_exactly(tok, tmp_path, monkeypatch):
 
     try:
         run_distill(job(str(tmp_path / "a")))
-        calls, next_batch = {"n": 0}, SFTLoader.next_batch
-
-        def interrupt_after_step_2(self):
-            calls["n"] += 1
-            if calls["n"] > 2:
-                raise KeyboardInterrupt
-            return next_batch(self)
-
-        monkeypatch.setattr(SFTLoader, "next_batch", interrupt_after_step_2)
+        interrupt_after(monkeypatch, SFTLoader, 2)
         with pytest.raises(KeyboardInterrupt):
             run_distill(job(str(tmp_path / "b")))
         monkeypatch.undo()

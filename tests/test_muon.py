@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import interrupt_after
 
 from nanoseek import ModelConfig, Transformer, load_model
 from nanoseek.data.shards import TokenLoader
@@ -67,15 +68,7 @@ def test_muon_run_resumes_exactly(builtin_data, tmp_path, monkeypatch):
         return PretrainJob(out=out, data=str(builtin_data), preset="tiny-v4", train=cfg, resume=resume)
 
     run_pretrain(job(str(tmp_path / "full")))
-    calls, next_batch = {"n": 0}, TokenLoader.next_batch
-
-    def interrupt_after_step_6(self):
-        calls["n"] += 1
-        if calls["n"] > 6:
-            raise KeyboardInterrupt
-        return next_batch(self)
-
-    monkeypatch.setattr(TokenLoader, "next_batch", interrupt_after_step_6)
+    interrupt_after(monkeypatch, TokenLoader, 6)
     with pytest.raises(KeyboardInterrupt):
         run_pretrain(job(str(tmp_path / "split")))
     monkeypatch.undo()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import interrupt_after, tiny_model
 
 from nanoseek import load_model, save_model
 from nanoseek.checkpoint.run import checkpoint_dirs
@@ -140,15 +140,7 @@ def test_sft_of_a_v4_model_resumes_exactly(tok, tmp_path, monkeypatch):
     job = SFTJob(str(tmp_path / "m"), "builtin:arithmetic", str(tmp_path / "a"), worked_fraction=0.0, n=40)
     job.train = dataclasses.replace(cfg, save_every=2)
     run_sft(job)
-    calls, next_batch = {"n": 0}, SFTLoader.next_batch
-
-    def interrupt_after_step_2(self):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise KeyboardInterrupt
-        return next_batch(self)
-
-    monkeypatch.setattr(SFTLoader, "next_batch", interrupt_after_step_2)
+    interrupt_after(monkeypatch, SFTLoader, 2)
     with pytest.raises(KeyboardInterrupt):
         run_sft(dataclasses.replace(job, out=str(tmp_path / "b")))
     monkeypatch.undo()

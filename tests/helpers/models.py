@@ -45,3 +45,17 @@ def memorise(model: Transformer, tok: Tokenizer, chats: list[list[dict]], steps:
         loss.backward()
         opt.step()
     return loss.item()
+
+
+def interrupt_after(monkeypatch, loader_class: type, steps: int) -> None:
+    """Make `loader_class.next_batch` raise KeyboardInterrupt when asked for batch steps + 1: a run stopped after
+    `steps` steps, as Ctrl-C stops it (undo with `monkeypatch.undo()` before resuming)."""
+    calls, next_batch = {"n": 0}, loader_class.next_batch
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt
+        return next_batch(self)
+
+    monkeypatch.setattr(loader_class, "next_batch", interrupted)
