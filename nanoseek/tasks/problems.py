@@ -235,7 +235,7 @@ def builtin_corpus(
     """Pretraining texts: n problems per task, all levels mixed, tasks interleaved; each worked with probability
     `worked_fraction`, else answer-only (`<think></think> answer`), as a web corpus holds both kinds."""
     if not 0 <= worked_fraction <= 1:
-        raise ValueError(f"worked_fraction must be in [0, 1], got {worked_fraction}")
+        raise ValueError(f"worked_fraction (--worked-fraction) must be in [0, 1], got {worked_fraction}")
     per_task = [generate(t, n, seed, split) for t in tasks]
     rng = random.Random(f"pretrain-worked:{seed}:{split}")
     return [p.pretrain_text(worked=rng.random() < worked_fraction) for group in zip(*per_task) for p in group]
