@@ -30,8 +30,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import platform
 import shutil
 import sys
 import time
@@ -41,6 +39,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.machine import cpu_name
 from nanoseek import ModelConfig, Transformer
 from nanoseek.data.shards import TokenLoader, find_tokenizer, load_manifest
 from nanoseek.distributed.data_parallel import Parallel
@@ -383,17 +382,6 @@ def corpus(args: argparse.Namespace) -> tuple[Path, Tokenizer]:
         shutil.rmtree(data, ignore_errors=True)
         prepare_stage(tok_dir, data, r)
     return data, find_tokenizer(data, load_manifest(data), tok_dir)
-
-
-def cpu_name() -> str:
-    """The CPU's model name and core count (what "per token on this CPU" refers to)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = (
-        [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        if cpuinfo.is_file()
-        else []
-    )
-    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -47,6 +46,8 @@ from pathlib import Path
 
 import httpx
 import torch
+
+from benchmarks.machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,16 +181,6 @@ async def load(
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def metric(url: str, name: str) -> float:
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
         if line.startswith(name + "{"):
@@ -243,7 +234,7 @@ def prefix_bench(work: Path, model: Path | None, requests: int, max_tokens: int)
             "identical_output": [r["text"] for r in on] == [r["text"] for r in off],
             "prefix_cache_hits": metric(servers["on"].url, "vllm:prefix_cache_hits_total"),
             "prefix_cache_queries": metric(servers["on"].url, "vllm:prefix_cache_queries_total"),
-            "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
+            "machine": f"{cpu_name()}, torch {torch.__version__}",
         }
         line["ttft_speedup"] = round(line["ttft_p50_ms_off"] / max(1e-9, line["ttft_p50_ms_on"]), 2)
         print(json.dumps(line), flush=True)
@@ -367,7 +358,7 @@ def main() -> None:
                 summary.setdefault("nanoseek_over_llama_server", {})[clients] = line["over_llama_server"]
             line["threads"] = args.threads
             line["loadavg_1m"] = round(os.getloadavg()[0], 2)
-            line["machine"] = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
+            line["machine"] = f"{cpu_name()}, torch {torch.__version__}"
             print(json.dumps(line), flush=True)
         print(json.dumps({"bench": "serve-summary", **summary}), flush=True)
     finally:

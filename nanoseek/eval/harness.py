@@ -131,40 +131,49 @@ class NanoseekLM(TemplateLM):
     @torch.inference_mode()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None, **kwargs):
         """(sum of log p(continuation), whether it is the greedy continuation) per (key, context ids, continuation
-        ids), over the last max_length tokens as HFLM truncates them. Longest first, right-padded batches."""
+        ids), over the last max_length tokens as HFLM truncates them.
+
+        A request needs the logits of its input row (context + continuation minus the last token) only, and a
+        causal model gives the same logits for a row's prefix, so requests share rows: every choice of a
+        multiple-choice question whose answer is one token is scored from one row, and a row that is a prefix of
+        another is scored from the longer one. Rows run longest first, right-padded, batch_size at a time."""
         rows = []
         for _, context, continuation in requests:
             if not continuation:
                 raise ValueError("an lm-eval request has an empty continuation: nothing to score")
             ids = (context + continuation)[-(self.max_length + 1) :][:-1]
-            rows.append((ids, continuation))
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+            rows.append((tuple(ids), tuple(continuation)))
+        # lexicographic order puts every row right before the rows it is a prefix of: each unique row is served
+        # by the longest row of its chain (the scan runs from the end, so owners are already resolved)
+        keys = sorted({ids for ids, _ in rows})
+        owner: dict[tuple, tuple] = {}
+        for i in range(len(keys) - 1, -1, -1):
+            k, nxt = keys[i], keys[i + 1] if i + 1 < len(keys) else None
+            owner[k] = owner[nxt] if nxt is not None and nxt[: len(k)] == k else k
+        served: dict[tuple, list[int]] = {}
+        for r, (ids, _) in enumerate(rows):
+            served.setdefault(owner[ids], []).append(r)
+        todo = sorted(served, key=len, reverse=True)
         results: list[tuple[float, bool] | None] = [None] * len(rows)
-        cache: dict[tuple, tuple[float, bool]] = {}  # identical requests (e.g. repeated choices) scored once
         bs = override_bs or self.batch_size
-        todo = [i for i in order if (tuple(rows[i][0]), tuple(rows[i][1])) not in cache]
         for start in range(0, len(todo), bs):
-            batch = [i for i in todo[start : start + bs] if (tuple(rows[i][0]), tuple(rows[i][1])) not in cache]
-            if not batch:
-                continue
-            width = len(rows[batch[0]][0])
-            inp = torch.zeros(len(batch), width, dtype=torch.long)  # causal: right padding never reaches a row
-            for r, i in enumerate(batch):
-                inp[r, : len(rows[i][0])] = torch.tensor(rows[i][0])
+            batch = todo[start : start + bs]
+            inp = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)  # causal: right padding never reaches a row
+            for b, key in enumerate(batch):
+                inp[b, : len(key)] = torch.tensor(key)
             # small forwards on CPU run faster on one thread: waking a pool for tiny GEMMs costs more than it saves,
             # and stalls on a busy machine (8 x 128 tokens, hidden 64: 8 ms vs 50-200 ms on 2 shared cores)
             small = self.device.type == "cpu" and inp.numel() * self.model.config.hidden_size < 2**22
             with single_thread(small):
-                logp = F.log_softmax(self.model(inp.to(self.device)).float(), dim=-1)  # [B, T, V]
-            for r, i in enumerate(batch):
-                ids, cont = rows[i]
-                n = len(cont)
-                lp = logp[r, len(ids) - n : len(ids)]  # [n, V]: positions predicting the continuation
-                target = torch.tensor(cont, device=lp.device)
-                greedy = bool((lp.argmax(dim=-1) == target).all())
-                cache[(tuple(ids), tuple(cont))] = (float(lp.gather(1, target[:, None]).sum()), greedy)
-        for i, (ids, cont) in enumerate(rows):
-            results[i] = cache[(tuple(ids), tuple(cont))]
+                logits = self.model(inp.to(self.device))
+            for b, key in enumerate(batch):
+                for r in served[key]:
+                    ids, cont = rows[r]
+                    n = len(cont)
+                    lp = F.log_softmax(logits[b, len(ids) - n : len(ids)].float(), dim=-1)  # [n, V]
+                    target = torch.tensor(cont, device=lp.device)
+                    greedy = bool((lp.argmax(dim=-1) == target).all())
+                    results[r] = (float(lp.gather(1, target[:, None]).sum()), greedy)
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
