@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.checkpoint.run import latest_checkpoint
+from nanoseek.train.optim import OPTIMIZERS
 
 TASK = "arithmetic"
 
@@ -33,6 +34,7 @@ class Recipe:
     pretrain_steps: int = 3750
     pretrain_batch: int = 4  # per process
     pretrain_lr: float = 4e-3
+    pretrain_optim: str = "adamw"  # adamw | muon (Muon on the hidden matrices, AdamW on the rest)
     mtp_weight: float = 0.0
     # cold-start SFT: chat format; a few answer-only completions (`<think></think> answer`) so that the SFT policy
     # skips its steps on some problems and GRPO, rewarded by the verifier alone, learns where the steps pay
@@ -70,6 +72,10 @@ class Recipe:
         for f in ("worked_fraction", "pretrain_worked_fraction"):
             if not 0 <= getattr(self, f) <= 1:
                 raise ValueError(f"--set {f}: must be in [0, 1], got {getattr(self, f)}")
+        if self.pretrain_optim not in OPTIMIZERS:
+            raise ValueError(
+                f"--set pretrain_optim: must be one of {', '.join(OPTIMIZERS)}, got {self.pretrain_optim!r}"
+            )
 
 
 RECIPES: dict[str, Recipe] = {

@@ -147,6 +147,7 @@ def pretrain_job(r: Recipe, data: Path, out: Path, seed: int, resume: bool = Fal
         steps=r.pretrain_steps,
         batch_size=r.pretrain_batch,
         lr=r.pretrain_lr,
+        optim=r.pretrain_optim,
         schedule="wsd",
         mtp_weight=r.mtp_weight,
         seed=seed,
