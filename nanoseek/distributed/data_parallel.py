@@ -116,6 +116,12 @@ class Parallel:
                 self.model.set_requires_gradient_sync(True)
 
     @property
+    def replicas(self) -> dist.ProcessGroup | None:
+        """The group whose ranks all hold every parameter and the same gradients (plain DDP): Muon splits its
+        Newton-Schulz over it. None otherwise (one process, FSDP2, or experts split by expert parallelism)."""
+        return dist.group.WORLD if self.dp == "ddp" and self.ep == 1 else None
+
+    @property
     def sharded(self) -> bool:
         """Whether no rank holds the whole model (checkpoints are then distributed)."""
         return self.dp == "fsdp" or self.ep > 1

@@ -289,7 +289,7 @@ def grpo(
     else:
         ref_model = None  # beta = 0: no reference kept in memory (recipe sec. 0.3)
     par = Parallel(model, env, "ddp", mtp=False)  # one process: a pass-through
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, optim=cfg.optim)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, optim=cfg.optim, replicas=par.replicas)
     step, elapsed0 = 0, 0.0
     if resume_from is not None:
         step, elapsed0, state = restore_run(resume_from, prompts, "prompts")

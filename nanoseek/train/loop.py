@@ -141,7 +141,7 @@ def train(
     indexer_stage(model, 0, cfg.indexer_warmup)  # before the wrappers and the optimizer: V4's indexers unfreeze
     ep = cfg.ep if env.distributed else 1
     par = Parallel(model, env, cfg.dp, mtp=cfg.mtp_weight > 0, ep=ep, indexer=cfg.indexer_warmup is not None)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, optim=cfg.optim)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, optim=cfg.optim, replicas=par.replicas)
     step, elapsed0 = 0, 0.0
     if resume_from is not None:
         step, elapsed0, state = restore_run(resume_from, loader, "loader")

@@ -18,7 +18,9 @@ are not published; this is Moonlight's choice). One optimizer object, so the sta
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanoseek.model.moe import Experts
 
@@ -60,7 +62,11 @@ def muon_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
 
 class Muon(torch.optim.Optimizer):
     """Muon for param groups with `muon: True` (matrices, or stacks of them [..., rows, cols]); AdamW, as
-    torch.optim.AdamW computes it, for the other groups. One lr per group, set by the schedule as for AdamW."""
+    torch.optim.AdamW computes it, for the other groups. One lr per group, set by the schedule as for AdamW.
+
+    replicas: a process group whose ranks hold the same parameters and gradients (DDP): Newton-Schulz, most of
+    Muon's cost, is then split between them, each rank orthogonalising its share of the matrices, and one
+    all-reduce of the updates gives every rank all of them, the same numbers one process computes."""
 
     def __init__(
         self,
@@ -71,11 +77,13 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
+        replicas: dist.ProcessGroup | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps, muon=False
         )
         super().__init__(params, defaults)
+        self.replicas = replicas
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -84,25 +92,48 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["muon"]:
-                    self._muon(p, group)
-                else:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                self._muon(params, group)
+            else:
+                for p in params:
                     self._adamw(p, group)
         return loss
 
-    def _muon(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf, mu = state["momentum_buffer"], group["momentum"]
-        buf.mul_(mu).add_(p.grad)
-        m = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
-        update = _orthogonalize_full(m) * (0.2 * max(p.shape[-2:]) ** 0.5)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update.to(p.dtype), alpha=-group["lr"])
+    def _muon(self, params: list[torch.Tensor], group: dict) -> None:
+        momenta = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf, mu = state["momentum_buffer"], group["momentum"]
+            buf.mul_(mu).add_(p.grad)
+            momenta.append(p.grad.add(buf, alpha=mu) if group["nesterov"] else buf)
+        for p, o in zip(params, self._orthogonalized(momenta), strict=True):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_((o * (0.2 * max(p.shape[-2:]) ** 0.5)).to(p.dtype), alpha=-group["lr"])
+
+    def _orthogonalized(self, momenta: list[torch.Tensor]) -> list[torch.Tensor]:
+        """NS of every momentum, split over the replicas when there are some (see the class docstring)."""
+        world = dist.get_world_size(self.replicas) if self.replicas is not None else 1
+        if world == 1 or any(isinstance(m, DTensor) for m in momenta):
+            return [_orthogonalize_full(m) for m in momenta]
+        # the same deterministic split on every rank: largest first, each to the least-loaded rank
+        load, owner = [0] * world, [0] * len(momenta)
+        for i in sorted(range(len(momenta)), key=lambda i: -momenta[i].numel()):
+            owner[i] = min(range(world), key=load.__getitem__)
+            load[owner[i]] += momenta[i].numel()
+        rank = dist.get_rank(self.replicas)
+        flat = torch.zeros(sum(m.numel() for m in momenta), dtype=torch.float32, device=momenta[0].device)
+        out, offset = [], 0
+        for m, who in zip(momenta, owner, strict=True):
+            view = flat[offset : offset + m.numel()].view(m.shape)
+            if who == rank:
+                view.copy_(orthogonalize(m))
+            out.append(view)
+            offset += m.numel()
+        dist.all_reduce(flat, group=self.replicas)  # each entry is one rank's value plus zeros: exact
+        return out
 
     def _adamw(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
@@ -123,21 +154,28 @@ class Muon(torch.optim.Optimizer):
 def _orthogonalize_full(m: torch.Tensor) -> torch.Tensor:
     """orthogonalize on whole matrices: a DTensor (FSDP2 shards rows) is gathered first and the result sharded
     back the same way, so every rank applies its slice of the one update a single process would."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     if isinstance(m, DTensor):
         full = orthogonalize(m.full_tensor()).to(m.dtype)
         return distribute_tensor(full, m.device_mesh, m.placements, src_data_rank=None)
     return orthogonalize(m)
 
 
-def build_muon(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8) -> Muon:
+def build_muon(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.1,
+    betas=(0.9, 0.95),
+    eps: float = 1e-8,
+    replicas: dist.ProcessGroup | None = None,
+) -> Muon:
     """Three groups: Muon on hidden matrices (decayed), AdamW on other >= 2-D tensors (embedding, head, router,
-    mHC fn; decayed) and AdamW on vectors (norms, biases, sinks; no decay)."""
+    mHC fn; decayed) and AdamW on vectors (norms, biases, sinks; no decay). replicas: see Muon."""
     muon, rest = muon_parameters(model)
     groups = [
         {"params": muon, "muon": True, "weight_decay": weight_decay},
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return Muon([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    return Muon(
+        [g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, replicas=replicas
+    )

@@ -9,6 +9,7 @@ weight decay 0.1). The MoE bias `e_score_correction_bias` is a buffer, so the op
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nanoseek.model import Transformer
@@ -25,14 +26,16 @@ def build_optimizer(
     eps: float = 1e-8,
     fused: bool | None = None,
     optim: str = "adamw",
+    replicas: dist.ProcessGroup | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW with two groups (decay: >= 2-D tensors; no decay: norms and biases), in named_parameters order;
     optim="muon": Muon on the hidden matrices, AdamW (same lr) on the rest (train/muon.py).
 
-    fused=None uses the fused CUDA kernel when every parameter is on a CUDA device.
+    fused=None uses the fused CUDA kernel when every parameter is on a CUDA device. replicas (Muon): the process
+    group of DDP replicas that split Newton-Schulz between them.
     """
     if optim == "muon":
-        return build_muon(model, lr, weight_decay, betas, eps)
+        return build_muon(model, lr, weight_decay, betas, eps, replicas=replicas)
     if optim != "adamw":
         raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {optim!r}")
     decay, no_decay = [], []
