@@ -24,17 +24,17 @@ class Recipe:
     model_preset: str = "cpu-small"
     vocab_size: int = 512
     n: int = 150_000  # pretraining problems (worked in place values: ~9M tokens, more than pretraining reads)
-    # share of pretraining problems worked (the rest answer-only, as web text holds both): 0.7 left the base
-    # reasoning on 97% of problems (60.4%); 0.4 made it skip on 84% but never learn the multi-digit steps (10.5%,
-    # SFT 27.4%): BENCHMARKS.md, issue 19
-    pretrain_worked_fraction: float = 1.0
-    # pretraining on both cores (2 processes x batch 4 x 256 tokens a step, 7.7M tokens): the model passes its phase
-    # change (copying operands into the steps, one digit fact per `=`) after ~2,000 steps; 1,250 steps of one
-    # process left it at 2-5% (BENCHMARKS.md, "The speedrun", pilots P1-P3)
-    pretrain_steps: int = 3750
+    # share of pretraining problems worked (the rest answer-only, as web text holds both). At 0.4 the base answers
+    # without steps (greedy skips them on every problem) yet has read enough worked text for SFT to turn the steps
+    # on: pretrain < SFT < GRPO, R1's story (0.7-1.0 left a base that already reasons, which SFT's cold start could
+    # only lower). BENCHMARKS.md, issue 19
+    pretrain_worked_fraction: float = 0.4
+    # pretraining on both cores (2 processes x batch 4 x 256 tokens a step, 3.7M tokens) with Muon, which reached
+    # AdamW's 3,750-step validation loss in ~1,800 steps at 1.7x the time per step (BENCHMARKS.md, issue 19)
+    pretrain_steps: int = 1800
     pretrain_batch: int = 4  # per process
     pretrain_lr: float = 4e-3
-    pretrain_optim: str = "adamw"  # adamw | muon (Muon on the hidden matrices, AdamW on the rest)
+    pretrain_optim: str = "muon"  # muon (Newton-Schulz on the hidden matrices, AdamW on the rest) | adamw
     mtp_weight: float = 0.0
     # cold-start SFT: chat format; a few answer-only completions (`<think></think> answer`) so that the SFT policy
     # skips its steps on some problems and GRPO, rewarded by the verifier alone, learns where the steps pay
@@ -82,8 +82,10 @@ RECIPES: dict[str, Recipe] = {
     # ~12 minutes on a quiet 2-core CPU (BENCHMARKS.md has the pilots that chose it)
     "cpu": Recipe(),
     # about one hour on one H100/H200: a 10x bigger model, bf16 autocast (automatic on CUDA), longer stages
-    "gpu": Recipe(
+    "gpu": Recipe(  # not yet run on a GPU: kept at the AdamW recipe it was sized with
         model_preset="gpu-small",
+        pretrain_worked_fraction=1.0,
+        pretrain_optim="adamw",
         n=1_000_000,
         pretrain_steps=20_000,
         pretrain_batch=32,
