@@ -168,7 +168,7 @@ def test_a_call_that_does_not_fit_its_tool_is_text_never_a_call():
     assert check_call("calculator", '{"expression": "1"}', SCHEMAS) is None
     assert "required" in check_call("calculator", "{}", SCHEMAS)
     strict = {"f": {"type": "object", "properties": {"n": {"type": "integer"}}, "additionalProperties": False}}
-    assert check_call("f", '{"n": 2.0}', strict) is None and "not in the schema" in check_call("f", '{"m": 1}', strict)
+    assert check_call("f", '{"n": 2.0}', strict) is None and "'m' was unexpected" in check_call("f", '{"m": 1}', strict)
     assert "type" in check_call("f", '{"n": true}', strict)
     cut = f"{CALCS}{V3_CALL[: -len(CALC_END) - 5]}"  # cut off mid-call (max_tokens): what was written is text
     assert parse_tool_calls(cut, SCHEMAS) == (cut[len(CALCS) :], [])
@@ -190,6 +190,49 @@ def test_v31_calls_prefill_and_parallel_tool_calls_false():
     two = f"{CALCS}{V3_CALL}\n{V3_CALL}{CALCS_END}"
     content, calls = parse_tool_calls(two, SCHEMAS, max_calls=1)
     assert len(calls) == 1 and content == V3_CALL  # the second is reported as text, not dropped
+
+
+ORDER = {  # a tool whose arguments nest: an object holding an array of objects with an enum and required keys
+    "type": "object",
+    "properties": {
+        "customer": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {"sku": {"type": "string"}, "size": {"enum": ["S", "M", "L"]}, "qty": {"type": "integer"}},
+                "required": ["sku", "qty"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    "required": ["customer", "items"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "arguments, why",
+    [
+        ('{"customer": {"name": "Ada"}, "items": [{"sku": "a1", "qty": 2, "size": "M"}]}', None),
+        ('{"customer": {"name": "Ada"}, "items": [{"sku": "a1", "qty": 2, "size": "XL"}]}', "arguments.items.0.size: 'XL' is not one of"),
+        ('{"customer": {"name": "Ada"}, "items": [{"sku": "a1"}]}', "arguments.items.0: 'qty' is a required property"),
+        ('{"customer": {"name": "Ada"}, "items": [{"sku": "a1", "qty": "2"}]}', "arguments.items.0.qty: '2' is not of type 'integer'"),
+        ('{"customer": {"name": "Ada"}, "items": [{"sku": "a1", "qty": 1, "colour": "red"}]}', "'colour' was unexpected"),
+        ('{"customer": {}, "items": [{"sku": "a1", "qty": 1}]}', "arguments.customer: 'name' is a required property"),
+        ('{"customer": {"name": "Ada"}, "items": []}', "arguments.items: [] should be non-empty"),
+        ('{"customer": {"name": "Ada"}, "items": [{"sku": "a1", "qty": NaN}]}', "not JSON"),
+    ],
+)  # fmt: skip
+def test_nested_arguments_are_checked_against_the_whole_schema(arguments, why):
+    got = check_call("order", arguments, {"order": ORDER})
+    assert got == why if why is None else why in got, got
+    text = f"{CALCS}{CALC}function{SEP}order\n```json\n{arguments}\n```{CALC_END}{CALCS_END}"
+    content, calls = parse_tool_calls(text, {"order": ORDER})
+    if why is None:  # a good call is parsed, a bad one comes back as the text the model wrote
+        assert content == "" and [(c.name, c.arguments) for c in calls] == [("order", arguments)]
+    else:
+        assert calls == [] and content == text[len(CALCS) : -len(CALCS_END)]
 
 
 # ----------------------------------------------------------------------------------------------- request checks
