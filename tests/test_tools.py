@@ -261,6 +261,7 @@ def test_tool_choice_variants():
         ({"tools": [TOOL, TOOL]}, "tools.1.function.name", "defined twice"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools.0.function.parameters", "JSON Schema object"),
         ({"tools": [{"type": "function", "function": {"name": "f", "description": 1}}]}, "tools.0.function.description", "string"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": "x"}}}]}, "tools.0.function.parameters", "not a valid JSON Schema (required: 'x' is not of type 'array')"),
         ({"tool_choice": "required"}, "tool_choice", "no tools were sent"),
         ({"tools": [TOOL], "tool_choice": "any"}, "tool_choice", '"none", "auto", "required"'),
         ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "no tool named 'f'"),
