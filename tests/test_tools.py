@@ -236,6 +236,13 @@ def test_nested_arguments_are_checked_against_the_whole_schema(arguments, why):
         assert calls == [] and content == text[len(CALCS) : -len(CALCS_END)]
 
 
+def test_a_schema_that_cannot_check_its_arguments_turns_every_call_to_text():
+    nowhere = {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}
+    assert "cannot be checked" in check_call("f", '{"a": 1}', {"f": nowhere})
+    assert check_call("f", "{}", {"f": nowhere}) is None  # the reference is only followed where arguments go
+    assert "RecursionError" in check_call("f", "{}", {"f": {"$ref": "#"}})
+
+
 # ----------------------------------------------------------------------------------------------- request checks
 def tool_use(**body):
     req = validate(ChatRequest, {"messages": [{"role": "user", "content": "hi"}], **body})
@@ -263,6 +270,8 @@ def test_tool_choice_variants():
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools.0.function.parameters", "JSON Schema object"),
         ({"tools": [{"type": "function", "function": {"name": "f", "description": 1}}]}, "tools.0.function.description", "string"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": "x"}}}]}, "tools.0.function.parameters", "not a valid JSON Schema (required: 'x' is not of type 'array')"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}}}]}, "tools.0.function.parameters", "only references within the schema"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]}, "tools.0.function.strict", "true or false"),
         ({"tool_choice": "required"}, "tool_choice", "no tools were sent"),
         ({"tools": [TOOL], "tool_choice": "any"}, "tool_choice", '"none", "auto", "required"'),
         ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "no tool named 'f'"),
@@ -318,6 +327,7 @@ def test_responses_tools_are_chats_tools_in_the_flat_shape():
         ({"tools": [{"type": "web_search"}]}, "tools.0.type", "only 'function'"),
         ({"tools": [FLAT, FLAT]}, "tools.1.name", "defined twice"),
         ({"tools": [{**FLAT, "parameters": {"type": "object", "properties": {"n": {"type": "integr"}}}}]}, "tools.0.parameters", "not a valid JSON Schema"),
+        ({"tools": [{**FLAT, "strict": 1}]}, "tools.0.strict", "true or false"),
         ({"tools": [FLAT], "tool_choice": {"type": "function", "function": {"name": "calculator"}}}, "tool_choice", '{"type": "function", "name": "..."}'),
         ({"tools": [FLAT], "tool_choice": {"type": "function", "name": "f"}}, "tool_choice", "no tool named 'f'"),
         ({"tool_choice": "required"}, "tool_choice", "no tools were sent"),

@@ -45,11 +45,30 @@ def prefill(style: str, name: str | None = None) -> str:
 
 
 def schema_error(schema: dict) -> str | None:
-    """Why a tool's `parameters` is not a JSON Schema the arguments can be checked against (None: it is one)."""
+    """Why a tool's `parameters` cannot check arguments (None: it can): it is not valid JSON Schema, or a `$ref`
+    points outside it (remote schemas are never fetched) or does not resolve."""
+    if (ref := _remote_ref(schema)) is not None:
+        return f"$ref {ref!r}: only references within the schema ('#/...') are supported"
     try:
-        validator_for(schema, default=Draft202012Validator).check_schema(schema)
+        validator = validator_for(schema, default=Draft202012Validator)
+        validator.check_schema(schema)
+        best_match(validator(schema).iter_errors({}))  # follows the top-level references
     except SchemaError as e:
         return f"{_path('', e.absolute_path) or 'the schema'}: {e.message}"
+    except Exception as e:  # an unhashable $schema, a reference to nowhere or to itself, ...
+        return f"it cannot be used ({type(e).__name__}: {str(e)[:200]})"
+    return None
+
+
+def _remote_ref(node) -> str | None:
+    """The first `$ref` in a schema that is not a pointer into the schema itself."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            return ref
+        node = list(node.values())
+    if isinstance(node, list):
+        return next((r for r in map(_remote_ref, node) if r is not None), None)
     return None
 
 
@@ -74,7 +93,10 @@ def check_call(name: str, arguments: str, tools: dict[str, dict | None]) -> str 
     if not isinstance(args, dict):
         return "arguments are not a JSON object"
     schema = tools[name] or {}
-    error = best_match(validator_for(schema, default=Draft202012Validator)(schema).iter_errors(args))
+    try:
+        error = best_match(validator_for(schema, default=Draft202012Validator)(schema).iter_errors(args))
+    except Exception as e:  # a reference deeper in the schema that does not resolve, or never ends
+        return f"arguments cannot be checked against the schema ({type(e).__name__})"
     if error is None:
         return None
     return f"{_path('arguments', error.absolute_path)}: {error.message}"

@@ -298,8 +298,10 @@ def _tool_function(where: str, tool, seen: dict, flat: bool) -> tuple[str, dict 
         )
     if name in seen:
         raise APIError(400, f"{at}.name: {name!r} is defined twice; give each tool its own name", f"{at}.name")
-    if not isinstance(fn.get("description") or "", str):
+    if fn.get("description") is not None and not isinstance(fn["description"], str):
         raise APIError(400, f"{at}.description: must be a string", f"{at}.description")
+    if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+        raise APIError(400, f"{at}.strict: must be true or false", f"{at}.strict")
     params = fn.get("parameters")
     if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
         raise APIError(
