@@ -195,6 +195,7 @@ class Tokenizer:
         self.think_end_id: int | None = tk.token_to_id(THINK_END)
         # Absent in tokenizers saved before tool calling: their markers are then plain text (many tokens).
         self.tool_calls_begin_id: int | None = tk.token_to_id(TOOL_CALLS_BEGIN)
+        self.tool_calls_end_id: int | None = tk.token_to_id(TOOL_CALLS_END)
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception
         env.filters["tojson"] = _tojson

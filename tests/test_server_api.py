@@ -10,6 +10,7 @@ import httpx
 import pytest
 import torch
 from helpers.shapes import CheckedTransport, check
+from openai.types.responses import ResponseOutputText, ResponseTextDeltaEvent, ResponseTextDoneEvent
 from pydantic import ValidationError
 from serve_util import ServeProcess, checked_client
 
@@ -209,13 +210,39 @@ def test_responses_stream_events_in_order(client):
         assert s.get_final_response().output_text == "2"
 
 
+def test_responses_logprobs_are_the_message_tokens_as_chat_gives_them(client):
+    kw = dict(model="tiny-r1", input="What is 2+3?", temperature=0, max_output_tokens=30)
+    asked = dict(include=["message.output_text.logprobs"], top_logprobs=2)
+    r = client.responses.create(**kw, **asked)
+    part = r.output[-1].content[0]
+    assert isinstance(part, ResponseOutputText) and r.top_logprobs == 2
+    chat = client.chat.completions.create(
+        model="tiny-r1", messages=[{"role": "user", "content": kw["input"]}], temperature=0, max_tokens=30,
+        logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+    every = chat.choices[0].logprobs.content
+    answer = every[[e.token for e in every].index("</think>") + 1 :]  # the message's tokens: after the thinking
+    assert [(e.token, e.bytes) for e in part.logprobs] == [(e.token, e.bytes) for e in answer]
+    assert [e.logprob for e in part.logprobs] == pytest.approx([e.logprob for e in answer], abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 for e in part.logprobs)
+    assert "".join(e.token for e in part.logprobs).strip() == r.output_text == "5"
+    events = list(client.responses.create(**kw, **asked, stream=True))
+    deltas = [lp for e in events if isinstance(e, ResponseTextDeltaEvent) for lp in e.logprobs]
+    (done,) = [e for e in events if isinstance(e, ResponseTextDoneEvent)]
+    for streamed in (deltas, done.logprobs, events[-1].response.output[-1].content[0].logprobs):
+        assert [(x.token, len(x.top_logprobs)) for x in streamed] == [(x.token, 2) for x in part.logprobs]
+    assert client.responses.create(**kw).output[-1].content[0].logprobs == []  # not asked: none
+
+
 def test_responses_refuses_what_it_cannot_do_by_name(server):
     url = server.base_url + "/responses"
     cases = [
         ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id", "stateless"),
-        ({"input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools", "not supported"),
+        ({"input": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools.0.name", "tools are flat"),
         ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": UNIQUE}}}, "text.format.schema", "uniqueItems"),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input.0", "not supported"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input.0", "must follow the function_call"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0", "not supported"),
+        ({"input": "hi", "top_logprobs": 2}, "top_logprobs", "include"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0", "text only"),
         ({"input": "hi", "max_output_tokens": 10**6}, "max_output_tokens", "context holds"),
     ]  # fmt: skip

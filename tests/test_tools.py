@@ -11,6 +11,7 @@ import pytest
 from nanoseek.data.chat import chat_example, load_conversations
 from nanoseek.data.shards import iter_documents
 from nanoseek.infer.server.openai import APIError, ChatRequest, validate
+from nanoseek.infer.server.responses import ResponsesRequest, TextTokens
 from nanoseek.infer.tools import ToolCallParser, call_style, check_call, parse_tool_calls, prefill, stream_fragments
 from nanoseek.tasks.calculator import TOOL, calculate
 from nanoseek.tokenizer import (
@@ -168,7 +169,7 @@ def test_a_call_that_does_not_fit_its_tool_is_text_never_a_call():
     assert check_call("calculator", '{"expression": "1"}', SCHEMAS) is None
     assert "required" in check_call("calculator", "{}", SCHEMAS)
     strict = {"f": {"type": "object", "properties": {"n": {"type": "integer"}}, "additionalProperties": False}}
-    assert check_call("f", '{"n": 2.0}', strict) is None and "not in the schema" in check_call("f", '{"m": 1}', strict)
+    assert check_call("f", '{"n": 2.0}', strict) is None and "'m' was unexpected" in check_call("f", '{"m": 1}', strict)
     assert "type" in check_call("f", '{"n": true}', strict)
     cut = f"{CALCS}{V3_CALL[: -len(CALC_END) - 5]}"  # cut off mid-call (max_tokens): what was written is text
     assert parse_tool_calls(cut, SCHEMAS) == (cut[len(CALCS) :], [])
@@ -190,6 +191,56 @@ def test_v31_calls_prefill_and_parallel_tool_calls_false():
     two = f"{CALCS}{V3_CALL}\n{V3_CALL}{CALCS_END}"
     content, calls = parse_tool_calls(two, SCHEMAS, max_calls=1)
     assert len(calls) == 1 and content == V3_CALL  # the second is reported as text, not dropped
+
+
+ORDER = {  # a tool whose arguments nest: an object holding an array of objects with an enum and required keys
+    "type": "object",
+    "properties": {
+        "customer": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {"sku": {"type": "string"}, "size": {"enum": ["S", "M", "L"]}, "qty": {"type": "integer"}},
+                "required": ["sku", "qty"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    "required": ["customer", "items"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "arguments, why",
+    [
+        ('{"customer": {"name": "Ada"}, "items": [{"sku": "a1", "qty": 2, "size": "M"}]}', None),
+        ('{"customer": {"name": "Ada"}, "items": [{"sku": "a1", "qty": 2, "size": "XL"}]}', "arguments.items.0.size: 'XL' is not one of"),
+        ('{"customer": {"name": "Ada"}, "items": [{"sku": "a1"}]}', "arguments.items.0: 'qty' is a required property"),
+        ('{"customer": {"name": "Ada"}, "items": [{"sku": "a1", "qty": "2"}]}', "arguments.items.0.qty: '2' is not of type 'integer'"),
+        ('{"customer": {"name": "Ada"}, "items": [{"sku": "a1", "qty": 1, "colour": "red"}]}', "'colour' was unexpected"),
+        ('{"customer": {}, "items": [{"sku": "a1", "qty": 1}]}', "arguments.customer: 'name' is a required property"),
+        ('{"customer": {"name": "Ada"}, "items": []}', "arguments.items: [] should be non-empty"),
+        ('{"customer": {"name": "Ada"}, "items": [{"sku": "a1", "qty": NaN}]}', "not JSON"),
+    ],
+)  # fmt: skip
+def test_nested_arguments_are_checked_against_the_whole_schema(arguments, why):
+    got = check_call("order", arguments, {"order": ORDER})
+    assert got == why if why is None else why in got, got
+    text = f"{CALCS}{CALC}function{SEP}order\n```json\n{arguments}\n```{CALC_END}{CALCS_END}"
+    content, calls = parse_tool_calls(text, {"order": ORDER})
+    if why is None:  # a good call is parsed, a bad one comes back as the text the model wrote
+        assert content == "" and [(c.name, c.arguments) for c in calls] == [("order", arguments)]
+    else:
+        assert calls == [] and content == text[len(CALCS) : -len(CALCS_END)]
+
+
+def test_a_schema_that_cannot_check_its_arguments_turns_every_call_to_text():
+    nowhere = {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}
+    assert "cannot be checked" in check_call("f", '{"a": 1}', {"f": nowhere})
+    assert check_call("f", "{}", {"f": nowhere}) is None  # the reference is only followed where arguments go
+    assert "RecursionError" in check_call("f", "{}", {"f": {"$ref": "#"}})
 
 
 # ----------------------------------------------------------------------------------------------- request checks
@@ -218,6 +269,9 @@ def test_tool_choice_variants():
         ({"tools": [TOOL, TOOL]}, "tools.1.function.name", "defined twice"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools.0.function.parameters", "JSON Schema object"),
         ({"tools": [{"type": "function", "function": {"name": "f", "description": 1}}]}, "tools.0.function.description", "string"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": "x"}}}]}, "tools.0.function.parameters", "not a valid JSON Schema (required: 'x' is not of type 'array')"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}}}]}, "tools.0.function.parameters", "only references within the schema"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]}, "tools.0.function.strict", "true or false"),
         ({"tool_choice": "required"}, "tool_choice", "no tools were sent"),
         ({"tools": [TOOL], "tool_choice": "any"}, "tool_choice", '"none", "auto", "required"'),
         ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "no tool named 'f'"),
@@ -242,6 +296,93 @@ def test_tool_results_must_answer_a_call():
         with pytest.raises(APIError) as e:
             validate(ChatRequest, {"messages": messages}).tool_use()
         assert e.value.param == param
+
+
+# ------------------------------------------------------------------------------------------ the Responses API
+FLAT = {"type": "function", **TOOL["function"]}  # the Responses API's shape of the same tool
+
+
+def responses_request(**body) -> ResponsesRequest:
+    return validate(ResponsesRequest, {"input": "hi", **body})
+
+
+def test_responses_tools_are_chats_tools_in_the_flat_shape():
+    chat = tool_use(tools=[TOOL, WEATHER], tool_choice={"type": "function", "function": {"name": "weather"}})
+    flat_weather = {"type": "function", **WEATHER["function"], "strict": True}
+    use = responses_request(
+        tools=[FLAT, flat_weather], tool_choice={"type": "function", "name": "weather"}, parallel_tool_calls=False
+    ).tool_use()
+    assert (use.schemas, use.forced, use.max_calls) == (chat.schemas, "weather", 1)
+    assert use.tools[0] == TOOL  # the prompt shows it as chat's tool
+    assert responses_request(tools=[FLAT], tool_choice="required").tool_use().forced == "required"
+    assert responses_request(tools=[FLAT], tool_choice="none").tool_use() is None
+    assert responses_request().tool_use() is None
+
+
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"tools": [TOOL]}, "tools.0.name", "tools are flat"),  # chat's nested shape
+        ({"tools": [{"type": "function", "name": "a b"}]}, "tools.0.name", "1-64 letters"),
+        ({"tools": [{"type": "web_search"}]}, "tools.0.type", "only 'function'"),
+        ({"tools": [FLAT, FLAT]}, "tools.1.name", "defined twice"),
+        ({"tools": [{**FLAT, "parameters": {"type": "object", "properties": {"n": {"type": "integr"}}}}]}, "tools.0.parameters", "not a valid JSON Schema"),
+        ({"tools": [{**FLAT, "strict": 1}]}, "tools.0.strict", "true or false"),
+        ({"tools": [FLAT], "tool_choice": {"type": "function", "function": {"name": "calculator"}}}, "tool_choice", '{"type": "function", "name": "..."}'),
+        ({"tools": [FLAT], "tool_choice": {"type": "function", "name": "f"}}, "tool_choice", "no tool named 'f'"),
+        ({"tool_choice": "required"}, "tool_choice", "no tools were sent"),
+    ],
+)  # fmt: skip
+def test_malformed_responses_tools_get_a_400_naming_the_flat_field(body, param, words):
+    with pytest.raises(APIError) as e:
+        responses_request(**body).tool_use()
+    assert e.value.status == 400 and e.value.param == param and words in e.value.message, e.value.message
+
+
+def test_function_call_items_render_as_chats_calls_and_results(wide_tok):
+    """CONVERSATION's turns as Responses input items give the very messages (and prompt) chat gives."""
+    calls = CONVERSATION[2]["tool_calls"]
+    items = [
+        CONVERSATION[1],
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        *[{"type": "function_call", "call_id": c["id"], **c["function"], "status": "completed"} for c in calls],
+        {"type": "function_call_output", "call_id": "call_0", "output": "5"},
+        {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_text", "text": "rain"}]},
+    ]
+    req = responses_request(input=items, instructions="Be brief.")
+    history = [*CONVERSATION[:2], {**CONVERSATION[2], "content": "Checking."}, *CONVERSATION[3:5]]
+    chat = validate(ChatRequest, {"messages": history})
+    assert req.messages() == [m.for_template() for m in chat.messages]
+    only_calls = responses_request(input=[items[0], items[3], items[5]]).messages()
+    assert only_calls[1] == {"role": "assistant", "content": "", "tool_calls": calls[:1]}
+    assert wide_tok.apply_chat_template(only_calls, True).endswith(f"{CALCS_END}{EOS}{OUTS}{OUT}5{OUT_END}{OUTS_END}")
+    for bad, param, words in [
+        ([items[0], items[5]], "input.1", "must follow the function_call"),
+        ([items[0], {"type": "function_call", "call_id": "c", "name": "f"}], "input.1.arguments", "needs its arguments"),
+        ([items[0], items[3], {"type": "function_call_output", "call_id": "c"}], "input.2.output", "needs its output"),
+        ([items[0], items[3], {**items[5], "output": [{"type": "input_image", "image_url": "x"}]}], "input.2.output.0", "text only"),
+        ([{"type": "item_reference", "id": "x"}], "input.0", "not supported"),
+    ]:  # fmt: skip
+        with pytest.raises(APIError) as e:
+            responses_request(input=bad).messages()
+        assert e.value.param == param and words in e.value.message, e.value.message
+
+
+def test_output_text_logprobs_are_the_tokens_outside_thinking_and_calls(wide_tok):
+    think, end = wide_tok.think_start_id, wide_tok.think_end_id
+    calls, calls_end = wide_tok.tool_calls_begin_id, wide_tok.tool_calls_end_id
+    a, b, c = (wide_tok.encode(ch)[0] for ch in "xyz")
+
+    def kept(ids, **kw):
+        args = dict(thinks=True, starts_in_think=False, tools=True, in_call=False) | kw
+        return [e[0] for e in TextTokens(wide_tok, **args).take([(t, -1.0, {}) for t in ids])]
+
+    assert kept([think, a, end, b, calls, c, calls_end, a]) == [b, a]
+    assert kept([a, end, b], starts_in_think=True) == [b]  # the prompt opened the block
+    assert kept([a, b]) == [a, b]  # a reply that does not open with <think> never thinks
+    assert kept([c, calls_end, a], in_call=True) == [a]  # a forced call: the prompt opened it
+    assert kept([calls, a], tools=False) == [calls, a]  # no tools: the marker is only text
 
 
 # ------------------------------------------------------------------------------------------------ data and SFT

@@ -1,6 +1,7 @@
 """Tool calling end to end: a tiny model fine-tuned by `run_sft` on the built-in calculator task, served by a real
 `nanoseek serve`, driven by the `openai` client (every body and chunk validated against its types): the model
-calls the calculator, the client runs it and sends the result back, the model answers with it."""
+calls the calculator, the client runs it and sends the result back, the model answers with it; on
+/v1/chat/completions and on /v1/responses (`client.responses.create`, function_call items and events)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,21 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import tiny_model
+from openai.types.responses import (
+    ResponseFunctionCallArgumentsDeltaEvent,
+    ResponseFunctionCallArgumentsDoneEvent,
+    ResponseFunctionToolCall,
+    ResponseOutputItemDoneEvent,
+)
 from serve_util import ServeProcess, checked_client
 
 from nanoseek import save_model
 from nanoseek.data.chat import builtin_conversations
-from nanoseek.infer.tools import prefill
+from nanoseek.infer.tools import check_call, prefill, split_call
 from nanoseek.tasks.calculator import TOOL, calculate
 from nanoseek.tasks.problems import builtin_corpus
+from nanoseek.tokenizer import TOOL_CALL_BEGIN as CALL_BEGIN
+from nanoseek.tokenizer import TOOL_CALL_END as CALL_END
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.train.pretrain import TrainConfig
 from nanoseek.train.sft import SFT_DEFAULTS, SFTJob, run_sft
@@ -139,3 +148,93 @@ def test_malformed_tools_get_a_400_naming_the_field(server):
     error = r.json()["error"]
     assert error["param"] == "tools.0.function.name" and "1-64 letters" in error["message"]
     assert error["type"] == "invalid_request_error"
+
+
+# --------------------------------------------------------------------------------------------- the Responses API
+FLAT = {"type": "function", **TOOL["function"]}  # the calculator in the Responses API's flat shape
+
+
+def test_responses_calculator_round_trip_with_the_openai_client(client, model):
+    messages, expression = question()
+    kw = dict(model=model, tools=[FLAT], temperature=0)
+    r = client.responses.create(**kw, input=messages, max_output_tokens=60)
+    (call,) = r.output  # only the call: the model wrote no text
+    assert isinstance(call, ResponseFunctionToolCall) and call.status == "completed" and r.status == "completed"
+    assert call.id.startswith("fc_") and call.call_id.startswith("call_") and call.name == "calculator"
+    assert json.loads(call.arguments) == {"expression": expression}
+    assert r.tools[0].name == "calculator" and r.tool_choice == "auto" and r.parallel_tool_calls
+    result = calculate(expression)  # the client runs the tool
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": result}
+    r = client.responses.create(
+        **kw, input=[*messages, call.model_dump(exclude_none=True), output], max_output_tokens=20
+    )
+    assert r.output_text == result and [item.type for item in r.output] == ["message"]
+    asked = {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    history = [
+        *messages,
+        {"role": "assistant", "tool_calls": [asked]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": result},
+    ]
+    chat = client.chat.completions.create(model=model, messages=history, tools=[TOOL], temperature=0, max_tokens=20)
+    assert (chat.usage.prompt_tokens, chat.choices[0].message.content) == (r.usage.input_tokens, r.output_text)
+
+
+def test_responses_stream_a_call_as_item_and_argument_events(client, model):
+    messages, expression = question(1)
+    kw = dict(model=model, input=messages, tools=[FLAT], temperature=0, max_output_tokens=60)
+    whole = client.responses.create(**kw).output[0]
+    events = list(client.responses.create(**kw, stream=True))
+    kinds = [e.type for e in events]
+    n = kinds.count("response.function_call_arguments.delta")
+    assert n >= 1 and kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        *["response.function_call_arguments.delta"] * n,
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    added, deltas, done, item_done = events[2], events[3 : 3 + n], events[3 + n], events[4 + n]
+    assert isinstance(added.item, ResponseFunctionToolCall) and (added.item.status, added.item.arguments) == (
+        "in_progress",
+        "",
+    )
+    assert all(isinstance(e, ResponseFunctionCallArgumentsDeltaEvent) and e.item_id == added.item.id for e in deltas)
+    assert isinstance(done, ResponseFunctionCallArgumentsDoneEvent) and isinstance(
+        item_done, ResponseOutputItemDoneEvent
+    )
+    assert "".join(e.delta for e in deltas) == done.arguments == item_done.item.arguments == whole.arguments
+    assert json.loads(done.arguments) == {"expression": expression} and item_done.item.status == "completed"
+    assert events[-1].response.output == [item_done.item]
+    with client.responses.stream(**kw) as s:  # the SDK's accumulating helper rebuilds the call
+        assert s.get_final_response().output[0].arguments == whole.arguments
+
+
+def test_responses_tool_choice_and_a_call_that_fails_its_nested_schema(client, model, calculator_dir):
+    tok = Tokenizer.from_pretrained(calculator_dir)
+    messages, expression = question(2)
+    kw = dict(model=model, input=messages, temperature=0, max_output_tokens=40)
+    none = client.responses.create(**kw, tools=[FLAT], tool_choice="none")
+    assert all(item.type != "function_call" for item in none.output)
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tools=[TOOL])
+    named = {"type": "function", "name": "calculator"}
+    for choice, forced in (("required", prefill("v3")), (named, prefill("v3", "calculator"))):
+        r = client.responses.create(**kw, tools=[FLAT], tool_choice=choice, parallel_tool_calls=False)
+        assert r.usage.input_tokens == len(tok.encode(prompt + forced))  # the reply starts inside a call
+        assert [item.type for item in r.output] == ["function_call"] and not r.parallel_tool_calls
+        assert json.loads(r.output[0].arguments) == {"expression": expression}
+    nested = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    strict = json.loads(json.dumps(FLAT))
+    strict["parameters"]["properties"]["expression"] = nested  # the model writes a string there, never an object
+    kw["input"] = question(0)[0]
+    r = client.responses.create(**kw, tools=[strict])
+    assert [item.type for item in r.output] == ["message"]  # the call came back as the text it was, as on chat
+    (text,) = [part.text for part in r.output[0].content]
+    assert text.startswith(CALL_BEGIN) and text.endswith(CALL_END)
+    name, arguments, _ = split_call(text[len(CALL_BEGIN) : -len(CALL_END)])
+    assert check_call(name, arguments, {name: FLAT["parameters"]}) is None  # a good call for the plain schema
+    assert "arguments.expression" in check_call(name, arguments, {name: strict["parameters"]})  # not the nested one
+    events = list(client.responses.create(**kw, tools=[strict], stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
+    assert not any(e.type.startswith("response.function_call") for e in events)

@@ -9,7 +9,8 @@ The chat template (nanoseek/tokenizer.py) writes a turn's calls as DeepSeek-V3-0
 DeepSeek-V3.1 drops the type and the fence: `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>`. The
 parser reads both, so DeepSeek's own checkpoints work too. A call is released only once its `<｜tool▁call▁end｜>`
 has arrived and it passed `check_call`: a call that names no offered tool, or whose arguments are not a JSON
-object that fits the schema, goes to the content as the text the model wrote, never out as a broken call.
+object valid against the tool's schema (checked whole by `jsonschema`), goes to the content as the text the model
+wrote, never out as a broken call.
 """
 
 from __future__ import annotations
@@ -18,19 +19,14 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, best_match
+from jsonschema.validators import validator_for
+
 from nanoseek.infer.reasoning import partial_suffix
 from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
 
 MARKERS = (TOOL_CALLS_BEGIN, TOOL_CALL_BEGIN, TOOL_CALLS_END)  # what opens or closes a calls section
-JSON_TYPES = {
-    "string": (str,),
-    "integer": (int,),
-    "number": (int, float),
-    "boolean": (bool,),
-    "object": (dict,),
-    "array": (list,),
-    "null": (type(None),),
-}
 
 
 def call_style(chat_template: str) -> str:
@@ -48,43 +44,62 @@ def prefill(style: str, name: str | None = None) -> str:
     return head + "function" + TOOL_SEP + (f"{name}\n```json\n" if name else "")
 
 
-def _type_ok(value, kind) -> bool:
-    kinds = kind if isinstance(kind, list) else [kind]
-    for k in kinds:
-        if k not in JSON_TYPES:
-            return True  # a type we do not check
-        if isinstance(value, JSON_TYPES[k]) and not (k in ("integer", "number") and isinstance(value, bool)):
-            return True
-        if k == "integer" and isinstance(value, float) and value.is_integer():
-            return True
-    return False
+def schema_error(schema: dict) -> str | None:
+    """Why a tool's `parameters` cannot check arguments (None: it can): it is not valid JSON Schema, or a `$ref`
+    points outside it (remote schemas are never fetched) or does not resolve."""
+    if (ref := _remote_ref(schema)) is not None:
+        return f"$ref {ref!r}: only references within the schema ('#/...') are supported"
+    try:
+        validator = validator_for(schema, default=Draft202012Validator)
+        validator.check_schema(schema)
+        best_match(validator(schema).iter_errors({}))  # follows the top-level references
+    except SchemaError as e:
+        return f"{_path('', e.absolute_path) or 'the schema'}: {e.message}"
+    except Exception as e:  # an unhashable $schema, a reference to nowhere or to itself, ...
+        return f"it cannot be used ({type(e).__name__}: {str(e)[:200]})"
+    return None
+
+
+def _remote_ref(node) -> str | None:
+    """The first `$ref` in a schema that is not a pointer into the schema itself."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            return ref
+        node = list(node.values())
+    if isinstance(node, list):
+        return next((r for r in map(_remote_ref, node) if r is not None), None)
+    return None
+
+
+def _path(head: str, parts) -> str:
+    return ".".join([head, *map(str, parts)]).strip(".")
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def check_call(name: str, arguments: str, tools: dict[str, dict | None]) -> str | None:
-    """Why a generated call is not a usable one (None: it is): the name must be an offered tool; the arguments a
-    JSON object with the schema's required keys, its declared top-level types, no extra keys when
-    `additionalProperties` is false. Deeper schema rules are not checked."""
+    """Why a generated call is not a usable one (None: it is): the name must be an offered tool, the arguments a
+    JSON object valid against the tool's whole parameters schema (nested objects, arrays, enums, required keys,
+    `$ref`s: what `jsonschema` checks, so a client can trust a call it gets as it trusts its own validator)."""
     if name not in tools:
         return f"no tool named {name!r}"
     try:
-        args = json.loads(arguments)
+        args = json.loads(arguments, parse_constant=_not_json)  # NaN and Infinity are Python's, not JSON
     except ValueError as e:
         return f"arguments are not JSON ({e})"
     if not isinstance(args, dict):
         return "arguments are not a JSON object"
     schema = tools[name] or {}
-    missing = [k for k in schema.get("required", []) if k not in args]
-    if missing:
-        return f"arguments miss required {missing}"
-    props = schema.get("properties") or {}
-    for key, value in args.items():
-        if key not in props:
-            if schema.get("additionalProperties") is False:
-                return f"argument {key!r} is not in the schema"
-            continue
-        if isinstance(props[key], dict) and "type" in props[key] and not _type_ok(value, props[key]["type"]):
-            return f"argument {key!r} is not of type {props[key]['type']}"
-    return None
+    try:
+        error = best_match(validator_for(schema, default=Draft202012Validator)(schema).iter_errors(args))
+    except Exception as e:  # a reference deeper in the schema that does not resolve, or never ends
+        return f"arguments cannot be checked against the schema ({type(e).__name__})"
+    if error is None:
+        return None
+    return f"{_path('arguments', error.absolute_path)}: {error.message}"
 
 
 def split_call(body: str) -> tuple[str, str, int] | None:

@@ -41,7 +41,14 @@ from nanoseek.infer.server.openai import (
     sse_events,
     validate,
 )
-from nanoseek.infer.server.responses import ResponsesRequest, response_body, response_events, response_meta
+from nanoseek.infer.server.responses import (
+    Reply,
+    ResponsesRequest,
+    TextTokens,
+    response_body,
+    response_events,
+    response_meta,
+)
 from nanoseek.infer.tools import call_style, prefill
 
 STATIC = Path(__file__).parent / "static"
@@ -338,24 +345,31 @@ async def completions(server: Server, request: Request) -> Response:
 
 
 async def responses(server: Server, request: Request) -> Response:
-    """`POST /v1/responses`: one reply to `instructions` + `input`, as a `response` object or its event stream."""
+    """`POST /v1/responses`: one reply to `instructions` + `input`, as a `response` object or its event stream;
+    tools, calls and logprobs go through the chat path's code."""
     timing = Timing(server.metrics)
     server.check_auth(request)
     req: ResponsesRequest = validate(ResponsesRequest, await server.read_body(request))
     server.check_model(req.model)
     req.unsupported()
+    tools = req.tool_use()
     grammar = req.grammar()
-    prompt_text, ids, _ = server.chat_prompt(req.messages(), req.thinking)
+    if tools is not None and grammar is not None:
+        raise APIError(400, "text.format: a JSON reply and tool calls exclude each other; send one", "text.format")
+    prompt_text, ids, forced = server.chat_prompt(req.messages(), req.thinking, tools=tools)
     params = req.sampling_params(server.max_tokens(req.max_output_tokens, len(ids), "max_output_tokens"))
     params = replace(params, grammar=grammar)
-    split = server.reasoning and req.thinking
-    choice = Choice(0, ReasoningSplitter(prompt_opens_think(prompt_text)) if split else None, [])
+    split, opens_think = server.reasoning and req.thinking, prompt_opens_think(prompt_text)
+    choice = Choice(0, ReasoningSplitter(opens_think) if split else None, [])
+    if tools is not None:
+        choice.tools = tools.parser(prefix=forced)
+    text_tokens = TextTokens(server.tok, split, split and opens_think, tools is not None, bool(forced))
     job = server.start_job([ids], [params])
-    meta, think_end = response_meta(server.model_name), server.tok.think_end_id
+    reply = Reply(response_meta(server.model_name), req, choice, len(ids), server.tok, text_tokens)
     if req.stream:
-        return _event_stream(job, response_events(meta, req, choice, len(ids), think_end, job.updates(), timing))
+        return _event_stream(job, response_events(reply, job.updates(), timing))
     await _collect(job, [choice], timing, request)
-    return JSONResponse(response_body(meta, req, choice, len(ids), think_end))
+    return JSONResponse(response_body(reply))
 
 
 # ==================================================================================================== routes

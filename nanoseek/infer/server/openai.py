@@ -25,7 +25,7 @@ from nanoseek.infer.reasoning import ReasoningSplitter, partial_suffix, split_re
 from nanoseek.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from nanoseek.infer.server.metrics import Timing
 from nanoseek.infer.structured import StructuredOutputError, grammar_from_response_format
-from nanoseek.infer.tools import ToolCallParser, stream_fragments
+from nanoseek.infer.tools import ToolCallParser, schema_error, stream_fragments
 from nanoseek.tokenizer import Tokenizer
 
 MAX_N = 16  # choices per request
@@ -33,6 +33,7 @@ MAX_STOP = 16  # stop strings per request
 MEDIA = ("image_url", "input_audio", "file", "input_image", "input_file")  # content parts we cannot read
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
 TOOL_SHAPE = '{"type": "function", "function": {"name": "...", "description": "...", "parameters": {JSON Schema}}}'
+RESPONSES_TOOL_SHAPE = '{"type": "function", "name": "...", "description": "...", "parameters": {JSON Schema}}'
 
 
 class APIError(Exception):
@@ -185,46 +186,7 @@ class ChatRequest(_Sampling):
         """The request's tools, checked (a 400 names the field, the problem and the fix); None when the reply
         may not call tools: no tools, or `tool_choice: "none"`."""
         self._check_tool_turns()
-        choice, tools = self.tool_choice, self.tools
-        if tools is None:
-            if choice not in (None, "none", "auto"):
-                raise APIError(
-                    400, "tool_choice: a tool must be called but no tools were sent; add tools", "tool_choice"
-                )
-            return None
-        if not isinstance(tools, list) or not tools:
-            raise APIError(400, f"tools: must be a non-empty list of {TOOL_SHAPE}; or omit tools", "tools")
-        schemas: dict[str, dict | None] = {}
-        for i, tool in enumerate(tools):
-            schemas.update([_tool_schema(f"tools.{i}", tool, schemas)])
-        forced = None
-        if isinstance(choice, dict):
-            fn = choice.get("function")
-            name = fn.get("name") if isinstance(fn, dict) else None
-            if choice.get("type") != "function" or not isinstance(name, str):
-                raise APIError(
-                    400,
-                    'tool_choice: must be "none", "auto", "required" or {"type": "function", "function": {"name": '
-                    '"..."}}',
-                    "tool_choice",
-                )
-            if name not in schemas:
-                raise APIError(
-                    400, f"tool_choice: no tool named {name!r} in tools (they are {sorted(schemas)})", "tool_choice"
-                )
-            forced = name
-        elif choice == "required":
-            forced = "required"
-        elif choice not in (None, "auto", "none"):
-            raise APIError(
-                400,
-                f'tool_choice: must be "none", "auto", "required" or a named function, got {json.dumps(choice)[:40]}',
-                "tool_choice",
-            )
-        if choice == "none":
-            return None
-        max_calls = 1 if self.parallel_tool_calls is False else None
-        return ToolUse(list(tools), schemas, forced, max_calls)
+        return tool_use(self.tools, self.tool_choice, self.parallel_tool_calls, flat=False)
 
     def _check_tool_turns(self) -> None:
         """Tool results answer calls, as OpenAI insists: each `tool` message follows an assistant turn with
@@ -268,10 +230,57 @@ class ChatRequest(_Sampling):
                     raise APIError(400, f"{where}: a {part.type!r} part needs a string {part.type!r}", where)
 
 
-def _tool_schema(where: str, tool, seen: dict) -> tuple[str, dict | None]:
-    """(name, parameters schema) of one entry of `tools`, or a 400 naming what is wrong with it."""
-    fix = f"each tool is {TOOL_SHAPE}"
-    if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+def tool_use(tools: Any, choice: Any, parallel: bool | None, flat: bool) -> ToolUse | None:
+    """`tools`, `tool_choice` and `parallel_tool_calls` checked and turned into a `ToolUse` (None when the reply may
+    not call tools); a 400 names the bad field and shows the right shape. `flat`: the Responses API's shapes
+    (`{"type": "function", "name": ...}`, `tool_choice: {"type": "function", "name": ...}`) instead of chat's,
+    where the function sits under "function"; the prompt gets chat's shape either way."""
+    shape = RESPONSES_TOOL_SHAPE if flat else TOOL_SHAPE
+    if tools is None:
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice: a tool must be called but no tools were sent; add tools", "tool_choice")
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise APIError(400, f"tools: must be a non-empty list of {shape}; or omit tools", "tools")
+    schemas: dict[str, dict | None] = {}
+    rendered = []
+    for i, tool in enumerate(tools):
+        name, params, fn = _tool_function(f"tools.{i}", tool, schemas, flat)
+        schemas[name] = params
+        rendered.append({"type": "function", "function": fn} if flat else tool)
+    forced = None
+    if isinstance(choice, dict):
+        fn = choice if flat else choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            named = (
+                '{"type": "function", "name": "..."}' if flat else '{"type": "function", "function": {"name": "..."}}'
+            )
+            raise APIError(400, f'tool_choice: must be "none", "auto", "required" or {named}', "tool_choice")
+        if name not in schemas:
+            raise APIError(
+                400, f"tool_choice: no tool named {name!r} in tools (they are {sorted(schemas)})", "tool_choice"
+            )
+        forced = name
+    elif choice == "required":
+        forced = "required"
+    elif choice not in (None, "auto", "none"):
+        raise APIError(
+            400,
+            f'tool_choice: must be "none", "auto", "required" or a named function, got {json.dumps(choice)[:40]}',
+            "tool_choice",
+        )
+    if choice == "none":
+        return None
+    return ToolUse(rendered, schemas, forced, 1 if parallel is False else None)
+
+
+def _tool_function(where: str, tool, seen: dict, flat: bool) -> tuple[str, dict | None, dict]:
+    """(name, parameters schema, the function as chat nests it) of one entry of `tools`, or a 400 naming what is
+    wrong with it. `flat`: the Responses API's shape, the function's fields beside "type"."""
+    fix = f"each tool is {RESPONSES_TOOL_SHAPE if flat else TOOL_SHAPE}"
+    fn = tool if flat else (tool.get("function") if isinstance(tool, dict) else None)
+    if not isinstance(tool, dict) or not isinstance(fn, dict):
         raise APIError(400, f"{where}: not a function tool; {fix}", where)
     if tool.get("type") != "function":
         raise APIError(
@@ -279,31 +288,32 @@ def _tool_schema(where: str, tool, seen: dict) -> tuple[str, dict | None]:
             f"{where}.type: only 'function' tools are supported, got {json.dumps(tool.get('type'))}",
             f"{where}.type",
         )
-    fn = tool["function"]
+    at = where if flat else f"{where}.function"
     name = fn.get("name")
+    if flat and name is None and isinstance(tool.get("function"), dict):  # chat's shape sent to /v1/responses
+        raise APIError(400, f"{where}.name: Responses API tools are flat, {RESPONSES_TOOL_SHAPE}", f"{where}.name")
     if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise APIError(
-            400,
-            f"{where}.function.name: must be 1-64 letters, digits, '_' or '-', got {json.dumps(name)[:80]}",
-            f"{where}.function.name",
+            400, f"{at}.name: must be 1-64 letters, digits, '_' or '-', got {json.dumps(name)[:80]}", f"{at}.name"
         )
     if name in seen:
-        raise APIError(
-            400,
-            f"{where}.function.name: {name!r} is defined twice; give each tool its own name",
-            f"{where}.function.name",
-        )
-    if not isinstance(fn.get("description", ""), str):
-        raise APIError(400, f"{where}.function.description: must be a string", f"{where}.function.description")
+        raise APIError(400, f"{at}.name: {name!r} is defined twice; give each tool its own name", f"{at}.name")
+    if fn.get("description") is not None and not isinstance(fn["description"], str):
+        raise APIError(400, f"{at}.description: must be a string", f"{at}.description")
+    if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+        raise APIError(400, f"{at}.strict: must be true or false", f"{at}.strict")
     params = fn.get("parameters")
     if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
         raise APIError(
             400,
-            f"{where}.function.parameters: must be a JSON Schema object, e.g. "
+            f"{at}.parameters: must be a JSON Schema object, e.g. "
             '{"type": "object", "properties": {...}, "required": [...]}',
-            f"{where}.function.parameters",
+            f"{at}.parameters",
         )
-    return name, params
+    if params is not None and (why := schema_error(params)) is not None:
+        raise APIError(400, f"{at}.parameters: not a valid JSON Schema ({why})", f"{at}.parameters")
+    keep = ("name", "description", "parameters", "strict")
+    return name, params, {k: fn[k] for k in keep if k in fn}
 
 
 class CompletionRequest(_Sampling):
