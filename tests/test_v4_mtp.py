@@ -5,6 +5,7 @@ ignores on load and so never saves."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -13,7 +14,16 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from nanoseek import ModelConfig, Transformer, load_model, save_model
-from nanoseek.config import CSA, SLIDING
+from nanoseek.config import CSA, HCA, SLIDING
+from nanoseek.infer.cache import CompressedKVCache, mtp_decode_cache
+from nanoseek.infer.runner import single_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: hundreds of tiny ops per forward, which stall on a pool of threads on a busy machine."""
+    with single_thread():
+        yield
 
 
 def _model(**overrides) -> Transformer:
@@ -111,3 +121,55 @@ def test_transformers_ignores_mtp_on_load_and_so_saves_none(tmp_path):
     assert len(back.mtp) == 0 and back.config.num_nextn_predict_layers == 0
     with torch.no_grad():
         assert (back(ids) - model(ids)).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------- decoding
+def _live(model: Transformer) -> Transformer:
+    """Parameters that start at 0 made live (sinks, position biases, mHC bases, routing bias) and the indexers'
+    weights spread, so every path of the cached step acts."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "position_bias", "base", "hc_base", "e_score_correction_bias")):
+                p.normal_(0, 0.5)
+            elif ".indexer." in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def _noise(cache: CompressedKVCache) -> CompressedKVCache:
+    """Cache rows start as noise: a state read before it is written breaks the equality."""
+    for layer in cache.layers:
+        for t in layer.tensors():
+            t.normal_()
+    return cache
+
+
+@pytest.mark.parametrize("mtp_type", [SLIDING, CSA, HCA])
+def test_cached_mtp_drafts_token_by_token_equal_the_full_forward(mtp_type):
+    """The MTP block's incremental step over its own cache (window 8, CSA entries of 4 with top-3, HCA of 8), fed
+    the streams of the main model's own cached step: two rows at different lengths, a chunked prompt, then one
+    token at a time to position 46; every position's logits equal mtp_logits of the whole sequence."""
+    model = _live(_model(mtp_layer_types=[mtp_type], index_n_heads=8, max_position_embeddings=128))
+    c = model.config
+    ids = torch.randint(0, c.vocab_size, (2, 48), generator=torch.Generator().manual_seed(3))
+    x, nxt = ids[:, :-1], ids[:, 1:]  # MTP position i reads t_{i+1} and predicts t_{i+2}
+    main, mtp = _noise(CompressedKVCache(c, 3, 64)), _noise(mtp_decode_cache(c, 3, 64))
+    assert (mtp.layers[0].compressor is None) == (mtp_type == SLIDING)
+    slots, lag, worst = torch.tensor([2, 0]), 5, 0.0
+    # {row: its first new position}, new tokens: row 0 runs `lag` tokens ahead of row 1
+    plan = [({0: 0}, lag), ({0: lag, 1: 0}, 9)] + [({0: lag + p, 1: p}, 1) for p in range(9, 47 - lag)]
+    with torch.no_grad():
+        full = model.mtp_logits(x, nxt)
+        for starts, T in plan:
+            rows, start = list(starts), torch.tensor(list(starts.values()))
+            new_x, new_nxt = (torch.stack([t[r, s : s + T] for r, s in starts.items()]) for t in (x, nxt))
+            _, streams = model.forward_cached(new_x, main.layers, slots[rows], start)
+            before = copy.deepcopy(mtp.layers[0])
+            logits = model.mtp_forward_cached(streams, new_nxt, mtp.layers[0], slots[rows], start)
+            for j, (r, s) in enumerate(starts.items()):
+                worst = max(worst, (logits[j] - full[r, s : s + T]).abs().max().item())
+            if T == 9:  # the same step for one position per row (a draft reads only the last kept one)
+                pick = torch.tensor([8, 3])
+                one = model.mtp_forward_cached(streams, new_nxt, before, slots, start, query_rows=pick)
+                assert torch.allclose(one[:, 0], logits[[0, 1], pick], atol=1e-6)
+    assert worst < 1e-5, worst
