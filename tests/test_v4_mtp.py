@@ -173,3 +173,49 @@ def test_cached_mtp_drafts_token_by_token_equal_the_full_forward(mtp_type):
                 one = model.mtp_forward_cached(streams, new_nxt, before, slots, start, query_rows=pick)
                 assert torch.allclose(one[:, 0], logits[[0, 1], pick], atol=1e-6)
     assert worst < 1e-5, worst
+
+
+def test_a_rejected_draft_needs_no_cache_undo():
+    """Speculative steps on the main and MTP caches as the engine takes them: verify [t_L, draft] at positions
+    L, L + 1 and keep both (draft right) or only L (draft wrong: its writes stay in both caches, the length
+    advances by one). Drafts are wrong at random, per row of a batch at different lengths, over 45 positions
+    (window 8, CSA 4, HCA 8, a CSA MTP block): every kept position's logits, main and MTP, equal the full
+    forward's. Guard: cut back by two positions instead, and they do not."""
+    model = _live(_model(mtp_layer_types=[CSA], index_n_heads=16, max_position_embeddings=128))
+    c = model.config
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, c.vocab_size, (2, 50), generator=g)
+    main, mtp = _noise(CompressedKVCache(c, 2, 64)), _noise(mtp_decode_cache(c, 2, 64))
+    slots, length, kept = torch.tensor([1, 0]), torch.tensor([7, 2]), {True: 0, False: 0}
+
+    def step(tokens: torch.Tensor, mtp_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, streams = model.forward_cached(tokens, main.layers, slots, length)
+        return logits, model.mtp_forward_cached(streams, mtp_next, mtp.layers[0], slots, length)
+
+    with torch.no_grad():
+        full, full_mtp = model(ids[:, :-1]), model.mtp_logits(ids[:, :-1], ids[:, 1:])
+        for r in range(2):  # the prompts
+            n = int(length[r])
+            _, streams = model.forward_cached(ids[r : r + 1, :n], main.layers, slots[r : r + 1], torch.tensor([0]))
+            model.mtp_forward_cached(
+                streams, ids[r : r + 1, 1 : n + 1], mtp.layers[0], slots[r : r + 1], torch.tensor([0])
+            )
+        while int(length.max()) < 45:
+            right = torch.rand(2, generator=g) < 0.5
+            at = length[:, None] + torch.arange(3)  # positions L, L + 1, L + 2
+            truth = ids.gather(1, at)
+            draft = torch.where(right, truth[:, 1], (truth[:, 1] + 1) % c.vocab_size)
+            # MTP position L + 1 reads the token after the draft: the true one if kept, else whatever (the engine's t_L)
+            mtp_next = torch.stack((truth[:, 1], torch.where(right, truth[:, 2], truth[:, 1])), dim=1)
+            logits, mtp_logits = step(torch.stack((truth[:, 0], draft), dim=1), mtp_next)
+            for r in range(2):
+                n, L = 2 if right[r] else 1, int(length[r])
+                torch.testing.assert_close(logits[r, :n], full[r, L : L + n], atol=1e-5, rtol=0)
+                torch.testing.assert_close(mtp_logits[r, :n], full_mtp[r, L : L + n], atol=1e-5, rtol=0)
+                kept[bool(right[r])] += 1
+            length = length + 1 + right.long()
+        assert min(kept.values()) >= 5  # both kinds of step, many times
+        at = length[:, None] + torch.arange(3)
+        step(ids.gather(1, at), ids.gather(1, at + 1))  # three positions written, only the first kept
+        logits, _ = step(ids.gather(1, at[:, 1:2]), ids.gather(1, at[:, 1:2] + 1))
+        assert (logits[:, 0] - full[[0, 1], at[:, 1]]).abs().max() > 1e-3
