@@ -55,6 +55,17 @@ def test_generate_and_chat(model_dir, monkeypatch, capsys):
     assert KNOWN[question] in capsys.readouterr().out.replace(DIM, "").replace(RESET, "")
 
 
+def test_generate_speculative_gives_the_same_completion_and_the_acceptance_rate(model_dir, capsys):
+    question = next(iter(KNOWN))
+    args = ["generate", "--model", str(model_dir), "--prompt", question, "--max-tokens", "24", "--json"]
+    assert main(args) == 0
+    plain = capsys.readouterr()
+    assert main([*args, "--speculative"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out  # greedy: MTP drafts change the speed, never the tokens
+    assert "MTP speculation:" in spec.err and "drafts accepted" in spec.err
+
+
 def test_eval(model_dir, capsys):
     args = ["eval", "--model", str(model_dir), "--task", "arithmetic", "--levels", "2x1", "--n", "2"]
     assert main([*args, "--max-tokens", "4", "--json"]) == 0

@@ -83,7 +83,10 @@ class LatentCache(_Slots):
 class CompressedKVCache(_Slots):
     """DeepSeek-V4's decode cache: per layer a LayerCacheV4 (window ring, compressed entries, the unfinished
     windows' projections, CSA indexer keys) for n_slots sequences of up to max_len tokens. Pass `layers` to
-    TransformerV4.forward_cached."""
+    TransformerV4.forward_cached. layer_ids: whose state it holds, the main layers by default (MTP block k is
+    layer num_hidden_layers + k: `mtp_decode_cache`). One position written past a slot's length is never read
+    before it is written again (LayerCacheV4), so cutting `lengths` back by that one position is a complete
+    rollback."""
 
     def __init__(
         self,
@@ -92,12 +95,12 @@ class CompressedKVCache(_Slots):
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        layer_ids: range | None = None,
     ) -> None:
         super().__init__(n_slots)
         self.max_len = max_len
-        self.layers: list[LayerCacheV4] = [
-            empty_layer_cache(config, i, n_slots, max_len, dtype, device) for i in range(config.num_hidden_layers)
-        ]
+        ids = range(config.num_hidden_layers) if layer_ids is None else layer_ids
+        self.layers: list[LayerCacheV4] = [empty_layer_cache(config, i, n_slots, max_len, dtype, device) for i in ids]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for layer in self.layers for t in layer.tensors()]
@@ -120,6 +123,21 @@ def decode_cache(
     """The model family's own decode cache: V4's compressed one, else MLA's latent one (V3.2: + indexer keys)."""
     kind = CompressedKVCache if config.is_v4 else LatentCache
     return kind(config, n_slots, max_len, dtype=dtype, device=device)
+
+
+def mtp_decode_cache(
+    config: ModelConfig,
+    n_slots: int,
+    max_len: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LatentCache | CompressedKVCache:
+    """The first MTP depth's own decode cache, beside the main one (speculative decoding): one MLA latent layer
+    (V3 / V3.2, with the indexer's keys), or the V4 MTP block's LayerCacheV4 (`layers[0]`)."""
+    if config.is_v4:
+        n = config.num_hidden_layers
+        return CompressedKVCache(config, n_slots, max_len, dtype, device, layer_ids=range(n, n + 1))
+    return LatentCache(config, n_slots, max_len, n_layers=1, dtype=dtype, device=device)
 
 
 def kv_cache_bytes(config: ModelConfig, seq_len: int, dtype_bytes: int = 2) -> int:

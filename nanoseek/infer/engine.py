@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.infer.cache import LatentCache, decode_cache
+from nanoseek.infer.cache import decode_cache, mtp_decode_cache
 from nanoseek.infer.prefix_cache import PrefixCache
 from nanoseek.infer.runner import Runner, single_thread
 from nanoseek.infer.runner_v4 import RunnerV4
 from nanoseek.infer.sampling import SampleOutput, Sampler, SamplingParams
 from nanoseek.infer.sequence import Completion, Sequence
-from nanoseek.infer.speculative import Speculator
+from nanoseek.infer.speculative import Speculator, SpeculatorV4
 from nanoseek.infer.structured import grammar_vocabulary, start_constraint
 from nanoseek.model import Transformer
 
@@ -51,11 +51,6 @@ class Engine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
-        if speculative and c.is_v4:
-            raise ValueError(
-                "speculative decoding of deepseek_v4 models needs an incremental step of V4's MTP block, which "
-                "nanoseek does not have yet (it trains and loads the block); drop --speculative"
-            )
         if speculative and not model.mtp:
             raise ValueError("speculative decoding needs an MTP module: this model has num_nextn_predict_layers=0")
         self.speculative = speculative
@@ -65,10 +60,9 @@ class Engine:
         self.runner = (RunnerV4 if c.is_v4 else Runner)(model, self.cache, compile)
         self.mtp_cache, self.speculator = None, None
         if speculative:
-            self.mtp_cache = LatentCache(
-                c, max_batch_size, self.max_len, n_layers=1, dtype=self.dtype, device=self.device
-            )
-            self.speculator = Speculator(self.runner, self.sampler, self.mtp_cache, self._append)
+            self.mtp_cache = mtp_decode_cache(c, max_batch_size, self.max_len, dtype=self.dtype, device=self.device)
+            speculator = SpeculatorV4 if c.is_v4 else Speculator
+            self.speculator = speculator(self.runner, self.sampler, self.mtp_cache, self._append)
         self.prefix_cache = self._prefix_cache(prefix_cache_tokens)
         eos = tokenizer.eos_id if tokenizer is not None else c.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()

@@ -35,21 +35,23 @@ class RunnerV4:
 
     def prefill(self, prompt: list[int], slot: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Write prompt[start:] into cache row `slot` (its first `start` tokens are there already). Returns (logits
-        of the last position [1, 1, V], hidden states of the computed positions [1, P - start, d])."""
-        logits, hidden = None, []
+        of the last position [1, 1, V], the last layer's streams at the computed positions [1, P - start, hc, d],
+        what the MTP block drafts from)."""
+        logits, streams = None, []
         for i in range(start, len(prompt), self.prefill_chunk):
             ids = torch.tensor([prompt[i : i + self.prefill_chunk]], device=self.device)
             pos = torch.tensor([i], device=self.device)
-            logits, h = self.model.forward_cached(ids, self.cache.layers, slot, pos, last_only=True)
-            hidden.append(h)
-        return logits, torch.cat(hidden, dim=1)
+            logits, x = self.model.forward_cached(ids, self.cache.layers, slot, pos, last_only=True)
+            streams.append(x)
+        return logits, torch.cat(streams, dim=1)
 
     def forward(self, slots: list[int], tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One cached forward of `tokens` (one row per sequence, each after its slot's cached positions); the
-        cache is updated in place (the caller advances the lengths). Returns (logits [N, T, V], hidden [N, T, d],
-        slots [N])."""
+        cache is updated in place (the caller advances the lengths; one last position it does not count is
+        written again before it is read, so a rejected draft needs no undo). Returns (logits [N, T, V], streams
+        [N, T, hc, d], slots [N])."""
         slots_t = torch.tensor(slots, device=self.device)
         start = torch.tensor([self.cache.lengths[s] for s in slots], device=self.device)
         ids = torch.tensor(tokens, device=self.device)
-        logits, hidden = self.model.forward_cached(ids, self.cache.layers, slots_t, start)
-        return logits, hidden, slots_t
+        logits, streams = self.model.forward_cached(ids, self.cache.layers, slots_t, start)
+        return logits, streams, slots_t

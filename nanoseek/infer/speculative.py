@@ -3,7 +3,8 @@
 The MTP module drafts token t+2 from the main model's hidden state at t; the next step verifies [t+1, draft] in
 one forward of the main model and accepts the draft with the standard rule (`Sampler.verify`), so greedy output
 is identical to plain greedy and sampled output keeps its distribution. Each accepted draft is a token without a
-decode step of its own. The MTP module keeps its own one-layer latent cache beside the main one.
+decode step of its own. The MTP module keeps its own one-layer latent cache beside the main one; DeepSeek-V4's MTP
+block (`SpeculatorV4`) keeps its own window + compressed cache and drafts from the main model's residual streams.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from nanoseek.infer.cache import LatentCache
+from nanoseek.infer.cache import CompressedKVCache, LatentCache
 from nanoseek.infer.runner import Runner, pow2
+from nanoseek.infer.runner_v4 import RunnerV4
 from nanoseek.infer.sampling import SampleOutput, Sampler
 from nanoseek.infer.sequence import Sequence
 from nanoseek.model import Transformer
@@ -50,18 +52,21 @@ class Speculator:
     """Drafts and verifies for the engine's sequences. `append(seq, out, row)` is the engine's rule for recording
     a sampled token (EOS, stops, limits); it returns the ids that joined the output."""
 
-    def __init__(self, runner: Runner, sampler: Sampler, mtp_cache: LatentCache, append: Append) -> None:
+    def __init__(
+        self, runner: Runner | RunnerV4, sampler: Sampler, mtp_cache: LatentCache | CompressedKVCache, append: Append
+    ) -> None:
         model = runner.model
         self.runner, self.sampler, self.append = runner, sampler, append
         self.cache, self.mtp_cache = runner.cache, mtp_cache
         self.vocab_size, self.device = model.config.vocab_size, runner.device
-        self.mtp_eager = model.mtp_cached_step
-        self.mtp_fn = runner.compile(model.mtp_cached_step)
-        self.greedy_fn = runner.compile(lambda *args: greedy_step(model, *args)) if runner.compiled else None
+        self.mtp_fn, self.greedy_fn = None, None  # compiled draft step; compiled verify-and-redraft (greedy_step)
+        if runner.compiled:
+            self.mtp_fn = runner.compile(model.mtp_cached_step)
+            self.greedy_fn = runner.compile(lambda *args: greedy_step(model, *args))
 
     def first_draft(self, seq: Sequence, hidden: torch.Tensor) -> None:
-        """MTP prefill over the prompt (inputs h_i [1, P, d] and token i+1) and a draft for the token after the
-        first output token."""
+        """MTP prefill over the prompt (inputs h_i [1, P, d], V4: the streams [1, P, hc, d], and token i+1) and a
+        draft for the token after the first output token."""
         P = len(seq.prompt_ids)
         nxt = torch.tensor([seq.prompt_ids[1:] + [seq.output_ids[-1]]], device=self.device)
         slot = torch.tensor([seq.slot], device=self.device)
@@ -149,7 +154,7 @@ class Speculator:
         after them; extends the MTP cache by all T positions."""
         (N, T), kv = h.shape[:2], self.mtp_cache.kv[0]
         cache_len = int(start.max())
-        fn = self.mtp_eager
+        fn = self.runner.model.mtp_cached_step
         if self.runner.compiled and (T <= 2 or cache_len == 0):
             # decode-time drafts: rows padded to a power of two; a prompt's prefill (no past): its length padded
             # to a power of two (causal, so the padding changes no real position; its entries are not stored)
@@ -167,3 +172,27 @@ class Speculator:
         return torch.zeros(self.vocab_size, device=self.device).index_fill_(
             0, torch.tensor([token], device=self.device), 1.0
         )
+
+
+class SpeculatorV4(Speculator):
+    """Speculation on DeepSeek-V4: the MTP block drafts from the main model's residual streams (MTPModuleV4) over
+    its own LayerCacheV4, and verification is V3's. Both caches are written in place (RunnerV4), the rejected
+    draft's position too, and need no undo: the one position a V4 cache row holds past its sequence's length is
+    written again before anything reads it (compressed_attention.LayerCacheV4), so a rejection advances
+    `lengths` by one instead of two, as on V3's latent cache. That holds for one draft token, which is what
+    MTP depth 1 makes. Eager, like RunnerV4."""
+
+    def _mtp(
+        self, h: torch.Tensor, next_tokens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """MTP logits [N, 1, V] at position rows[n] of each row, for the main model's streams h [N, T, hc, d] and
+        the tokens after them; extends the MTP cache by all T positions. A prompt goes in chunks of the runner's
+        prefill_chunk (rows must lie in the last chunk: the drafts read the last kept position)."""
+        model, cache, chunk = self.runner.model, self.mtp_cache.layers[0], self.runner.prefill_chunk
+        T = h.shape[1]
+        for i in range(0, T, chunk):
+            at = rows - i if i + chunk >= T else torch.zeros_like(rows)  # earlier chunks only fill the cache
+            logits = model.mtp_forward_cached(
+                h[:, i : i + chunk], next_tokens[:, i : i + chunk], cache, slots, start + i, at
+            )
+        return logits

@@ -52,7 +52,15 @@ class CompressorCache:
 @dataclass
 class LayerCacheV4:
     """One V4 attention layer's decode state. mHC needs none: its mixing weights come from each token's own
-    streams. The number of tokens seen, and so of entries, is the caller's `start`."""
+    streams. The number of tokens seen, and so of entries, is the caller's `start`.
+
+    Writing position p overwrites the ring rows of position p - ring (outside the window of every query >= p;
+    for the compressors, in a window whose entry is made by then) and the entry that p completes (made again
+    whenever p is). So ONE position written past a sequence's length needs no undo: cutting the sequence back
+    to length L after position L was written (a rejected one-token speculative draft) is exact, as the next
+    step writes L again before anything reads it. Two would not be: writing L + 1 overwrites position
+    L + 1 - ring, which rewriting L still reads (deeper drafts need a ring longer by their depth, or a copy).
+    """
 
     window: torch.Tensor  # [n_slots, min(W, max_len), head_dim]: ring of the last keys (= values)
     compressor: CompressorCache | None  # CSA and HCA layers

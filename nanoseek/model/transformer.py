@@ -16,7 +16,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
-from nanoseek.model.block_v4 import BlockV4, RopeTables
+from nanoseek.model.block_v4 import BlockV4, RopeAtSet, RopeTables
 from nanoseek.model.compressed_attention import CompressedAttention, CompressedIndexer, Compressor, LayerCacheV4
 from nanoseek.model.hyper_connections import HyperConnection, HyperHead
 from nanoseek.model.mla import write_latents
@@ -270,8 +270,8 @@ class TransformerV4(Transformer):
     bookkeeping and parameter counting; module names follow transformers' DeepseekV4 (`attn_hc`, `hc_head`), and
     checkpoint/hub_v4.py maps them to DeepSeek's hub names. MTP: num_nextn_predict_layers MTPModuleV4 depths
     (DeepSeek's; transformers has none). Decoding: `forward_cached` over per-layer caches
-    (compressed_attention.LayerCacheV4); the MTP block has no decode path yet. The CSA indexers train as V3.2's
-    (set_indexer_training)."""
+    (compressed_attention.LayerCacheV4), `mtp_forward_cached` for the first MTP block over its own (speculative
+    decoding). The CSA indexers train as V3.2's (set_indexer_training)."""
 
     def __init__(self, config: ModelConfig) -> None:
         nn.Module.__init__(self)
@@ -407,19 +407,48 @@ class TransformerV4(Transformer):
         start[n] .. start[n] + T - 1 (start[n] = tokens it has cached; rows may differ). caches: one
         LayerCacheV4 per layer (nanoseek.infer.cache.CompressedKVCache), updated in place: unlike V3's latent
         cache, a V4 step must write before it reads (entries completed by a chunk are visible to its later
-        tokens). Returns (logits [N, T or 1, V], final-normed hidden [N, T, d])."""
+        tokens). Returns (logits [N, T or 1, V], the last layer's streams [N, T, hc, d]): the streams, not the
+        collapsed hidden state, because they are what V4's MTP block reads (mtp_forward_cached)."""
         x = self.embed_tokens(input_ids)
-        positions = start.unsqueeze(1) + torch.arange(input_ids.shape[1], device=input_ids.device)  # [N, T]
-        rope = self.rope_tables(positions, x.dtype)
-
-        def rope_at(name: str, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.rope_at(name, pos, x.dtype)
-
+        rope, rope_at = self._decode_rope(start, input_ids.shape[1], x.dtype)
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
         for layer, cache in zip(self.layers, caches, strict=True):
             streams = layer.forward_cached(streams, rope, rope_at, input_ids, cache, slots, start)
-        h = self.norm(self.hc_head(streams))
-        return self.lm_head(h[:, -1:] if last_only else h), h
+        h = self.norm(self.hc_head(streams[:, -1:] if last_only else streams))
+        return self.lm_head(h), streams
+
+    def mtp_forward_cached(
+        self,
+        streams: torch.Tensor,
+        next_ids: torch.Tensor,
+        cache: LayerCacheV4,
+        slots: torch.Tensor,
+        start: torch.Tensor,
+        query_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The first MTP depth, incrementally (the engine's drafts): the main model's streams X [N, T, hc, d] at
+        positions start[n] + t (forward_cached's second output) and the tokens after them next_ids [N, T]
+        (t_{i+1}) -> logits over t_{i+2} [N, T, V]; with query_rows [N], of position query_rows[n] of row n only
+        ([N, 1, V]: a draft needs only the last kept position). The block attends through its own LayerCacheV4
+        `cache` (infer.cache.mtp_decode_cache), updated in place for every position as a main layer's is; its
+        logits equal mtp_logits of a full forward over the same tokens."""
+        module = self.mtp[0]
+        x = module.combine(streams, self.embed_tokens(next_ids))
+        rope, rope_at = self._decode_rope(start, next_ids.shape[1], x.dtype)
+        x = module.block.forward_cached(x, rope, rope_at, next_ids, cache, slots, start)
+        if query_rows is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), query_rows].unsqueeze(1)
+        return self.lm_head(module.norm(module.hc_head(x)))
+
+    def _decode_rope(self, start: torch.Tensor, T: int, dtype: torch.dtype) -> tuple[RopeTables, RopeAtSet]:
+        """Rope tables of T new tokens per row at positions start[n] + t ([N, T, 1, d_R/2] per set), and the
+        rope of any positions (where compressed entries are made)."""
+        positions = start.unsqueeze(1) + torch.arange(T, device=start.device)  # [N, T]
+
+        def rope_at(name: str, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.rope_at(name, pos, dtype)
+
+        return self.rope_tables(positions, dtype), rope_at
 
     def cached_step(self, *args, **kwargs):
         raise NotImplementedError(
@@ -427,7 +456,11 @@ class TransformerV4(Transformer):
             "V3 step does not apply"
         )
 
-    mtp_cached_step = cached_step
+    def mtp_cached_step(self, *args, **kwargs):
+        raise NotImplementedError(
+            "DeepSeek-V4's MTP block updates its cache in place (mtp_forward_cached); the engine's pure, compiled "
+            "V3 MTP step does not apply"
+        )
 
 
 @torch.no_grad()
