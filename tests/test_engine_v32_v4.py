@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_live
 
 from nanoseek import ModelConfig, Transformer, load_model
 from nanoseek.infer.cache import CompressedKVCache, LatentCache, kv_cache_bytes
@@ -27,16 +28,9 @@ def _one_thread():
 
 
 def _live(model: Transformer) -> Transformer:
-    """Parameters that start at 0 made live (sinks, position biases, mHC bases, routing bias) and indexer weights
-    spread, so top-k choices are decisive and every code path acts."""
+    """make_live from seed 0, in eval mode."""
     torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("sinks", "position_bias", "base", "hc_base", "e_score_correction_bias")):
-                p.normal_(0, 0.5)
-            elif ".indexer." in name:
-                p.normal_(0, 0.3)
-    return model.eval()
+    return make_live(model).eval()
 
 
 @pytest.fixture(scope="module")

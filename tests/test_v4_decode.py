@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_live
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.config import CSA, HCA, SLIDING
@@ -25,14 +26,7 @@ def _model(**overrides) -> Transformer:
         **overrides,
     )
     torch.manual_seed(0)
-    model = Transformer(config).eval()
-    with torch.no_grad():  # zero-initialised paths (sinks, position biases, mHC bases, routing bias) made live
-        for name, p in model.named_parameters():
-            if name.endswith(("sinks", "position_bias", "base", "hc_base", "e_score_correction_bias")):
-                p.normal_(0, 0.5)
-            elif ".indexer." in name:
-                p.normal_(0, 0.3)
-    return model
+    return make_live(Transformer(config).eval())
 
 
 def _ids(vocab: int, n: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_live
 from safetensors import safe_open
 
 from nanoseek import ModelConfig, Transformer, load_model, save_model
@@ -124,16 +125,7 @@ def test_transformers_ignores_mtp_on_load_and_so_saves_none(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- decoding
-def _live(model: Transformer) -> Transformer:
-    """Parameters that start at 0 made live (sinks, position biases, mHC bases, routing bias) and the indexers'
-    weights spread, so every path of the cached step acts."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("sinks", "position_bias", "base", "hc_base", "e_score_correction_bias")):
-                p.normal_(0, 0.5)
-            elif ".indexer." in name:
-                p.normal_(0, 0.3)
-    return model
+_live = make_live
 
 
 def _noise(cache: CompressedKVCache) -> CompressedKVCache:

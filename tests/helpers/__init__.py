@@ -1,6 +1,6 @@
 """Helpers shared by several test files; the fixtures built from them live in tests/conftest.py."""
 
-from helpers.models import interrupt_after, memorise, tiny_config, tiny_model, weights
+from helpers.models import interrupt_after, make_live, memorise, tiny_config, tiny_model, weights
 from helpers.tokenizers import MIXED, WIDE_TEXTS, builtin_tokenizer, wide_tokenizer
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "WIDE_TEXTS",
     "builtin_tokenizer",
     "interrupt_after",
+    "make_live",
     "memorise",
     "tiny_config",
     "tiny_model",

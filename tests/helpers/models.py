@@ -59,3 +59,15 @@ def interrupt_after(monkeypatch, loader_class: type, steps: int) -> None:
         return next_batch(self)
 
     monkeypatch.setattr(loader_class, "next_batch", interrupted)
+
+
+def make_live(model: Transformer) -> Transformer:
+    """Parameters that start at 0 made live (sinks, position biases, mHC bases, routing bias) and the indexers'
+    weights spread, so every path of a cached step acts and top-k choices are decisive. Draws from torch's RNG."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "position_bias", "base", "hc_base", "e_score_correction_bias")):
+                p.normal_(0, 0.5)
+            elif ".indexer." in name:
+                p.normal_(0, 0.3)
+    return model
