@@ -207,6 +207,31 @@ def test_faster_than_lm_eval_hf(runs):
     assert hf_s["total"] > ours_s["total"]
 
 
+def test_shared_rows_score_each_request_as_its_own_forward(model_dir):
+    """Requests that share a row (same input, or one input a prefix of another) get exactly what a forward of
+    their own input gives: the sum of log p(continuation) and the greedy flag."""
+    import torch.nn.functional as F
+
+    from nanoseek.eval.harness import NanoseekLM
+
+    lm = NanoseekLM(str(model_dir), batch_size=2)
+    ctx = lm.tok_encode("What is 3+4*5? ")
+    requests = [
+        (None, ctx, [17]),  # one-token choices of one context: one row
+        (None, ctx, [23]),
+        (None, ctx, [17, 40, 9]),  # its input ctx + [17, 40] has both rows above as prefixes
+        (None, ctx[:-2], [ctx[-2]]),  # a prefix of ctx
+        (None, lm.tok_encode("12+7"), [5, 6]),  # unrelated
+    ]
+    got = lm._loglikelihood_tokens(requests)
+    with torch.no_grad():
+        for (_, context, cont), (logp, greedy) in zip(requests, got, strict=True):
+            ids = (context + cont)[:-1]
+            lp = F.log_softmax(lm.model(torch.tensor([ids])).float()[0, len(ids) - len(cont) :], dim=-1)
+            assert math.isclose(logp, float(lp[range(len(cont)), cont].sum()), rel_tol=1e-5, abs_tol=1e-5)
+            assert greedy == bool((lp.argmax(-1) == torch.tensor(cont)).all())
+
+
 def test_nanoseek_eval_and_harness_agree_on_generative_problems(model_dir, task_dir):
     import nanoseek.eval.harness  # noqa: F401
 

@@ -162,6 +162,8 @@ def test_recipe_overrides_are_checked():
         make_recipe("cpu", {"worked_fraction": 2})
     with pytest.raises(ValueError, match="processes: must be >= 1"):
         make_recipe("cpu", {"processes": 0})
+    with pytest.raises(ValueError, match="pretrain_optim: must be one of adamw, muon"):
+        make_recipe("cpu", {"pretrain_optim": "sgd"})
     with pytest.raises(ValueError, match="unknown speedrun preset"):
         make_recipe("laptop")
     assert make_recipe("gpu").model_preset == "gpu-small"
