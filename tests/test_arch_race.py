@@ -7,11 +7,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from benchmarks.arch_race import CachedGreedy, min_budget
+from benchmarks.arch_race import CachedGreedy, main, min_budget, set_budget, stable
 from nanoseek import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +61,42 @@ def test_smoke_race_trains_every_arm_to_its_probed_budget(builtin_data, tok_dir,
         assert a["final_loss"] < a["first_loss"] and a["val_loss"] < a["curve"][0]["val_loss"], a["arm"]
         left = round((a["target_s"] - a["probe_s"]) * a["probe_steps_per_s"])  # the steps the probe's rate fits
         assert abs(a["probe_budget"] - a["probe_steps"] - left) <= 1
-        # raised only where the probe would otherwise reach past WSD's stable phase (a very busy machine)
-        assert a["step_budget"] == max(a["probe_budget"], min_budget(a["probe_steps"], 0.2)) == a["steps"]
+        # re-estimated from the arm's own rate until its decay, never below what keeps the probe in the stable phase
+        assert a["steps"] == a["step_budget"] >= min_budget(a["probe_steps"], 0.2)
         assert a["tokens"] == a["steps"] * 4 * 64 and 0 <= a["accuracy"] <= 1
     assert arms[0]["params"] == arms[2]["params"]  # V3 with AdamW and with Muon: the same model
     assert summary["summary"] and (out / "val_loss.png").stat().st_size > 0
     assert summary["by_val_loss"] and sorted(summary["by_val_loss"]) == sorted(a["arm"] for a in arms)
+
+
+def test_budgets_follow_the_measured_rate_until_the_decay():
+    """A probe slowed by load elsewhere gives too small a budget: later turns at the true rate raise it (while WSD
+    is stable, where the lr does not depend on the budget), and the decay phase freezes it."""
+    arm = SimpleNamespace(name="v3", step=0, train_s=0.0, budget=None, chunks=[], cfg=SimpleNamespace(decay_frac=0.2))
+
+    def turn(steps: int, seconds: float) -> None:
+        arm.step, arm.train_s = arm.step + steps, arm.train_s + seconds
+        arm.chunks.append((steps, seconds))
+
+    for _ in range(3):
+        turn(10, 10.0)  # the probe: 1 step/s (a busy machine)
+    set_budget(arm, target_s=100.0)
+    assert arm.budget == 30 + 70 and arm.probe["budget"] == 100
+    while stable(arm):
+        turn(10, 5.0)  # the machine is quiet again: 2 steps/s
+        set_budget(arm, target_s=100.0)
+    frozen = arm.budget
+    assert frozen > 100 and arm.step >= 0.8 * frozen  # more steps fit than the probe said; now in the decay
+    assert arm.train_s + (frozen - arm.step) / 2 == pytest.approx(100, abs=10)  # the arm ends near the target
+    assert arm.probe["budget"] == 100  # the probe's own estimate is kept for the report
+
+
+def test_replot_draws_several_races_in_one_figure(tmp_path):
+    rows = [
+        {"arm": a, "curve": [{"train_s": 0, "val_loss": 5.0}, {"train_s": 1, "val_loss": 2.0 + s}]}
+        for s in range(3)
+        for a in ("v3", "v4")
+    ]
+    (tmp_path / "race.jsonl").write_text("\n".join(json.dumps(r) for r in [*rows, {"summary": True}]))
+    main(["--replot", str(tmp_path / "race.jsonl"), "--out", str(tmp_path / "fig")])
+    assert (tmp_path / "fig" / "val_loss.png").stat().st_size > 0

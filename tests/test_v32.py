@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from helpers.selections import assert_decisive, recorded_selections
 
 from nanoseek import ModelConfig, Transformer, load_model, save_model
 from nanoseek.model.flops import flops_per_token
-from nanoseek.model.indexer import Indexer
+from nanoseek.model.indexer import Indexer, select_topk
 from nanoseek.model.rope import apply_rope, apply_rope_half
 
 transformers = pytest.importorskip("transformers")
@@ -73,29 +74,6 @@ def _hf_v32(tmp_path, **overrides):
 def _ids(vocab: int, seq_len: int = 48) -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randint(0, vocab, (2, seq_len))
-
-
-def _record_selections(model: Transformer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Patch every indexer to record (scores, visible) of each selection it makes."""
-    seen = []
-    for m in model.modules():
-        if isinstance(m, Indexer):
-
-            def select(scores, visible, _orig=m.select):
-                seen.append((scores, visible.expand(scores.shape)))
-                return _orig(scores, visible)
-
-            m.select = select
-    return seen
-
-
-def _assert_decisive(selections, k: int = TOPK, margin: float = 1e-5) -> None:
-    """Top-k choices must not hinge on float rounding: a gap between the k-th and (k+1)-th visible score."""
-    for scores, visible in selections:
-        s = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True).values
-        rows = visible.sum(-1) > k
-        gap = (s[..., k - 1] - s[..., k])[rows]
-        assert gap.min().item() > margin, f"near-tie at the top-k boundary: {gap.min().item()}"
 
 
 def _compare(hf, ours, vocab: int, seq_len: int = 48) -> None:
@@ -180,6 +158,23 @@ def test_indexer_picks_topk_past_keys_only():
     assert (scores[chosen.nonzero(as_tuple=True)] >= best.expand_as(scores)[chosen]).all()
 
 
+def test_indexer_ties_go_to_the_earliest_key_at_any_length():
+    """Exact ties (ReLU's zeros) are broken by position, so a query picks the same keys whether it sees its t + 1
+    keys (a decode step) or a whole padded row (the full forward), and whatever the batch."""
+    g = torch.Generator().manual_seed(0)
+    T, k = 64, 8
+    scores = torch.randn(3, T, T, generator=g).relu().round(decimals=1)  # ~half exact zeros, many equal values
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    full = select_topk(scores, causal, k)
+    for t in range(T):
+        step = select_topk(scores[:, t : t + 1, : t + 1], causal[t : t + 1, : t + 1], k)
+        assert torch.equal(step[:, 0], full[:, t, : t + 1]), t
+    row = torch.tensor([[[0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 1.0]]])
+    picked = select_topk(row, torch.ones_like(row, dtype=torch.bool), 4)
+    assert picked.nonzero()[:, -1].tolist() == [0, 1, 3, 6]  # 2.0, both 1.0s, then the first of the zeros
+    assert torch.equal(select_topk(-0.0 * row, row == row, 2), select_topk(0.0 * row, row == row, 2))
+
+
 def test_indexer_scores_are_differentiable_for_an_indexer_loss():
     torch.manual_seed(0)
     c = ModelConfig.from_preset("tiny-v32")
@@ -195,14 +190,14 @@ def test_v32_logits_match_transformers(tmp_path):
     hf = _hf_v32(tmp_path)
     ours = load_model(tmp_path)
     assert ours.config.sparse_attention and ours.config.index_topk == TOPK and ours.config.yarn is not None
-    selections = _record_selections(ours)
     hf_picks = []
     for layer in hf.model.layers:
         layer.self_attn.indexer.register_forward_hook(lambda m, a, out: hf_picks.append(out))
-    _compare(hf, ours, TINY["vocab_size"])
+    with recorded_selections() as selections:
+        _compare(hf, ours, TINY["vocab_size"])
     assert len(selections) == len(hf_picks) == TINY["num_hidden_layers"]
-    _assert_decisive(selections)
-    for (scores, visible), picks in zip(selections, hf_picks):  # the same key sets, future keys aside
+    assert_decisive(selections)
+    for (scores, visible, _), picks in zip(selections, hf_picks):  # the same key sets, future keys aside
         theirs = torch.zeros_like(visible).scatter_(-1, picks.long(), True) & visible
         assert torch.equal(Indexer.select(ours.layers[0].self_attn.indexer, scores, visible), theirs)
 
@@ -220,9 +215,9 @@ def test_nanoseek_v32_checkpoint_loads_in_transformers(tmp_path):
     save_model(ours, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == "DeepseekV32ForCausalLM" and hf.config.index_topk == config.index_topk
-    selections = _record_selections(ours)
-    _compare(hf, ours, config.vocab_size)
-    _assert_decisive(selections, config.index_topk)
+    with recorded_selections() as selections:
+        _compare(hf, ours, config.vocab_size)
+    assert_decisive(selections)
 
 
 def test_parity_test_catches_dense_attention_and_interleaved_indexer_rope(tmp_path):
@@ -258,12 +253,16 @@ def test_short_sequences_are_dense_v3_attention(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ decode
+@pytest.mark.parametrize("heads", [16, 1])
 @pytest.mark.parametrize("schedule", [(20,) + (1,) * 28, (7, 3, 13, 1, 24)])
-def test_cached_decoding_equals_full_forward(schedule):
+def test_cached_decoding_equals_full_forward(schedule, heads):
     """Prefill + single tokens (absorbed form) and chunks (expanded form), with the indexer keys cached. Row 0 is
-    LAG positions ahead of row 1, whose cache row holds noise beyond its length: never visible, never chosen."""
+    LAG positions ahead of row 1, whose cache row holds noise beyond its length: never visible, never chosen.
+    One indexer head scores about half the keys exactly 0 (ReLU): ties at the top-k cut on nearly every query,
+    which the earliest-key rule must break alike at every length."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("tiny-v32", max_position_embeddings=64, index_n_heads=16)).eval()
+    config = ModelConfig.from_preset("tiny-v32", max_position_embeddings=64, index_n_heads=heads)
+    model = Transformer(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".indexer." in name:
@@ -275,7 +274,6 @@ def test_cached_decoding_equals_full_forward(schedule):
     assert kv.shape[-1] == c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim
     with torch.no_grad():
         full = model(ids)
-        selections = _record_selections(model)
         model.forward_cached(ids[:1, :lag], kv, slots[:1], torch.tensor([0]))  # row 0's head start
         pos, got = 0, []
         for n in schedule:
@@ -284,8 +282,6 @@ def test_cached_decoding_equals_full_forward(schedule):
             logits, _ = model.forward_cached(chunk, kv, slots, start)
             got.append((start, logits))
             pos += n
-    assert len(selections) > 0
-    _assert_decisive(selections, c.index_topk)
     for start, logits in got:
         for r in range(2):
             s = int(start[r])

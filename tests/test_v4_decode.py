@@ -17,14 +17,8 @@ LENGTH = 48
 
 
 def _model(**overrides) -> Transformer:
-    config = ModelConfig.from_preset(
-        "tiny-v4",
-        layer_types=[SLIDING, CSA, HCA, CSA],
-        index_n_heads=8,
-        initializer_range=0.1,
-        max_position_embeddings=128,
-        **overrides,
-    )
+    settings = dict(layer_types=[SLIDING, CSA, HCA, CSA], index_n_heads=8, initializer_range=0.1)
+    config = ModelConfig.from_preset("tiny-v4", max_position_embeddings=128, **{**settings, **overrides})
     torch.manual_seed(0)
     return make_live(Transformer(config).eval())
 
@@ -33,11 +27,13 @@ def _ids(vocab: int, n: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(2))
 
 
+@pytest.mark.parametrize("heads", [8, 1])
 @pytest.mark.parametrize("schedule", [(13,) + (1,) * 35, (5, 7, 3, 1, 1, 9, 2, 12, 8), (48,)])
-def test_incremental_forward_equals_full_forward(schedule):
+def test_incremental_forward_equals_full_forward(schedule, heads):
     """Row 0 runs LAG tokens ahead of row 1 (different lengths, different window offsets in one batch); the
-    cache rows start as noise, which must never be read before it is written."""
-    model, lag = _model(), 3
+    cache rows start as noise, which must never be read before it is written. One indexer head ties many
+    entries at exactly 0: the earliest-entry rule must choose alike at every length."""
+    model, lag = _model(index_n_heads=heads), 3
     c = model.config
     ids = _ids(c.vocab_size, lag + sum(schedule))
     cache = CompressedKVCache(c, n_slots=3, max_len=64)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import make_live
+from helpers.selections import assert_decisive, recorded_selections
 from safetensors import safe_open
 
 from nanoseek import ModelConfig, Transformer, load_model, save_model
@@ -108,12 +109,13 @@ def test_transformers_ignores_mtp_on_load_and_so_saves_none(tmp_path):
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "DeepseekV4ForCausalLM"):
         pytest.skip("transformers >= 5.25 is needed for DeepseekV4ForCausalLM")
-    model = _model()
+    model = _model(index_n_heads=16)  # a decisive indexer top-k, where transformers' answer is defined (P9)
     save_model(model, tmp_path / "ours")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     ids = _ids()
-    with torch.no_grad():
+    with torch.no_grad(), recorded_selections() as selections:
         assert (hf(ids).logits - model(ids)).abs().max() < 1e-4
+    assert_decisive(selections)
     hf.save_pretrained(tmp_path / "theirs")
     with safe_open(str(tmp_path / "theirs" / "model.safetensors"), framework="pt") as f:
         assert not any(n.startswith("mtp.") for n in f.keys())

@@ -79,8 +79,15 @@ def indexer_kl(target: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor
 
 def select_topk(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
     """Eq. 2: [B, Tq, S] bool, the (at most) topk visible keys of largest score per query; visible
-    [B or 1, Tq, S] is the causal mask, so no future key is ever chosen."""
+    [B or 1, Tq, S] is the causal mask, so no future key is ever chosen.
+
+    Equal scores go to the earliest key (a stable sort). ReLU makes exact ties common (every head's dot
+    product negative gives 0.0), and `topk` breaks them by its algorithm and the row's length, so a decode
+    step (S = t + 1 keys) and a full forward (S = T) would pick different keys; earliest-first picks the
+    same ones at any length, batch or device. transformers' plain `topk` agrees wherever the k-th and
+    (k+1)-th scores differ, which is where a reference exists at all (spec P9)."""
     k = min(topk, scores.shape[-1])
-    picks = scores.masked_fill(~visible, float("-inf")).topk(k, dim=-1).indices
+    masked = scores.masked_fill(~visible, float("-inf"))
+    picks = masked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
     chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, picks, True)
     return chosen & visible
