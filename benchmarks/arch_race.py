@@ -14,7 +14,8 @@ hits every arm alike. Equal wall clock: each arm's own step time (data, forward,
 nothing else. WSD must know its step count in advance, so a probe (`--probe-chunks` turns of every arm, the start
 of training: the lr is the same whatever the budget while WSD is still stable) measures each arm's steps/s, and
 its budget is probe steps + (minutes - probe time) x steps/s (the probe's first chunk, with one-off costs, left
-out of the rate). Then each turn goes to the arm furthest behind in its budget, so the arms progress together
+out of the rate), re-estimated from the arm's rate so far after each of its turns until its decay phase starts
+(so load at the probe does not skew the budgets). Then each turn goes to the arm furthest behind in its budget, so the arms progress together
 and finish together. The wall time each arm really used is reported beside the target.
 
 Afterwards, per arm: val loss on the same val tokens, greedy accuracy on the speedrun's held-out test problems
@@ -165,22 +166,31 @@ def run_chunk(arm: Arm, steps: int) -> None:
 
 
 def set_budget(arm: Arm, target_s: float) -> None:
-    """Steps for the whole race from the probe's rate (its first chunk, with one-off costs, left out unless it
-    is the only one): the probe's steps + the time left x steps/s. When the probe took so much of the time that
-    it would reach past WSD's stable phase, the budget is raised to keep the schedule whole, and a warning says
-    that this arm will overrun --minutes (its train_s shows by how much)."""
+    """Steps for the whole race from the arm's measured rate (its first chunk, with one-off costs, left out
+    unless it is the only one): the steps taken + the time left x steps/s. Called after the probe and again after
+    each of the arm's turns while it is in WSD's stable phase (where the lr does not depend on the budget), so a
+    rate the probe mismeasured (load from elsewhere at the start) is corrected before the decay starts. The
+    budget never drops below the fewest steps that keep the steps taken in the stable phase; when the probe alone
+    needs more, a warning says this arm will overrun --minutes (its train_s shows by how much)."""
     timed = arm.chunks[1:] or arm.chunks
     rate = sum(n for n, _ in timed) / sum(s for _, s in timed)
-    probed = arm.step + max(0, round((target_s - arm.train_s) * rate))
-    arm.budget = max(probed, min_budget(arm.step, arm.cfg.decay_frac))
-    arm.probe = {"steps": arm.step, "s": arm.train_s, "steps_per_s": rate, "budget": probed}
-    if arm.budget > probed:
+    fits = arm.step + max(0, round((target_s - arm.train_s) * rate))
+    first = arm.budget is None
+    arm.budget = max(fits, min_budget(arm.step, arm.cfg.decay_frac))
+    if first:
+        arm.probe = {"steps": arm.step, "s": arm.train_s, "steps_per_s": rate, "budget": fits}
+    if first and arm.budget > fits:
         print(
-            f"warning: arm {arm.name}: {probed} steps fit the time, but the probe's {arm.step} must stay in WSD's "
+            f"warning: arm {arm.name}: {fits} steps fit the time, but the probe's {arm.step} must stay in WSD's "
             f"stable phase: {arm.budget} steps, more time than --minutes (raise it, or lower --chunk/--probe-chunks)",
             file=sys.stderr,
             flush=True,
         )
+
+
+def stable(arm: Arm) -> bool:
+    """Whether the arm's next step is still in WSD's stable phase, where its budget may still change."""
+    return arm.step < (1 - arm.cfg.decay_frac) * arm.budget
 
 
 def min_budget(probe_steps: int, decay_frac: float) -> int:
@@ -227,6 +237,8 @@ def race(arms: list[Arm], args: argparse.Namespace, data: Path) -> None:
     while running := [a for a in arms if a.step < a.budget]:
         arm = min(running, key=lambda a: a.step / a.budget)  # the furthest behind: all arms finish together
         run_chunk(arm, min(args.chunk, arm.budget - arm.step))
+        if stable(arm):
+            set_budget(arm, target_s)
         if arm.step >= arm.curve[-1]["step"] + every[arm.name] or arm.step == arm.budget:
             point(arm)
             state = ", ".join(f"{a.name} {a.step}/{a.budget} ({a.train_s:.0f} s)" for a in arms)
@@ -349,16 +361,23 @@ def arm_result(arm: Arm, target_s: float, final_val: float, acc: dict[str, Any],
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """Val loss vs the arm's own training wall time, one line per arm."""
+    """Val loss vs the arm's own training wall time: one colour per arm, one line per arm and race (seed)."""
     from matplotlib.figure import Figure
 
     from nanoseek.train.metrics import save_figure
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
+    colors: dict[str, str] = {}
     for r in rows:
-        ax.plot([p["train_s"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]], marker=".", label=r["arm"])
-    ax.set(xlabel="training wall time of the arm (s)", ylabel="val loss", title="V3 vs V4 at equal wall clock")
+        label = None if r["arm"] in colors else r["arm"]
+        color = colors.setdefault(r["arm"], f"C{len(colors)}")
+        x, y = [p["train_s"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]]
+        ax.plot(x, y, marker=".", color=color, label=label)
+    ax.set(
+        xlabel="training wall time of the arm (s)", ylabel="val loss (log scale)", title="V3 vs V4 at equal wall clock"
+    )
+    ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     return save_figure(fig, path)
@@ -406,6 +425,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-max-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny presets and sizes: runs in seconds")
+    p.add_argument("--replot", nargs="+", metavar="RACE_JSONL", help="only draw OUT/val_loss.png from these races")
     args = p.parse_args(argv)
     if args.smoke:  # sizes not given on the command line shrink
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
@@ -425,6 +445,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.replot:  # one figure from several races' JSON lines (e.g. one per seed)
+        rows = [json.loads(line) for f in args.replot for line in Path(f).read_text().splitlines()]
+        print(plot([r for r in rows if not r.get("summary")], Path(args.out) / "val_loss.png"))
+        return
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     data, tokenizer = corpus(args)
