@@ -2,7 +2,7 @@
 # One call on a lent GPU (the `device` tool): correctness checks first, then the benchmarks, nanoseek vs
 # transformers on the same weights. JSON lines on stdout and appended to $OUT/gpu.jsonl (./gpu.jsonl without OUT).
 # No installs: the GPU image has torch, transformers, safetensors and tokenizers. Each step is bounded by
-# `timeout`, so a hang costs its own slot only; at most 9 minutes in all (device run: timeout_s=600).
+# `timeout`, so a hang costs its own slot only; at most 580 s in all (device run: timeout_s=600).
 #   bash benchmarks/gpu.sh                                     # on the GPU machine
 #   DEVICE=cpu DTYPE=float32 PRESET=cpu-small QUICK=1 bash benchmarks/gpu.sh   # smoke test of the script here
 #   SPEEDRUN=1 bash benchmarks/gpu.sh                          # also a shortened `nanoseek speedrun --preset gpu`
@@ -27,7 +27,10 @@ step 150 -m benchmarks.gpu_check --device "$DEVICE"
 step 120 -m benchmarks.model_throughput --preset "$PRESET" --device "$DEVICE" --dtype "$DTYPE" \
     --batch-size 8 --seq-len "$seq" --iters "$iters" --rounds 3
 step 120 -m benchmarks.decode --preset "$PRESET" --device "$DEVICE" --reps "$reps"
-step 150 -m benchmarks.decode --preset "$PRESET" --device "$DEVICE" --reps "$reps" --compile
+step 130 -m benchmarks.decode --preset "$PRESET" --device "$DEVICE" --reps "$reps" --compile
+# issue 23 item 6: the decode step captured as one CUDA graph per batch bucket vs the eager step (off CUDA: the
+# same static loop without capture, a check of the script only)
+step 60 -m benchmarks.cuda_graphs --preset "$PRESET" --device "$DEVICE" --dtype "$DTYPE" --batch 1 32 --reps "$reps"
 # Multi-process (issue 13): on a box with 2+ GPUs only, data- and expert-parallel scaling over all of them (nccl;
 # up to 4 more minutes: give such a box timeout_s=600 and QUICK=1, or run this step alone)
 ngpu=$(command -v nvidia-smi >/dev/null && nvidia-smi -L | wc -l || echo 0)
