@@ -35,7 +35,8 @@ QK8_0 = 32  # q8_0 block: rows must be a multiple of it (as in llama.cpp's conve
 
 
 def check_llama_cpp_compatible(config: ModelConfig) -> None:
-    """Raise ValueError naming the field when llama.cpp's deepseek2 cannot run this config exactly."""
+    """Raise ValueError naming the field when llama.cpp (deepseek2, deepseek32 or deepseek4) would not run this
+    config exactly as nanoseek does."""
 
     def need(cond: bool, field: str, msg: str) -> None:
         if not cond:
