@@ -132,3 +132,21 @@ def test_export_refuses_v32_configs_llama_cpp_runs_differently():
         check_llama_cpp_compatible(base.replace(index_head_dim=32))
     with pytest.raises(ValueError, match="topk_group"):
         check_llama_cpp_compatible(base.replace(n_group=2, topk_group=2))
+
+
+def test_export_command_writes_a_deepseek32_gguf_and_a_modelfile(tmp_path, wide_tok):
+    import gguf
+
+    from nanoseek.cli.main import main
+
+    torch.manual_seed(0)
+    save_model(
+        Transformer(ModelConfig.from_preset("tiny-v32", vocab_size=wide_tok.vocab_size)),
+        tmp_path / "m",
+        tokenizer=wide_tok,
+    )
+    out = tmp_path / "out" / "m.gguf"
+    assert main(["export", "--format", "gguf", "--model", str(tmp_path / "m"), "--out", str(out)]) == 0
+    assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "deepseek32"
+    modelfile = (out.parent / "Modelfile").read_text()  # the same chat template as V3's: the tokenizer's
+    assert modelfile.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<｜end▁of▁sentence｜>"' in modelfile

@@ -123,7 +123,7 @@ def test_llama_cpp_v4_prefill_in_small_ubatches_matches(exported):
     """llama.cpp's compressor states carry partial windows across ubatches of 7 tokens (not a multiple of 4)."""
     model, _, d = exported
     llm = llama_cpp.Llama(
-        str(d / "model.gguf"), n_ctx=512, n_batch=7, n_ubatch=7, n_threads=1, logits_all=True, verbose=False,
+        str(d / "model.gguf"), n_ctx=512, n_batch=512, n_ubatch=7, n_threads=1, logits_all=True, verbose=False,
         type_k=0, type_v=0,
     )  # fmt: skip
     try:
