@@ -45,12 +45,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--format", choices=FORMATS, default="hf", help="hf (default) or gguf")
     p.add_argument("--checkpoint", help="hf: RUN/checkpoints/step_N (from train, sft or grpo; any world size)")
-    p.add_argument("--model", help="gguf: model directory (HF DeepSeek-V3 layout, with tokenizer.json)")
+    p.add_argument(
+        "--model",
+        help="gguf: model directory (HF layout, with tokenizer.json); V2/V3 -> llama.cpp's deepseek2, V3.2 -> "
+        "deepseek32, V4 -> deepseek4",
+    )
     p.add_argument("--out", required=True, help="hf: output model directory; gguf: output file FILE.gguf")
     p.add_argument(
         "--dtype",
         default="f32",
         choices=("f32", "f16", "bf16", "q8_0"),
-        help="weight type (norms, router and expert bias stay f32; q8_0 rows not a multiple of 32 are f16)",
+        help="weight type (norms, routers, expert biases and V4's mHC / compressor tensors stay f32; q8_0 rows not a "
+        "multiple of 32 are f16)",
     )
     p.set_defaults(func=_cmd_export)
