@@ -47,6 +47,9 @@ class CompressorCache:
     entries: torch.Tensor  # [n_slots, max_len // rate, dim]: normed, roped; entry w in row w
     kv: torch.Tensor  # [n_slots, ring, width]: kv_proj of the last `ring` tokens, position p in row p % ring
     score: torch.Tensor  # [n_slots, ring, width]: gate_proj + position_bias of the same tokens
+    # when a list, each forward_cached appends its new tokens' (kv, score) [N, T, width] as the ring stores them:
+    # a record of every position's projections, which the ring forgets (the prefix cache's, infer/prefix_cache.py)
+    tape: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -65,6 +68,7 @@ class LayerCacheV4:
     window: torch.Tensor  # [n_slots, min(W, max_len), head_dim]: ring of the last keys (= values)
     compressor: CompressorCache | None  # CSA and HCA layers
     indexer: CompressorCache | None  # CSA layers: the indexer's keys, one per entry
+    tape: list[torch.Tensor] | None = None  # when a list, forward_cached appends the new keys [N, T, head_dim]
 
     def tensors(self) -> list[torch.Tensor]:
         parts = [c for c in (self.compressor, self.indexer) if c is not None]
@@ -164,6 +168,8 @@ class Compressor(nn.Module):
             made = w < end[:, None]
             rows = slots[:, None].expand(N, M)
             cache.entries[rows[made], w[made]] = entries[made].to(cache.entries.dtype)
+        if cache.tape is not None:
+            cache.tape.append((kv.to(cache.kv.dtype), score.to(cache.score.dtype)))
         keep = pos[:, -ring:] % ring  # the last `ring` tokens wait for their windows to close
         cache.kv[slots[:, None], keep] = kv[:, -ring:].to(cache.kv.dtype)
         cache.score[slots[:, None], keep] = score[:, -ring:].to(cache.score.dtype)
@@ -316,6 +322,8 @@ class CompressedAttention(nn.Module):
             visible = torch.cat((visible, ready), dim=-1)
         out, _ = self._attend(q, keys, visible, cos, sin)
         cache.window[slots[:, None], pos[:, -ring:] % ring] = kv[:, -ring:].to(cache.window.dtype)
+        if cache.tape is not None:
+            cache.tape.append(kv.to(cache.window.dtype))
         return out
 
     def _attend(
