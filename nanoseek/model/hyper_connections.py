@@ -31,17 +31,10 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     receives a convex mix (sum_j C[j, k] = 1). This order is transformers' and DeepSeek's; a transposed C would
     look just as doubly stochastic, so only parity tests catch that mistake."""
     c = logits.softmax(dim=-1) + eps
-    if torch.is_grad_enabled() and c.requires_grad:  # training: autograd needs every intermediate
-        c = c / (c.sum(dim=-2, keepdim=True) + eps)
-        for _ in range(iters - 1):
-            c = c / (c.sum(dim=-1, keepdim=True) + eps)
-            c = c / (c.sum(dim=-2, keepdim=True) + eps)
-        return c
-    # inference: the same operations in place (bit-identical; ~40 tiny ops per call, fewer allocations)
-    c.div_(c.sum(dim=-2, keepdim=True).add_(eps))
+    c = c / (c.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
-        c.div_(c.sum(dim=-1, keepdim=True).add_(eps))
-        c.div_(c.sum(dim=-2, keepdim=True).add_(eps))
+        c = c / (c.sum(dim=-1, keepdim=True) + eps)
+        c = c / (c.sum(dim=-2, keepdim=True) + eps)
     return c
 
 
