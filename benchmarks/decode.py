@@ -5,6 +5,7 @@
     python -m benchmarks.decode --model DIR --gguf FILE.gguf       # vs llama.cpp through llama-cpp-python's binding
     python -m benchmarks.decode --model DIR --llama-bench ~/.cache/nanoseek/llama.cpp-0.3.36/bin
                                                                    # vs llama.cpp's own llama-bench (see below)
+    python -m benchmarks.decode --v3-vs-v4                         # DeepSeek-V3 vs V4 at equal parameters
 
 Greedy, float32. Decode tokens/s excludes prefill (time(N new tokens) - time(1 new token)); EOS is ignored by
 both so every sequence runs N tokens. Prefill tokens/s is one 256-token prompt. KV-cache bytes per token are read
@@ -19,6 +20,13 @@ alternating keeps each ratio a same-moment comparison. One JSON line.
 dir or the llama-bench binary) against the default `Engine()` on the same f32 GGUF weights, exported by
 `nanoseek export`'s writer, and the same thread counts: greedy decode tokens/s at batch 1 (1 thread), batch 16 and
 32 (--threads, default 2) and a 256-token prefill (--threads), alternating the two sides --reps rounds.
+
+`--v3-vs-v4` times nanoseek against itself: the default `Engine()` on cpu-small (V3: MLA latent cache) and on
+cpu-small-v4 (V4: window + compressed entries, mHC, CSA indexer) resized to the same total parameters as
+benchmarks/arch_race.py does, random weights, the same prompt: greedy decode tokens/s at batch 1 and 16 and a
+256-token prefill, at --threads torch threads, alternating the two models --reps rounds. The llama.cpp side of V4
+(`deepseek4` GGUF) waits on `nanoseek export --format gguf` writing that architecture: `v4_gguf` in the JSON says
+so until then (then: `--gguf` / `--llama-bench` on a V4 model dir).
 """
 
 from __future__ import annotations
@@ -409,6 +417,83 @@ def llama_bench(args) -> dict:
     }
 
 
+def v3_vs_v4(args) -> dict:
+    """Decode tokens/s at batch 1 and 16 and prefill tokens/s of V3 (cpu-small) and V4 (cpu-small-v4 at the same
+    total parameters), each through its own default Engine, timed alternately, at --threads torch threads (the
+    Engine decodes batches under 8 rows single-threaded whatever the setting)."""
+    torch.set_num_threads(args.threads)
+    from benchmarks.arch_race import count_params, match_v4
+    from benchmarks.machine import cpu_name
+    from nanoseek.infer.cache import kv_bytes_per_token
+
+    v3_config = ModelConfig.from_preset("cpu-small")
+    manifest = {"vocab_size": v3_config.vocab_size, "bos_id": v3_config.bos_token_id, "eos_id": v3_config.eos_token_id}
+    v3_total = count_params(v3_config.replace(num_nextn_predict_layers=0))[0]
+    resized = match_v4(v3_total, "cpu-small-v4", manifest)
+    configs = {
+        "v3": v3_config,
+        "v4": ModelConfig.from_preset("cpu-small-v4", vocab_size=v3_config.vocab_size, **resized),
+    }
+    engines = {}
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = Transformer(config).to(args.device).eval()
+        engines[name] = Engine(model, max_batch_size=16, max_len=512)
+        engines[name].eos_ids = set()  # every sequence runs the whole N tokens
+    prompt = torch.randint(3, v3_config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
+    long_prompt = torch.randint(3, v3_config.vocab_size, (256,), generator=torch.Generator().manual_seed(1)).tolist()
+    N = args.new_tokens
+    result: dict = {
+        "bench": "decode_v3_vs_v4",
+        "params": {
+            n: dict(zip(("total", "activated"), count_params(c.replace(num_nextn_predict_layers=0))))
+            for n, c in configs.items()
+        },
+        "v4_resized": resized,
+        "new_tokens": N,
+        "prompt_len": args.prompt_len,
+    }
+
+    def gen(engine: Engine, bs: int, n: int) -> None:
+        engine.generate([prompt.tolist()] * bs, SamplingParams(max_tokens=n, temperature=0))
+
+    for bs in (1, 16):
+        for e in engines.values():  # warm-up
+            gen(e, bs, N)
+        decode = {
+            name: (lambda e=e, bs=bs: _timed(lambda: gen(e, bs, N)) - _timed(lambda: gen(e, bs, 1)))
+            for name, e in engines.items()
+        }
+        times = alternate(decode, args.reps)
+        row = {name: round(bs * (N - 1) / statistics.median(t), 1) for name, t in times.items()}
+        row["v4_over_v3_time"] = _ratio(times, "v4", "v3")
+        result[f"decode_tokens_per_s_batch{bs}"] = row
+
+    def prefill(engine: Engine) -> float:
+        slot = engine.cache.allocate()
+        try:
+            with torch.inference_mode():
+                return _timed(lambda: engine.runner.prefill(long_prompt, torch.tensor([slot], device=args.device)))
+        finally:
+            engine.cache.release(slot)
+
+    fns = {name: (lambda e=e: prefill(e)) for name, e in engines.items()}
+    alternate(fns, 3)  # warm-up
+    times = alternate(fns, 5 * args.reps)
+    result["prefill_tokens_per_s"] = {name: round(256 / statistics.median(t)) for name, t in times.items()}
+    result["prefill_tokens_per_s"]["v4_over_v3_time"] = _ratio(times, "v4", "v3")
+    result["kv_bytes_per_token_at_512"] = {n: round(kv_bytes_per_token(c, 512, 4)) for n, c in configs.items()}
+    result["v4_gguf"] = "pending: llama.cpp's deepseek4 needs `nanoseek export --format gguf` to write V4"
+    result.update(
+        torch=torch.__version__,
+        machine=cpu_name() if args.device == "cpu" else torch.cuda.get_device_name(),
+        threads=torch.get_num_threads(),
+        load_avg_1min=round(os.getloadavg()[0], 2),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu-small")
@@ -426,12 +511,16 @@ def main() -> None:
         help=f"compare with llama.cpp's own llama-bench / llama-batched-bench in PATH (built by `{LLAMA_BUILD}`)",
     )
     p.add_argument("--threads", type=int, default=2, help="threads for batch 16/32 and prefill (--llama-bench)")
+    p.add_argument("--v3-vs-v4", action="store_true", help="cpu-small vs cpu-small-v4 at equal parameters")
     args = p.parse_args()
     if args.llama_bench:
         print(json.dumps(llama_bench(args)))
         return
     if args.gguf:
         print(json.dumps(gguf_bench(args)))
+        return
+    if args.v3_vs_v4:
+        print(json.dumps(v3_vs_v4(args)))
         return
     import transformers
 

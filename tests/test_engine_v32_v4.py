@@ -10,6 +10,7 @@ import torch
 from helpers import make_live
 
 from nanoseek import ModelConfig, Transformer, load_model
+from nanoseek.config import CSA, HCA
 from nanoseek.infer.cache import CompressedKVCache, LatentCache, kv_cache_bytes
 from nanoseek.infer.engine import Engine, single_thread
 from nanoseek.infer.sampling import SamplingParams
@@ -199,11 +200,49 @@ def test_v4_speculative_sampling_is_seeded_and_reproducible(v4_mtp):
     assert [x.token_ids for x in a] == [x.token_ids for x in b] and all(len(x.token_ids) == 20 for x in a)
 
 
-def test_v4_refuses_what_it_cannot_do_yet_with_clear_errors(v4):
+def test_v4_refuses_what_it_cannot_do_yet_with_clear_errors(v4, v4_mtp):
     with pytest.raises(ValueError, match="drop --compile"):
         Engine(v4, compile=True)
-    with pytest.raises(ValueError, match="prefix caching"):
-        Engine(v4, prefix_cache_tokens=64)
+    with pytest.raises(ValueError, match="prefix caching does not work with --speculative"):
+        Engine(v4_mtp, speculative=True, prefix_cache_tokens=64)
+
+
+# ----------------------------------------------------------------------------------------------- prefix cache
+@pytest.mark.parametrize(
+    "window, rates, cache_tokens",
+    [
+        (8, {CSA: 4, HCA: 8}, 512),  # window inside a block (16 tokens): one block restores the ring
+        (24, {CSA: 4, HCA: 16}, 512),  # window over two blocks; an HCA window ends at every block boundary
+        (8, {CSA: 4, HCA: 8}, 48),  # three blocks: least recently used ones evicted as prompts come
+    ],
+)
+def test_v4_prefix_cache_gives_the_same_greedy_tokens_and_logprobs(window, rates, cache_tokens):
+    """Prompts sharing prefixes of 1-3 blocks (a cut inside CSA/HCA windows and mid-ring), served one after another
+    from the prefix cache: the same greedy tokens and log-probs as an engine without it, and as full forwards."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset(
+        "tiny-v4",
+        index_n_heads=16,
+        initializer_range=0.1,
+        max_position_embeddings=128,
+        sliding_window=window,
+        compress_rates=rates,
+    )
+    model = _live(Transformer(config))
+    g = torch.Generator().manual_seed(5)
+    system = torch.randint(2, 256, (37,), generator=g).tolist()  # 2 whole blocks and 5 tokens
+    prompts = [system + torch.randint(2, 256, (n,), generator=g).tolist() for n in (6, 14, 30, 1)]
+    prompts += [prompts[2][:49], prompts[2] + [7, 8], system[:20]]  # a longer / shorter prompt of one seen
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
+    cached = Engine(model, max_batch_size=2, max_len=96, prefix_cache_tokens=cache_tokens)
+    plain = Engine(model, max_batch_size=2, max_len=96)
+    assert cached.prefix_cache.block_size == 16
+    for p in prompts:
+        (a,), (b,) = cached.generate([p], params), plain.generate([p], params)
+        assert a.token_ids == b.token_ids == _reference(model, p, 12)[0]
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+    hits = cached.prefix_cache.hits
+    assert hits >= 5 * 32 if cache_tokens > 48 else hits > 0  # unbounded: prompts 2-6 found two blocks or more
 
 
 # --------------------------------------------------------------------------------------------------- memory

@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--prefix-cache-tokens",
         type=int,
         default=None,
-        help="prompt-prefix latents kept for reuse, LRU (default: 4 contexts; 0: off; off with --speculative)",
+        help="prompt-prefix cache state kept for reuse, LRU (default: 4 contexts; 0: off; off with --speculative)",
     )
     s.add_argument(
         "--served-model-name", default=None, help="the model name clients send (default: the directory name)"

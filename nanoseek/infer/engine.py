@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.infer.cache import decode_cache, mtp_decode_cache
-from nanoseek.infer.prefix_cache import PrefixCache
+from nanoseek.infer.prefix_cache import PrefixCache, PrefixCacheV4, prefix_block_size
 from nanoseek.infer.runner import Runner, single_thread
 from nanoseek.infer.runner_v4 import RunnerV4
 from nanoseek.infer.sampling import SampleOutput, Sampler, SamplingParams
@@ -87,21 +87,22 @@ class Engine:
         tok = Tokenizer.from_pretrained(path) if (Path(path) / "tokenizer.json").exists() else None
         return cls(model, tok, **kwargs)
 
-    def _prefix_cache(self, tokens: int | None) -> PrefixCache | None:
-        """A prefix cache of `tokens` positions (0: none; None: 4 contexts where it applies). Exact only where a
-        cache row is the whole per-token state: V3 and V3.2, without MTP drafts (their cache would need it too)."""
-        applies = not self.speculative and self.config.model_type in ("deepseek_v3", "deepseek_v32")
+    def _prefix_cache(self, tokens: int | None) -> PrefixCache | PrefixCacheV4 | None:
+        """A prefix cache of `tokens` positions (0: none; None: 4 contexts where it applies). Exact only where the
+        cache row is the whole state a prefix leaves: not with MTP drafts (their cache would need it too)."""
+        applies = not self.speculative
         if tokens is None:
             tokens = 4 * self.max_len if applies else 0
         if tokens <= 0:
             return None
         if not applies:
             raise ValueError(
-                "prefix caching works for deepseek_v3 / deepseek_v32 models without --speculative; "
-                f"this engine has model_type {self.config.model_type!r}, speculative={self.speculative}: "
+                "prefix caching does not work with --speculative (the MTP block's cache would need it too): "
                 "turn one of them off"
             )
-        block = 16
+        block = prefix_block_size(self.config)  # V4: a multiple of every compression rate
+        if self.config.is_v4:
+            return PrefixCacheV4(self.config, self.cache, max(1, tokens // block), block)
         return PrefixCache(self.cache.kv, max(1, tokens // block), block)
 
     @property
@@ -199,12 +200,13 @@ class Engine:
                 src, logits, hidden = prefilled[key]
                 self.cache.copy_slot(src, seq.slot)
             else:
-                pc = self.prefix_cache  # V3 / V3.2 only: then the cache is a LatentCache
-                start = seq.cached_tokens = pc.load(seq.prompt_ids, self.cache.kv, seq.slot) if pc is not None else 0
+                pc = self.prefix_cache
+                rows = self.cache if self.config.is_v4 else self.cache.kv  # what the prefix cache reads and writes
+                start = seq.cached_tokens = pc.load(seq.prompt_ids, rows, seq.slot) if pc is not None else 0
                 logits, hidden = self.runner.prefill(seq.prompt_ids, slot_t, start)
                 self.cache.lengths[seq.slot] = len(seq.prompt_ids)
                 if pc is not None:
-                    pc.save(seq.prompt_ids, self.cache.kv, seq.slot)
+                    pc.save(seq.prompt_ids, rows, seq.slot)
                 prefilled[key] = (seq.slot, logits, hidden)
             out = self.sampler.sample(slot_t, logits[:, -1], return_probs=False)
             new[seq] = self._append(seq, out, 0)

@@ -47,6 +47,9 @@ class CompressorCache:
     entries: torch.Tensor  # [n_slots, max_len // rate, dim]: normed, roped; entry w in row w
     kv: torch.Tensor  # [n_slots, ring, width]: kv_proj of the last `ring` tokens, position p in row p % ring
     score: torch.Tensor  # [n_slots, ring, width]: gate_proj + position_bias of the same tokens
+    # when a list, each forward_cached appends its new tokens' (kv, score) [N, T, width] as the ring stores them:
+    # a record of every position's projections, which the ring forgets (the prefix cache's, infer/prefix_cache.py)
+    tape: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -65,6 +68,7 @@ class LayerCacheV4:
     window: torch.Tensor  # [n_slots, min(W, max_len), head_dim]: ring of the last keys (= values)
     compressor: CompressorCache | None  # CSA and HCA layers
     indexer: CompressorCache | None  # CSA layers: the indexer's keys, one per entry
+    tape: list[torch.Tensor] | None = None  # when a list, forward_cached appends the new keys [N, T, head_dim]
 
     def tensors(self) -> list[torch.Tensor]:
         parts = [c for c in (self.compressor, self.indexer) if c is not None]
@@ -164,6 +168,8 @@ class Compressor(nn.Module):
             made = w < end[:, None]
             rows = slots[:, None].expand(N, M)
             cache.entries[rows[made], w[made]] = entries[made].to(cache.entries.dtype)
+        if cache.tape is not None:
+            cache.tape.append((kv.to(cache.kv.dtype), score.to(cache.score.dtype)))
         keep = pos[:, -ring:] % ring  # the last `ring` tokens wait for their windows to close
         cache.kv[slots[:, None], keep] = kv[:, -ring:].to(cache.kv.dtype)
         cache.score[slots[:, None], keep] = score[:, -ring:].to(cache.score.dtype)
@@ -316,6 +322,8 @@ class CompressedAttention(nn.Module):
             visible = torch.cat((visible, ready), dim=-1)
         out, _ = self._attend(q, keys, visible, cos, sin)
         cache.window[slots[:, None], pos[:, -ring:] % ring] = kv[:, -ring:].to(cache.window.dtype)
+        if cache.tape is not None:
+            cache.tape.append(kv.to(cache.window.dtype))
         return out
 
     def _attend(
@@ -323,17 +331,19 @@ class CompressedAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sink softmax of queries q [B, T, n_h, d] over keys = values kv [B, S, d] where visible [B, T, S], the
         de-rotation and the grouped output projection: ([B, T, hidden], the probabilities [B, n_h, T, S])."""
-        B, T = q.shape[:2]
-        scores = (q.transpose(1, 2) @ kv.unsqueeze(1).mT) * self.head_dim**-0.5  # [B, H, T, S]
-        scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
-        sinks = self.sinks.view(1, -1, 1, 1).expand(B, -1, T, 1).to(scores.dtype)
+        B, T, H, d = q.shape
+        # one GEMM over all (token, head) rows: kv is shared by the heads, and this [B, T, H, S] layout is the
+        # output's, so nothing is transposed or copied per head
+        scores = (q.reshape(B, T * H, d) @ kv.mT).view(B, T, H, -1) * self.head_dim**-0.5  # [B, T, H, S]
+        scores.masked_fill_(~visible.unsqueeze(2), float("-inf"))
+        sinks = self.sinks.view(1, 1, -1, 1).expand(B, T, -1, 1).to(scores.dtype)
         p = torch.cat((scores, sinks), dim=-1).softmax(dim=-1, dtype=torch.float32)[..., :-1]  # the sink has no value
-        o = (p.to(kv.dtype) @ kv.unsqueeze(1)).transpose(1, 2)  # [B, T, H, d]
+        o = (p.to(kv.dtype).flatten(1, 2) @ kv).view(B, T, H, d)  # p's rows keep their stride: no copy
         o = apply_rope_tail(o, cos, -sin)  # undo the values' rotation at the query's position
         o = o.reshape(B, T, self.o_groups, -1)  # heads stay contiguous within a group
         w = self.o_a_proj.weight.view(self.o_groups, self.o_lora_rank, -1)  # [G, r_o, n_h d / G]
         o = torch.einsum("btgi,goi->btgo", o, w).flatten(2)  # [B, T, G r_o]
-        return self.o_b_proj(o), p
+        return self.o_b_proj(o), p.transpose(1, 2)
 
 
 def compressed_indexer_kl(p: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
