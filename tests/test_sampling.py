@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers.stats import chi2_ok
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,15 +28,6 @@ def t(*xs) -> torch.Tensor:
 
 def kept(logits: torch.Tensor) -> list[list[int]]:
     return [torch.nonzero(row > -INF).flatten().tolist() for row in logits]
-
-
-def chi2_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
-    """Pearson chi-square below the 0.999 quantile (Wilson-Hilferty approximation) for len(probs)-1 dof."""
-    n = counts.sum()
-    expected = n * probs.double()
-    stat = ((counts.double() - expected) ** 2 / expected).sum().item()
-    k = len(probs) - 1
-    return stat < k * (1 - 2 / (9 * k) + 3.09 * math.sqrt(2 / (9 * k))) ** 3
 
 
 # ---------------------------------------------------------------------------------------------- penalties

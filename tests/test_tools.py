@@ -3,15 +3,28 @@ parser (whole text = streamed pieces; a bad call is text), the request checks, S
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+from collections.abc import AsyncIterator
 
 import pytest
 
 from nanoseek.data.chat import chat_example, load_conversations
 from nanoseek.data.shards import iter_documents
-from nanoseek.infer.server.openai import APIError, ChatRequest, validate
-from nanoseek.infer.server.responses import ResponsesRequest, TextTokens
+from nanoseek.infer.engine_loop import Update
+from nanoseek.infer.reasoning import ReasoningSplitter
+from nanoseek.infer.server.metrics import ServerMetrics, Timing
+from nanoseek.infer.server.openai import APIError, ChatRequest, Choice, validate
+from nanoseek.infer.server.responses import (
+    OUTPUT_LOGPROBS,
+    Reply,
+    ResponsesRequest,
+    TextTokens,
+    response_body,
+    response_events,
+    response_meta,
+)
 from nanoseek.infer.tools import ToolCallParser, call_style, check_call, parse_tool_calls, prefill, stream_fragments
 from nanoseek.tasks.calculator import TOOL, calculate
 from nanoseek.tokenizer import (
@@ -383,6 +396,77 @@ def test_output_text_logprobs_are_the_tokens_outside_thinking_and_calls(wide_tok
     assert kept([a, b]) == [a, b]  # a reply that does not open with <think> never thinks
     assert kept([c, calls_end, a], in_call=True) == [a]  # a forced call: the prompt opened it
     assert kept([calls, a], tools=False) == [calls, a]  # no tools: the marker is only text
+
+
+REPLY_AFTER_CALL = (
+    f'<think>plan</think>Let me check.{CALCS}{CALC}calculator{SEP}{{"expression": "2+3"}}{CALC_END}{CALCS_END} Done.'
+)
+
+
+async def _scripted(tok: Tokenizer, text: str, per_update: int) -> AsyncIterator[tuple[int, Update]]:
+    """The engine's updates for a reply that writes `text`: `per_update` tokens each (more than one: accepted
+    MTP drafts), the whole text so far, a log-prob per token."""
+    ids = tok.encode(text)
+    for i in range(0, len(ids), per_update):
+        new = ids[i : i + per_update]
+        done = "stop" if i + per_update >= len(ids) else None
+        yield 0, Update(tok.decode(ids[: i + per_update]), new, [-0.5] * len(new), [{t: -0.5} for t in new], done)
+
+
+def _reply(tok: Tokenizer) -> Reply:
+    req = responses_request(tools=[FLAT], include=[OUTPUT_LOGPROBS], top_logprobs=1)
+    choice = Choice(0, ReasoningSplitter(), [])
+    choice.tools = req.tool_use().parser()
+    return Reply(response_meta("m"), req, choice, 5, tok, TextTokens(tok, True, False, True, False))
+
+
+def _items(output: list[dict]) -> list[dict]:
+    """Output items without their random ids, a message's logprobs as its tokens' texts."""
+    items = []
+    for item in output:
+        item = {k: v for k, v in item.items() if k not in ("id", "call_id")}
+        if item["type"] == "message":
+            part = item["content"][0]
+            item["content"] = [{**part, "logprobs": [e["token"] for e in part["logprobs"]]}]
+        items.append(item)
+    return items
+
+
+@pytest.mark.parametrize("per_update", [1, 2, 3])
+def test_responses_body_and_stream_list_text_after_calls_as_a_second_message(wide_tok, per_update):
+    """A reply that writes text after its calls: the whole body and the stream's completed response both list
+    reasoning, message, function_call, message, in the order written, each message with its own tokens'
+    logprobs."""
+    metrics = ServerMetrics("m")
+
+    async def both() -> tuple[dict, list[dict]]:
+        body = await response_body(_reply(wide_tok), _scripted(wide_tok, REPLY_AFTER_CALL, per_update), Timing(metrics))
+        stream = _reply(wide_tok)
+        raw = [
+            e async for e in response_events(stream, _scripted(wide_tok, REPLY_AFTER_CALL, per_update), Timing(metrics))
+        ]
+        return body, [json.loads(e.decode().split("data: ", 1)[1]) for e in raw]
+
+    body, events = asyncio.run(both())
+    completed = events[-1]
+    assert completed["type"] == "response.completed"
+    assert _items(body["output"]) == _items(completed["response"]["output"])
+    assert [e["item"]["type"] for e in events if e["type"] == "response.output_item.done"] == [
+        i["type"] for i in body["output"]
+    ]  # the items as the stream announced them
+    kinds = [
+        (i["type"], i["name"] if i["type"] == "function_call" else i["content"][0]["text"]) for i in body["output"]
+    ]
+    assert kinds == [
+        ("reasoning", "plan"),
+        ("message", "Let me check."),
+        ("function_call", "calculator"),
+        ("message", " Done."),
+    ]
+    for item in _items(body["output"]):
+        if item["type"] == "message":  # its logprobs are its own tokens: they spell its text
+            assert "".join(item["content"][0]["logprobs"]) == item["content"][0]["text"]
+    assert body["output"][2]["arguments"] == '{"expression": "2+3"}'
 
 
 # ------------------------------------------------------------------------------------------------ data and SFT

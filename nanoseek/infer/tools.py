@@ -157,24 +157,30 @@ class ToolCallParser:
 
     def feed(self, piece: str, final: bool = False) -> tuple[str, list[ToolCall]]:
         """The content and the calls that `piece` completes (`final`: no more text comes)."""
+        out = self.feed_in_order(piece, final)
+        return "".join(p for p in out if isinstance(p, str)), [p for p in out if isinstance(p, ToolCall)]
+
+    def feed_in_order(self, piece: str, final: bool = False) -> list[str | ToolCall]:
+        """What `piece` completes as content texts and calls in the order they were written: a reply may write
+        text after its calls, and /v1/responses lists that text as a message after them."""
         self.pending += piece
         if self.state == "call":
             self.cuts.append(len(self.pending))
-        content, done = [], []
+        out: list[str | ToolCall] = []
         while self.pending:
             if self.state == "call":
                 end = self.pending.find(TOOL_CALL_END)
                 if end < 0:
                     if final:  # cut off inside a call: what was written is text
-                        content.append(TOOL_CALL_BEGIN + self.pending)
+                        out.append(TOOL_CALL_BEGIN + self.pending)
                         self.pending = ""
                     break
                 body, self.pending = self.pending[:end], self.pending[end + len(TOOL_CALL_END) :]
                 call = self._complete(body)
                 if call is None:
-                    content.append(TOOL_CALL_BEGIN + body + TOOL_CALL_END)
+                    out.append(TOOL_CALL_BEGIN + body + TOOL_CALL_END)
                 else:
-                    done.append(call)
+                    out.append(call)
                     self.calls.append(call)
                 self.state = "section"
                 continue
@@ -185,19 +191,19 @@ class ToolCallParser:
                 if self.state == "section" and text.strip() == "":
                     self.pending = "" if final else self.pending
                     break  # whitespace between calls: dropped, or wait for what follows
-                content.append(text)
+                out.append(text)
                 self.pending = self.pending[len(text) :]
                 break
             at, marker = min(found)
             before = self.pending[:at]
             if self.state == "text" or before.strip():
-                content.append(before)
+                out.append(before)
             self.pending = self.pending[at + len(marker) :]
             if marker == TOOL_CALL_BEGIN:
                 self.state, self.cuts = "call", [len(self.pending)] if self.pending else []
             else:
                 self.state = "section" if marker == TOOL_CALLS_BEGIN else "text"
-        return "".join(content), done
+        return [p for p in out if p != ""]
 
     def _complete(self, body: str) -> ToolCall | None:
         parts = split_call(body)

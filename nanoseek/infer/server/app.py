@@ -368,8 +368,11 @@ async def responses(server: Server, request: Request) -> Response:
     reply = Reply(response_meta(server.model_name), req, choice, len(ids), server.tok, text_tokens)
     if req.stream:
         return _event_stream(job, response_events(reply, job.updates(), timing))
-    await _collect(job, [choice], timing, request)
-    return JSONResponse(response_body(reply))
+    try:  # the stream's items, built the same way: both list text written after the calls as its own message
+        body = await response_body(reply, job.updates(request), timing)
+    finally:
+        job.close()
+    return JSONResponse(body)
 
 
 # ==================================================================================================== routes

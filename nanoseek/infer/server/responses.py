@@ -1,10 +1,12 @@
 """OpenAI's Responses API (`POST /v1/responses`) as nanoseek speaks it: the request, the `response` object and
 its event stream. Stateless: the whole conversation comes in `input` (`previous_response_id` is a 400).
 
-A reply is a list of output items: a `reasoning` item holding the `<think>` part (as `reasoning_text`), a
-`message` item with one `output_text` part, and with `tools` a `function_call` item per call the model made. The
-stream announces each item and part before its deltas and closes them after, as OpenAI's does, so
-`client.responses.create(stream=True)` and its accumulating helpers follow it.
+A reply is a list of output items in the order the model wrote them: a `reasoning` item holding the `<think>`
+part (as `reasoning_text`), a `message` item with one `output_text` part, and with `tools` a `function_call` item
+per call the model made, then another `message` if it wrote text after its calls. The stream announces each item
+and part before its deltas and closes them after, as OpenAI's does, so `client.responses.create(stream=True)` and
+its accumulating helpers follow it; a whole reply's body is built by the same code from the same updates, so it
+lists the same items.
 
 Tools, calls and logprobs go the chat path's way: `tools` are checked by `openai.tool_use` (in their flat Responses
 shape), `function_call` / `function_call_output` input items become the assistant `tool_calls` and `tool` messages
@@ -334,26 +336,6 @@ def _usage(r: Reply) -> dict:
     return response_usage(r.prompt_tokens, r.choice, reasoning_tokens(r.choice, r.tok.think_end_id))
 
 
-def response_body(r: Reply) -> dict:
-    """The finished `response`: [reasoning], message (unless the reply is only calls), the calls."""
-    c = r.choice
-    status = "incomplete" if c.finish_reason == "length" else "completed"
-    text = c.tools.feed(c.text, final=True)[0] if c.tools is not None else c.text
-    calls = c.tools.calls if c.tools is not None else []
-    output = []
-    if c.splitter is not None:
-        reasoning, content = split_reasoning(text, c.splitter.starts_in_think)
-        if reasoning is not None:
-            output.append(reasoning_item(_item_id("rs"), reasoning, status))
-    else:
-        content = text
-    if content or not calls:
-        logprobs = chat_logprobs(r.tok, r.text_tokens.take(c.logprobs))["content"] if r.req.logprobs else []
-        output.append(message_item(_item_id("msg"), content, status, logprobs))
-    output += [function_call_item(_item_id("fc"), call, "completed") for call in calls]
-    return response_object(r, output, "completed", _usage(r), c.finish_reason)
-
-
 def response_meta(model: str) -> dict:
     return {"id": _item_id("resp"), "created_at": int(time.time()), "model": model}
 
@@ -370,10 +352,12 @@ class _Open:
 
 
 class _Events:
-    """Numbered `event:`/`data:` pairs; tracks the open output item so deltas land in it."""
+    """Numbered `event:`/`data:` pairs; tracks the open output item so deltas land in it. The stream sends the
+    events; the whole body keeps only `output`, so both list the same items in generation order."""
 
-    def __init__(self) -> None:
-        self.n, self.output, self.open = 0, [], None
+    def __init__(self, r: Reply) -> None:
+        self.r, self.n, self.output, self.open = r, 0, [], None
+        self.pending: list[dict] = []  # logprobs of message tokens whose text is not out yet
 
     def __call__(self, kind: str, **fields) -> bytes:
         event = {"type": kind, "sequence_number": self.n, **fields}
@@ -432,43 +416,85 @@ class _Events:
         self.output.append(item)
         return events
 
+    def update(self, up: Update) -> list[bytes]:
+        """Record one update (the choice advances); the events of what it completed, in the order it was
+        written: reasoning, text, calls, text after them. Message tokens' logprobs go with the next text that
+        comes out, so text after the calls gets its own tokens' logprobs, as long as no single update holds text
+        from both sides of a call (one or two tokens per update never do)."""
+        c, r = self.r.choice, self.r
+        n_lp = len(c.logprobs)
+        text = c.advance(up)
+        if c.finish_reason == "error":
+            return []
+        final = c.finish_reason is not None
+        if r.req.logprobs:
+            self.pending += chat_logprobs(r.tok, r.text_tokens.take(c.logprobs[n_lp:]))["content"]
+        pieces = c.tools.feed_in_order(text, final) if c.tools is not None else [text]
+        if final and (not pieces or isinstance(pieces[-1], ToolCall)):
+            pieces.append("")  # the reasoning splitter may hold back text until it hears the end
+        events = []
+        for i, piece in enumerate(pieces):
+            if isinstance(piece, ToolCall):
+                events += self.call(piece)
+                continue
+            last = final and i == len(pieces) - 1
+            reasoning, content = c.splitter.feed(piece, last) if c.splitter is not None else ("", piece)
+            events += self.delta("reasoning", reasoning) if reasoning else []
+            if content:
+                events += self.delta("message", content, self.pending)
+                self.pending = []
+        return events
+
+    def finish(self) -> list[bytes]:
+        """Close the reply after its last update: a reply that called nothing has a message, empty if it only
+        thought; logprobs of tokens that added no text join the open message."""
+        c = self.r.choice
+        status = "incomplete" if c.finish_reason == "length" else "completed"
+        called = c.tools is not None and bool(c.tools.calls)
+        events = []
+        if not called and (self.open is None or self.open.kind != "message"):
+            events += [*self.close(status), *self.start("message")]
+        if self.pending and self.open is not None and self.open.kind == "message":
+            events += self.delta("message", "", self.pending)
+            self.pending = []
+        return events + self.close(status)
+
+    def body(self) -> dict:
+        """The finished `response` object."""
+        return response_object(self.r, self.output, "completed", _usage(self.r), self.r.choice.finish_reason)
+
 
 async def response_events(r: Reply, updates: AsyncIterator[tuple[int, Update]], timing: Timing) -> AsyncIterator[bytes]:
     """The Responses event stream: created, in_progress, each item's added / delta / done events, then completed
     (incomplete when max_output_tokens cut it); a failed generation ends with an `error` event."""
-    c, ev, pending = r.choice, _Events(), []  # pending: logprobs of message tokens whose text is not out yet
+    c, ev = r.choice, _Events(r)
     yield ev("response.created", response=response_object(r, [], "in_progress", None, None))
     yield ev("response.in_progress", response=response_object(r, [], "in_progress", None, None))
     async for _, up in updates:
-        n_lp = len(c.logprobs)
-        text = c.advance(up)
+        events = ev.update(up)
         timing.on_update(up)
         if c.finish_reason == "error":
             yield ev("error", message=c.error or "generation failed", code="server_error", param=None)
             return
-        final = c.finish_reason is not None
-        if r.req.logprobs:
-            pending += chat_logprobs(r.tok, r.text_tokens.take(c.logprobs[n_lp:]))["content"]
-        text, calls = c.tools.feed(text, final) if c.tools is not None else (text, [])
-        reasoning, content = c.splitter.feed(text, final) if c.splitter is not None else ("", text)
-        events = ev.delta("reasoning", reasoning) if reasoning else []
-        if content:
-            events += ev.delta("message", content, pending)
-            pending = []
-        for call in calls:
-            events += ev.call(call)
         for event in events:
             yield event
     timing.on_finish([c.finished()])
-    status = "incomplete" if c.finish_reason == "length" else "completed"
-    called = c.tools is not None and bool(c.tools.calls)
-    if not called and (ev.open is None or ev.open.kind != "message"):  # a reply that only thought: empty message
-        for event in [*ev.close(status), *ev.start("message")]:
-            yield event
-    if pending and ev.open is not None and ev.open.kind == "message":  # tokens that added no text
-        for event in ev.delta("message", "", pending):
-            yield event
-    for event in ev.close(status):
+    for event in ev.finish():
         yield event
-    body = response_object(r, ev.output, "completed", _usage(r), c.finish_reason)
-    yield ev("response.incomplete" if status == "incomplete" else "response.completed", response=body)
+    kind = "response.incomplete" if c.finish_reason == "length" else "response.completed"
+    yield ev(kind, response=ev.body())
+
+
+async def response_body(r: Reply, updates: AsyncIterator[tuple[int, Update]], timing: Timing) -> dict:
+    """The finished `response` of a whole (non-streamed) reply: the items the stream would send for the same
+    updates, [reasoning], message, function_call ..., message (text written after the calls); a 500 if
+    generation failed."""
+    c, ev = r.choice, _Events(r)
+    async for _, up in updates:
+        ev.update(up)
+        timing.on_update(up)
+        if c.finish_reason == "error":
+            raise APIError(500, c.error or "generation failed")
+    timing.on_finish([c.finished()])
+    ev.finish()
+    return ev.body()
