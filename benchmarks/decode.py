@@ -375,7 +375,12 @@ def llama_bench(args) -> dict:
         info = {k: row.get(k) for k in ("build_commit", "build_number", "cpu_info", "model_type")}
         llama["batch1"].append(row["avg_ts"])
         mine["batch1"].append((N - 1) / ours_decode(1, 1))
-        rows = {r["pl"]: r for r in run_json(batched)}
+        for _ in range(3):  # its last JSON line is sometimes lost (stdout not flushed at exit): run it again
+            rows = {r["pl"]: r for r in run_json(batched)}
+            if all(b in rows for b in batches):
+                break
+        else:
+            raise RuntimeError(f"llama-batched-bench printed no row for some of {batches}: {sorted(rows)}")
         for b in batches:
             llama[f"batch{b}"].append(rows[b]["speed_tg"])
             mine[f"batch{b}"].append(b * (N - 1) / ours_decode(b, T))
