@@ -183,6 +183,9 @@ class FastDecoder:
         self.build_s: dict[str, float] = {}
         for kind in self.paths:  # load what earlier processes built; a missing one is built on first demand
             self._poll(kind)
+        if self.runners:
+            took = sum(self.load_s.values())
+            self._say(f"fast decode path loaded ({', '.join(sorted(self.runners))}, {took:.1f} s) from {cache_dir()}")
 
     def _say(self, msg: str) -> None:
         if self.verbose:
