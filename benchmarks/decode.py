@@ -375,7 +375,7 @@ def llama_bench(args) -> dict:
         info = {k: row.get(k) for k in ("build_commit", "build_number", "cpu_info", "model_type")}
         llama["batch1"].append(row["avg_ts"])
         mine["batch1"].append((N - 1) / ours_decode(1, 1))
-        for _ in range(3):  # its last JSON line is sometimes lost (stdout not flushed at exit): run it again
+        for _ in range(8):  # it sometimes prints no row for the last batch size (exit code 0): run it again
             rows = {r["pl"]: r for r in run_json(batched)}
             if all(b in rows for b in batches):
                 break
