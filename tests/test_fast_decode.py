@@ -94,7 +94,7 @@ def test_fast_path_matches_eager_and_loads_from_its_cache(trained, tmp_path, mon
     eager_engine = Engine(trained, max_batch_size=8, max_len=64, fast=False)
     moes = trained.moe_layers()
     eager = eager_engine.generate(PROMPTS, PARAMS)
-    eager_one = eager_engine.generate(PROMPTS[0], PARAMS[-1])
+    [eager_one] = eager_engine.generate(PROMPTS[0], PARAMS[-1])
     monkeypatch.setattr(fast_decode.FastDecoder, "steps", 4)
     engine = Engine(trained, max_batch_size=8, max_len=64, fast=True)
     assert engine.fast.wait(timeout=1800), engine.fast.failed
@@ -102,7 +102,7 @@ def test_fast_path_matches_eager_and_loads_from_its_cache(trained, tmp_path, mon
     decode = engine.fast.decode
     engine.fast.decode = lambda slots, *a: calls.append(len(slots)) or decode(slots, *a)
     fast = engine.generate(PROMPTS, PARAMS)
-    fast_one = engine.generate(PROMPTS[0], PARAMS[-1])
+    [fast_one] = engine.generate(PROMPTS[0], PARAMS[-1])
     assert 1 in calls and max(calls) > 1  # both artifacts ran
     assert [c.token_ids for c in fast] == [c.token_ids for c in eager]
     assert fast_one.token_ids == eager_one.token_ids

@@ -166,6 +166,7 @@ class FastDecoder:
     """The engine's handle on its two artifacts: built in the background the first time, loaded when ready."""
 
     steps = 8  # greedy steps per call (K): the call's overhead is paid once per K tokens
+    build_timeout_s = 1800.0  # a build still running after this is stopped (the engine stays eager)
 
     def __init__(self, model: Transformer, cache: LatentCache, verbose: bool = True) -> None:
         self.model, self.cache, self.verbose = model, cache, verbose
@@ -201,6 +202,10 @@ class FastDecoder:
         if kind in self.builds:
             proc, t0, log = self.builds[kind]
             if proc.poll() is None:
+                if time.perf_counter() - t0 > self.build_timeout_s:
+                    proc.kill()
+                    del self.builds[kind]
+                    self._fail(kind, f"its build took over {self.build_timeout_s:.0f} s and was stopped")
                 return False
             del self.builds[kind]
             if proc.returncode != 0 or not path.exists():
