@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,11 @@ from serve_util import memorised_model
 from nanoseek import save_model
 from nanoseek.data.shards import prepare
 from nanoseek.tokenizer import Tokenizer
+
+# The engine's default fast path compiles its decode graphs the first time a model config is served (minutes on
+# CI's two cores, which cache nothing between runs): tests, and the servers they start, decode eagerly unless
+# they ask for it (tests/test_fast_decode.py)
+os.environ.setdefault("NANOSEEK_FAST_DECODE", "0")
 
 
 @pytest.fixture(scope="session")

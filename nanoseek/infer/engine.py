@@ -15,12 +15,14 @@ The forward passes are `runner.py` (eager, or compiled at fixed shapes; V4: `run
 from __future__ import annotations
 
 import itertools
+import sys
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from nanoseek.infer import fast_decode
 from nanoseek.infer.cache import decode_cache, mtp_decode_cache
 from nanoseek.infer.prefix_cache import PrefixCache, PrefixCacheV4, prefix_block_size
 from nanoseek.infer.runner import Runner, single_thread
@@ -44,6 +46,8 @@ class Engine:
         speculative: bool = False,
         compile: bool = False,
         prefix_cache_tokens: int | None = 0,
+        fast: bool | None = None,
+        verbose: bool = True,
     ) -> None:
         self.model = model.eval()
         self.config = c = model.config
@@ -64,6 +68,18 @@ class Engine:
             speculator = SpeculatorV4 if c.is_v4 else Speculator
             self.speculator = speculator(self.runner, self.sampler, self.mtp_cache, self._append)
         self.prefix_cache = self._prefix_cache(prefix_cache_tokens)
+        # the default path: plain greedy decoding runs K steps per call of an ahead-of-time compiled graph
+        # (fast_decode.py), built once per model config in the background on first demand (decoding stays eager
+        # meanwhile) and cached across processes
+        self.fast: fast_decode.FastDecoder | None = None
+        if fast is None:
+            fast = fast_decode.enabled() and not compile and not speculative
+        if fast:
+            why = fast_decode.supported(model, self.cache)
+            if why is None:
+                self.fast = fast_decode.FastDecoder(model, self.cache, verbose=verbose)
+            elif verbose:
+                print(f"nanoseek: no fast decode path for this engine ({why}); decoding eagerly", file=sys.stderr)
         eos = tokenizer.eos_id if tokenizer is not None else c.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()
         self.grammar_vocab = None  # llguidance's view of the tokenizer, built by the first constrained request
@@ -221,11 +237,40 @@ class Engine:
             self.stats["drafted"] += len(seqs)
             self.stats["accepted"] += accepted
             return events
+        if self.fast is not None and self._fast_decode_ok(seqs):
+            return self._fast_decode(seqs)
         logits, _, slots = self.runner.forward([s.slot for s in seqs], [[s.output_ids[-1]] for s in seqs])
         for s in seqs:
             self.cache.lengths[s.slot] += 1
         out = self.sampler.sample(slots, logits[:, -1])
         return [(s, self._append(s, out, i)) for i, s in enumerate(seqs)]
+
+    def _fast_decode_ok(self, seqs: list[Sequence]) -> bool:
+        """Whether these rows can take the fast path now: all plain greedy (no penalties, log-probs or grammar),
+        room in the cache for K more positions, and the artifact for this many rows loaded."""
+        slots = [s.slot for s in seqs]
+        if not self.sampler.plain_greedy.issuperset(slots):
+            return False
+        if max(self.cache.lengths[s] for s in slots) + self.fast.steps >= self.max_len:
+            return False
+        return self.fast.ready(len(seqs))
+
+    def _fast_decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """K greedy tokens for every row in one call; tokens after a row finishes (EOS, stop, limit) are dropped
+        (its slot, with the extra cache entries, is freed)."""
+        slots = [s.slot for s in seqs]
+        tokens = self.fast.decode(slots, [s.output_ids[-1] for s in seqs], [self.cache.lengths[s] for s in slots])
+        for s in slots:
+            self.cache.lengths[s] += self.fast.steps
+        events = []
+        for seq, row in zip(seqs, tokens):
+            new = []
+            for token in row:
+                if seq.done:
+                    break
+                new += self._append(seq, SampleOutput(None, _token_list=[token]), 0)
+            events.append((seq, new))
+        return events
 
     # ----------------------------------------------------------------------------------- bookkeeping
     def _append(self, seq: Sequence, out: SampleOutput, row: int) -> list[int]:

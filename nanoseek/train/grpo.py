@@ -296,7 +296,9 @@ def grpo(
         optimizer.load_state_dict(state["optimizer"])
     run_args = {**(run_args or {}), **asdict(cfg), "world_size": env.world_size}
     start_run(run_dir, run_args, env)
-    engine = Engine(model, tokenizer, max_batch_size=min(cfg.prompts_per_step * cfg.group_size, 256))
+    # fast=False: rollouts sample, and the fast path is greedy only; its first build (minutes of CPU, started by the
+    # greedy eval) would compete with training for the cores inside GRPO's time budget
+    engine = Engine(model, tokenizer, max_batch_size=min(cfg.prompts_per_step * cfg.group_size, 256), fast=False)
     logger = MetricsLogger(run_dir / "metrics.jsonl", keep_until_step=step) if env.is_main else None
     clock = Clock(cfg.steps, cfg.time_budget, elapsed0, env)
     last_eval: dict[str, Any] = {}

@@ -1,0 +1,304 @@
+"""The default engine's fast path: greedy decoding, K steps per call, compiled ahead of time (AOTInductor).
+
+A decode step of a small model is ~100 tiny ops: eager PyTorch pays Python and dispatch for each (~2 ms per
+token for cpu-small), `torch.compile` pays dynamo's guards and its wrapper per call, and both pay the engine's
+Python per token. Here one call of a C++ graph (`torch._inductor.aoti_compile_and_package`) runs K greedy
+steps: each step's argmax is the next step's input and its latents are written into the cache inside the graph,
+so call and engine overhead are paid once per K tokens. The graph has dynamic dimensions (the number of rows and
+the cache length read), so one artifact serves every batch and context; the model's weights are graph inputs,
+not baked constants, so one artifact serves every checkpoint of a config and in-place weight updates (GRPO) are
+seen at once.
+
+Artifacts are built once per (config, torch version, CPU flags, cache shape, K, threads) in a child process
+(`python -m nanoseek.infer.fast_decode`, so the engine keeps decoding eagerly meanwhile, with no stall and no
+shared GIL) and cached under `~/.cache/nanoseek/aoti` (`NANOSEEK_CACHE_DIR`); later processes load them in
+about a second. `NANOSEEK_FAST_DECODE=0` turns the path off (the tests' default: CI has no cached artifacts);
+any failure (no C++ compiler, an export error) prints one line and leaves the engine eager.
+
+Two artifacts per engine: "b1" (one row: the MoE gathers the two chosen experts' weights, as eager does) and "bn"
+(2..n_slots rows: every expert densely, fixed-shape work with no sorting, as `Engine(compile=True)` does).
+Rows are read from and written to their own cache slots (index_select / index_put), so any set of running slots
+decodes in one call. Only plain greedy rows (no penalties, log-probs, grammar or speculation) take it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.infer.cache import LatentCache
+from nanoseek.model import Transformer
+from nanoseek.model.mla import write_latents
+from nanoseek.model.moe import MoE
+from nanoseek.model.rope import rope_frequencies
+
+FORMAT = 1  # bump when the exported function changes: old artifacts are then ignored
+ENV_SWITCH = "NANOSEEK_FAST_DECODE"  # "0": off (eager engine), else on
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("NANOSEEK_CACHE_DIR") or Path.home() / ".cache" / "nanoseek"
+    return Path(root) / "aoti"
+
+
+def cpu_flags() -> str:
+    """The CPU's model name and feature flags (an artifact is built with -march=native)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    pick = [next((ln for ln in lines if ln.startswith(k)), "") for k in ("model name", "flags")]
+    return "\n".join(pick)
+
+
+def artifact_path(config: ModelConfig, kind: str, steps: int, kv_shape: tuple[int, ...], threads: int) -> Path:
+    spec = {
+        "format": FORMAT,
+        "config": config.to_dict(),
+        "torch": torch.__version__,
+        "cpu": cpu_flags(),
+        "kind": kind,
+        "steps": steps,
+        "kv_shape": list(kv_shape),
+        "threads": threads,
+    }
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return cache_dir() / f"{kind}-k{steps}-{key}.pt2"
+
+
+def supported(model: Transformer, cache) -> str | None:
+    """Why this engine cannot take the fast path (None: it can)."""
+    c = model.config
+    p = next(model.parameters())
+    if c.model_type != "deepseek_v3":
+        return f"model_type {c.model_type} (the fast path covers deepseek_v3)"
+    if not isinstance(cache, LatentCache):
+        return "not a latent cache"
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        return f"{p.device.type} {p.dtype} (the fast path covers float32 on CPU)"
+    return None
+
+
+def state_tensors(model: Transformer) -> list[torch.Tensor]:
+    """The weights the exported graph takes as inputs, in a fixed order for a config."""
+    return [t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()]
+
+
+class GreedySteps(torch.nn.Module):
+    """What is exported: `steps` greedy decode steps of rows `slots` of the cache, written in place.
+
+    forward(weights, ids [N], kv [layers, n_slots, max_len, W], slots [N], start [N], past [C]) -> tokens [N, steps]
+    Row n feeds ids[n] at position start[n], then its own argmax, and so on; step k reads the first C cached
+    positions (C = past.shape[0] >= max(start) + steps - 1; masked past each row's own length)."""
+
+    def __init__(self, model: Transformer, steps: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)  # not a submodule: its weights are inputs, not constants
+        self.steps = steps
+        self.names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+
+    def forward(self, weights, ids, kv, slots, start, past):
+        state = dict(zip(self.names, weights))
+        return torch.func.functional_call(self.model, state, (ids, kv, slots, start, past.shape[0], self.steps))
+
+
+def greedy_steps(model: Transformer, ids, kv, slots, start, cache_len: int, steps: int) -> torch.Tensor:
+    """The exported computation (model.forward is swapped for it during export; see `build`)."""
+    tok, out = ids.unsqueeze(1), []
+    for k in range(steps):
+        pos = start + k
+        logits, _, new = model.cached_step(tok, kv, slots, pos, cache_len)
+        write_latents(kv, slots, pos, new)
+        tok = logits[:, -1].argmax(dim=-1, keepdim=True)
+        out.append(tok)
+    return torch.cat(out, dim=1)
+
+
+def build(config: ModelConfig, kind: str, steps: int, kv_shape: tuple[int, ...], threads: int, out: Path) -> None:
+    """Export and compile one artifact to `out` (on a weightless copy of the model: weights are inputs)."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads)  # inductor bakes the thread count into its kernels
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device="cpu").eval()
+    model.inv_freq, model.rope_attention_factor = rope_frequencies(config)  # a plain tensor: to_empty skips it
+    if kind == "bn":  # every expert densely: fixed-shape work for any number of rows
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.gather_max_tokens = 0
+    model.forward = lambda ids, kv, slots, start, cache_len, n: greedy_steps(model, ids, kv, slots, start, cache_len, n)
+    fn = GreedySteps(model, steps)
+    weights = tuple(torch.zeros_like(t) for t in state_tensors(model))
+    L, S, M, W = kv_shape
+    N = 1 if kind == "b1" else min(2, S)
+    kv = torch.zeros(kv_shape)
+    args = (weights, torch.zeros(N, dtype=torch.long), kv, torch.arange(N), torch.zeros(N, dtype=torch.long))
+    args += (torch.empty(steps + 1),)
+    from torch.export import Dim
+
+    rows = None if kind == "b1" else {0: Dim("rows", min=2, max=S)}
+    past = {0: Dim("past", min=2, max=M - 1)}  # C < max_len: a full-length slice would be a special case
+    dynamic = ((None,) * len(weights), rows, None, rows, rows, past)
+    with torch.no_grad():
+        ep = torch.export.export(fn, args, dynamic_shapes=dynamic)
+    print(f"exported in {time.perf_counter() - t0:.1f} s", flush=True)
+    tmp = out.with_name(f"{out.stem}.tmp{os.getpid()}.pt2")
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+    os.replace(tmp, out)
+
+
+class FastDecoder:
+    """The engine's handle on its two artifacts: built in the background the first time, loaded when ready."""
+
+    steps = 8  # greedy steps per call (K): the call's overhead is paid once per K tokens
+    build_timeout_s = 1800.0  # a build still running after this is stopped (the engine stays eager)
+
+    def __init__(self, model: Transformer, cache: LatentCache, verbose: bool = True) -> None:
+        self.model, self.cache, self.verbose = model, cache, verbose
+        steps = self.steps
+        self.kv_shape = tuple(cache.kv.shape)
+        threads = {"b1": 1, "bn": torch.get_num_threads()}
+        self.paths = {k: artifact_path(model.config, k, steps, self.kv_shape, t) for k, t in threads.items()}
+        self.threads = threads
+        self.runners: dict[str, object] = {}
+        self.builds: dict[str, tuple[subprocess.Popen, float, Path]] = {}
+        self.failed: set[str] = set()
+        self._past = torch.empty(cache.max_len)
+        self.weights = state_tensors(model)
+        self.load_s: dict[str, float] = {}
+        self.build_s: dict[str, float] = {}
+        for kind in self.paths:  # load what earlier processes built; a missing one is built on first demand
+            self._poll(kind)
+        if self.runners:
+            took = sum(self.load_s.values())
+            self._say(f"fast decode path loaded ({', '.join(sorted(self.runners))}, {took:.1f} s) from {cache_dir()}")
+
+    def _say(self, msg: str) -> None:
+        if self.verbose:
+            print(f"nanoseek: {msg}", file=sys.stderr, flush=True)
+
+    def _poll(self, kind: str, start: bool = False) -> bool:
+        """Whether artifact `kind` is loaded; loads it once its file exists, starts its build if asked."""
+        if kind in self.runners:
+            return True
+        if kind in self.failed:
+            return False
+        path = self.paths[kind]
+        if kind in self.builds:
+            proc, t0, log = self.builds[kind]
+            if proc.poll() is None:
+                if time.perf_counter() - t0 > self.build_timeout_s:
+                    proc.kill()
+                    del self.builds[kind]
+                    self._fail(kind, f"its build took over {self.build_timeout_s:.0f} s and was stopped")
+                return False
+            del self.builds[kind]
+            if proc.returncode != 0 or not path.exists():
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+                self._fail(kind, f"building it failed ({'; '.join(tail) or proc.returncode})")
+                return False
+            self.build_s[kind] = time.perf_counter() - t0
+            self._say(f"fast decode step '{kind}' compiled in {self.build_s[kind]:.0f} s (once; cached in {path})")
+        if path.exists():
+            try:
+                t0 = time.perf_counter()
+                runner = torch._inductor.aoti_load_package(str(path))
+                self.runners[kind] = runner.loader
+                self.load_s[kind] = time.perf_counter() - t0
+                return True
+            except Exception as e:  # a corrupt or incompatible file: rebuild it once
+                path.unlink(missing_ok=True)
+                if kind in self.build_s:  # the one we just built: give up
+                    self._fail(kind, f"loading {path} failed: {e!r}")
+                    return False
+        if start and kind not in self.builds:
+            self._start_build(kind)
+        return False
+
+    def _fail(self, kind: str, why: str) -> None:
+        self.failed.add(kind)
+        self._say(f"fast decode step '{kind}' unavailable, decoding eagerly: {why}")
+
+    def _start_build(self, kind: str) -> None:
+        path = self.paths[kind]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = path.with_suffix(".log")
+        spec = {
+            "config": self.model.config.to_dict(),
+            "kind": kind,
+            "steps": self.steps,
+            "kv_shape": list(self.kv_shape),
+            "threads": self.threads[kind],
+            "out": str(path),
+        }
+        spec_file = Path(tempfile.mkstemp(suffix=".json", prefix="nanoseek-aoti-")[1])
+        spec_file.write_text(json.dumps(spec))
+        self._say(f"compiling the fast decode step '{kind}' in the background (first time for this model)")
+        with open(log, "w") as f:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nanoseek.infer.fast_decode", str(spec_file)], stdout=f, stderr=subprocess.STDOUT
+            )
+        self.builds[kind] = (proc, time.perf_counter(), log)
+
+    def ready(self, n_rows: int) -> bool:
+        """Whether the artifact for n_rows rows is loaded (the first call for one not built starts its build)."""
+        return self._poll("b1" if n_rows == 1 else "bn", start=True)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Build (if needed) and load both artifacts, blocking; returns whether both are loaded."""
+        t0 = time.perf_counter()
+        while any(k not in self.runners and k not in self.failed for k in self.paths):
+            for k in self.paths:
+                self._poll(k, start=True)
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                return False
+            time.sleep(0.2)
+        return len(self.runners) == len(self.paths)
+
+    def close(self) -> None:
+        for proc, _, _ in self.builds.values():
+            proc.kill()
+        self.builds.clear()
+
+    def decode(self, slots: list[int], tokens: list[int], start: list[int]) -> list[list[int]]:
+        """`steps` greedy tokens per row, their latents written to the cache (the caller advances lengths)."""
+        runner = self.runners["b1" if len(slots) == 1 else "bn"]
+        C = max(start) + self.steps - 1
+        flat = [
+            *self.weights,
+            torch.tensor(tokens),
+            self.cache.kv,
+            torch.tensor(slots),
+            torch.tensor(start),
+            self._past[: max(C, 2)],
+        ]
+        (out,) = runner.boxed_run(flat)
+        return out.tolist()
+
+
+def _main(spec_file: str) -> None:
+    spec = json.loads(Path(spec_file).read_text())
+    Path(spec_file).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    config = ModelConfig.from_dict(spec["config"])
+    build(config, spec["kind"], spec["steps"], tuple(spec["kv_shape"]), spec["threads"], Path(spec["out"]))
+    print(f"built {spec['out']} in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])

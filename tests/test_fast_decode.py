@@ -1,0 +1,113 @@
+"""The default engine's fast path (nanoseek/infer/fast_decode.py): K greedy steps per call of an AOTInductor graph,
+built once per config in a child process and cached; same tokens as the eager engine; eager when it cannot be
+built. The conftest turns the path off for every other test (CI caches nothing: a first build takes minutes)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.infer import fast_decode
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def trained() -> Transformer:
+    """A tiny model trained for a few seconds on a periodic sequence: confident argmaxes, so a different
+    summation order (dense experts) cannot flip a greedy token."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.from_preset("tiny"))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    pattern = torch.tensor([5, 9, 17, 3, 42, 8, 77, 21, 6])
+    for _ in range(150):
+        offs = torch.randint(0, 9, (8,))
+        ids = torch.stack([pattern.roll(-int(o)).repeat(5)[:33] for o in offs])
+        loss = m.compute_loss(ids[:, :-1], ids[:, 1:]).total(1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+PROMPTS = [[5, 9, 17, 3], [42, 8, 77], [6, 5, 9, 17, 3, 42], [7, 7], [9, 1, 2], [3, 4, 5, 6]]
+# lengths that are not multiples of K, and one sequence that outlives the others (batches shrink to one row)
+PARAMS = [SamplingParams(max_tokens=n, temperature=0) for n in (5, 3, 9, 4, 6)] + [
+    SamplingParams(max_tokens=21, temperature=0)
+]
+
+
+def test_engine_stays_eager_when_the_fast_path_cannot_be_built(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the build's child process fails at once
+    eager = Engine(model, max_batch_size=8, max_len=64, fast=False).generate(PROMPTS, PARAMS)
+    engine = Engine(model, max_batch_size=8, max_len=64, fast=True)
+    assert engine.fast is not None
+    assert not engine.fast.wait(timeout=60)  # both builds failed: nothing loaded
+    assert engine.fast.failed == {"b1", "bn"}
+    assert [c.token_ids for c in engine.generate(PROMPTS, PARAMS)] == [c.token_ids for c in eager]
+    assert "decoding eagerly" in capsys.readouterr().err
+
+
+def test_fast_path_is_off_where_it_does_not_apply(model, monkeypatch):
+    monkeypatch.setenv(fast_decode.ENV_SWITCH, "1")
+    assert Engine(model, max_batch_size=2, max_len=64, compile=True).fast is None  # compile=True: its own path
+    assert Engine(model, max_batch_size=2, max_len=64, speculative=True).fast is None
+    monkeypatch.setenv(fast_decode.ENV_SWITCH, "0")
+    assert Engine(model, max_batch_size=2, max_len=64).fast is None
+    v32 = Transformer(ModelConfig.from_preset("tiny-v32"))
+    assert fast_decode.supported(v32, Engine(v32, max_batch_size=2, max_len=64, fast=False).cache) is not None
+
+
+def test_artifacts_are_keyed_by_config_cache_shape_and_threads():
+    c = ModelConfig.from_preset("tiny")
+    key = fast_decode.artifact_path
+    base = key(c, "bn", 8, (2, 4, 64, 40), 2)
+    assert base == key(c, "bn", 8, (2, 4, 64, 40), 2)
+    assert base.parent == fast_decode.cache_dir()
+    others = [
+        key(c.replace(hidden_size=c.hidden_size * 2), "bn", 8, (2, 4, 64, 40), 2),
+        key(c, "b1", 8, (2, 4, 64, 40), 2),
+        key(c, "bn", 4, (2, 4, 64, 40), 2),
+        key(c, "bn", 8, (2, 8, 64, 40), 2),
+        key(c, "bn", 8, (2, 4, 64, 40), 1),
+    ]
+    assert len({base, *others}) == 6
+
+
+@pytest.mark.slow
+def test_fast_path_matches_eager_and_loads_from_its_cache(trained, tmp_path, monkeypatch):
+    """Built once (two AOTInductor artifacts, K = 4), the fast path gives the eager engine's greedy tokens at
+    batch 1 and batched, with sequences finishing inside a K-step block and others joining; a second engine
+    (as a later process would) loads the artifacts from the cache at once."""
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    eager_engine = Engine(trained, max_batch_size=8, max_len=64, fast=False)
+    moes = trained.moe_layers()
+    eager = eager_engine.generate(PROMPTS, PARAMS)
+    [eager_one] = eager_engine.generate(PROMPTS[0], PARAMS[-1])
+    monkeypatch.setattr(fast_decode.FastDecoder, "steps", 4)
+    engine = Engine(trained, max_batch_size=8, max_len=64, fast=True)
+    assert engine.fast.wait(timeout=1800), engine.fast.failed
+    calls = []
+    decode = engine.fast.decode
+    engine.fast.decode = lambda slots, *a: calls.append(len(slots)) or decode(slots, *a)
+    fast = engine.generate(PROMPTS, PARAMS)
+    [fast_one] = engine.generate(PROMPTS[0], PARAMS[-1])
+    assert 1 in calls and max(calls) > 1  # both artifacts ran
+    assert [c.token_ids for c in fast] == [c.token_ids for c in eager]
+    assert fast_one.token_ids == eager_one.token_ids
+    assert all(m.gather_max_tokens > 0 for m in moes)  # the build changed a copy, not this model
+    t = time.perf_counter()
+    again = Engine(trained, max_batch_size=8, max_len=64, fast=True)
+    assert set(again.fast.runners) == {"b1", "bn"} and time.perf_counter() - t < 30
+    assert [c.token_ids for c in again.generate(PROMPTS, PARAMS)] == [c.token_ids for c in eager]
