@@ -85,7 +85,11 @@ def evaluate_stage(out: Path, stage: str, model_dir: Path, fmt: str, recipe: Rec
     device = None if recipe.device == "auto" else recipe.device
     if device is None and torch.cuda.is_available():
         device = "cuda"
-    engine = Engine.from_pretrained(model_dir, device=device, max_batch_size=128 if device == "cuda" else 64)
+    # fast=False: the fast path's first build (minutes of CPU in a background process) would share the cores
+    # with the next training stage inside the speedrun's time budget; these evals take tens of seconds eager
+    engine = Engine.from_pretrained(
+        model_dir, device=device, max_batch_size=128 if device == "cuda" else 64, fast=False
+    )
     t0 = time.time()
     print(f"== eval {stage}: {len(problems)} held-out problems, greedy; pass@{recipe.k} on a subset", flush=True)
     greedy = evaluate(engine, problems, fmt=fmt, max_tokens=recipe.eval_max_tokens)
