@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from nanoseek.config import ModelConfig
+from nanoseek.export.gguf_experts import expert_tensors
 from nanoseek.io import atomic_path
 
 ARCHS = {
@@ -196,18 +197,7 @@ def _block_tensors(sd: dict[str, torch.Tensor], p: str, b: str, c: ModelConfig, 
     yield b + "ffn_gate_inp.weight", sd[m + "gate.weight"]
     if c.topk_method == "noaux_tc":
         yield b + "exp_probs_b.bias", sd[m + "gate.e_score_correction_bias"]
-    yield from _expert_tensors(sd, m, b, c)
-
-
-def _expert_tensors(sd: dict[str, torch.Tensor], m: str, b: str, c: ModelConfig):
-    """Routed experts stacked per projection ([E, out, in], as the converter stacks them) and the shared expert."""
-    I = c.moe_intermediate_size
-    w13, w2 = sd[m + "experts.w13"], sd[m + "experts.w2"]  # [E, d, 2I], [E, I, d]
-    yield b + "ffn_gate_exps.weight", w13[:, :, :I].transpose(1, 2)  # [E, I, d]: per expert [out, in]
-    yield b + "ffn_up_exps.weight", w13[:, :, I:].transpose(1, 2)
-    yield b + "ffn_down_exps.weight", w2.transpose(1, 2)  # [E, d, I]
-    for proj in ("gate", "up", "down"):
-        yield b + f"ffn_{proj}_shexp.weight", sd[m + f"shared_experts.{proj}_proj.weight"]
+    yield from expert_tensors(sd, m, b, c)
 
 
 def _encode(name: str, t: torch.Tensor, dtype: str, keep_f32: tuple[str, ...]):

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from nanoseek.config import CSA, HCA, ModelConfig
+from nanoseek.export.gguf_experts import expert_tensors
 
 # written float32 whatever --dtype says (llama.cpp's converter keeps DeepSeek's float32 tensors float32)
 KEEP_F32 = (
@@ -141,8 +142,6 @@ def add_metadata(w, c: ModelConfig) -> None:
 
 def tensors(model, c: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(GGUF name, tensor in PyTorch layout) for the main model; tid2eid stays an integer tensor."""
-    from nanoseek.export.gguf import _expert_tensors
-
     sd = {
         k: v.detach() if k.endswith("tid2eid") else v.detach().float()
         for k, v in model.state_dict().items()
@@ -184,7 +183,7 @@ def tensors(model, c: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
             yield b + "ffn_gate_tid2eid.weight", sd[m + "gate.tid2eid"]  # [V, K] int -> ggml {K, V} int32
         else:
             yield b + "exp_probs_b.bias", sd[m + "gate.e_score_correction_bias"]
-        yield from _expert_tensors(sd, m, b, c)
+        yield from expert_tensors(sd, m, b, c)
 
 
 def _compressor(sd: dict[str, torch.Tensor], p: str, b: str) -> Iterator[tuple[str, torch.Tensor]]:
