@@ -24,9 +24,9 @@ dir or the llama-bench binary) against the default `Engine()` on the same f32 GG
 `--v3-vs-v4` times nanoseek against itself: the default `Engine()` on cpu-small (V3: MLA latent cache) and on
 cpu-small-v4 (V4: window + compressed entries, mHC, CSA indexer) resized to the same total parameters as
 benchmarks/arch_race.py does, random weights, the same prompt: greedy decode tokens/s at batch 1 and 16 and a
-256-token prefill, at --threads torch threads, alternating the two models --reps rounds. The llama.cpp side of V4
-(`deepseek4` GGUF) waits on `nanoseek export --format gguf` writing that architecture: `v4_gguf` in the JSON says
-so until then (then: `--gguf` / `--llama-bench` on a V4 model dir).
+256-token prefill, at --threads torch threads, alternating the two models --reps rounds. llama.cpp on a V4 model:
+`--llama-bench` with `--model` a V4 dir that llama.cpp's `deepseek4` runs as we do (compression rates 4 and 128,
+head sizes that are multiples of 64: `nanoseek export` refuses others, naming the field).
 """
 
 from __future__ import annotations
@@ -499,7 +499,6 @@ def v3_vs_v4(args) -> dict:
     result["prefill_tokens_per_s"] = {name: round(256 / statistics.median(t)) for name, t in times.items()}
     result["prefill_tokens_per_s"]["v4_over_v3_time"] = _ratio(times, "v4", "v3")
     result["kv_bytes_per_token_at_512"] = {n: round(kv_bytes_per_token(c, 512, 4)) for n, c in configs.items()}
-    result["v4_gguf"] = "pending: llama.cpp's deepseek4 needs `nanoseek export --format gguf` to write V4"
     result.update(
         torch=torch.__version__,
         machine=cpu_name() if args.device == "cpu" else torch.cuda.get_device_name(),
