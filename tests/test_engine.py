@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import MIXED
+from helpers import MIXED, periodic_tiny
 
 from nanoseek import ModelConfig, Transformer, save_model
 from nanoseek.infer.cache import LatentCache
@@ -23,18 +23,7 @@ def model() -> Transformer:
 @pytest.fixture(scope="module")
 def trained() -> Transformer:
     """A tiny model trained for a few seconds on a periodic sequence, so that its MTP head drafts well."""
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig.from_preset("tiny"))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    pattern = torch.tensor([5, 9, 17, 3, 42, 8, 77, 21, 6])
-    for _ in range(150):
-        offs = torch.randint(0, 9, (8,))
-        ids = torch.stack([pattern.roll(-int(o)).repeat(5)[:33] for o in offs])
-        loss = m.compute_loss(ids[:, :-1], ids[:, 1:]).total(1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    return periodic_tiny()
 
 
 def _prompts(lengths, seed=1):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from helpers import periodic_tiny
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.infer import fast_decode
@@ -26,18 +27,7 @@ def model() -> Transformer:
 def trained() -> Transformer:
     """A tiny model trained for a few seconds on a periodic sequence: confident argmaxes, so a different
     summation order (dense experts) cannot flip a greedy token."""
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig.from_preset("tiny"))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    pattern = torch.tensor([5, 9, 17, 3, 42, 8, 77, 21, 6])
-    for _ in range(150):
-        offs = torch.randint(0, 9, (8,))
-        ids = torch.stack([pattern.roll(-int(o)).repeat(5)[:33] for o in offs])
-        loss = m.compute_loss(ids[:, :-1], ids[:, 1:]).total(1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    return periodic_tiny()
 
 
 PROMPTS = [[5, 9, 17, 3], [42, 8, 77], [6, 5, 9, 17, 3, 42], [7, 7], [9, 1, 2], [3, 4, 5, 6]]

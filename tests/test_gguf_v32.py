@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers.gguf_checks import assert_decisive, llama_greedy, llama_logits, record_topk
+from helpers.gguf_checks import llama_greedy, llama_logits, record_topk
+from helpers.selections import assert_decisive
 
 from nanoseek import ModelConfig, Transformer, save_model
 from nanoseek.export.gguf import check_llama_cpp_compatible, export_gguf

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import make_live
-from helpers.gguf_checks import assert_decisive, llama_greedy, llama_logits, record_topk
+from helpers.gguf_checks import llama_greedy, llama_logits, record_topk
+from helpers.selections import assert_decisive
 
 from nanoseek import ModelConfig, Transformer, save_model
 from nanoseek.config import CSA, HCA

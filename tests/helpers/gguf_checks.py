@@ -38,17 +38,3 @@ def record_topk(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
     monkeypatch.setattr(indexer, "select_topk", select_topk)
     monkeypatch.setattr(compressed_attention, "select_topk", select_topk)
     return seen
-
-
-def assert_decisive(selections, margin: float = 1e-5) -> int:
-    """Every top-k choice has a gap > margin between its k-th and (k+1)-th visible score, so float rounding in
-    another implementation cannot flip it; returns how many queries really chose (more than k visible)."""
-    chose = 0
-    for scores, visible, k in selections:
-        s = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True).values
-        rows = visible.sum(-1) > k
-        if rows.any():
-            gap = (s[..., k - 1] - s[..., k])[rows]
-            assert gap.min().item() > margin, f"near-tie at the top-k boundary: {gap.min().item()}"
-            chose += int(rows.sum())
-    return chose

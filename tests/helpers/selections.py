@@ -33,13 +33,17 @@ def recorded_selections() -> Iterator[list[Selection]]:
         indexer.select_topk = compressed_attention.select_topk = original
 
 
-def assert_decisive(selections: list[Selection], margin: float = 1e-5) -> None:
+def assert_decisive(selections: list[Selection], margin: float = 1e-5) -> int:
     """Each row with more than topk visible keys has a gap above `margin` between its k-th and (k+1)-th score, so
-    no tie-break rule and no float rounding can change the choice."""
+    no tie-break rule and no float rounding (another implementation's) can change the choice. Returns how many
+    queries really chose (more than k visible)."""
     assert selections, "no indexer selection was made: the test does not exercise the indexer"
+    chose = 0
     for scores, visible, k in selections:
         s = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True).values
         rows = visible.sum(-1) > k
         if rows.any():
             gap = (s[..., k - 1] - s[..., k])[rows]
             assert gap.min().item() > margin, f"near-tie at the top-k boundary: {gap.min().item()}"
+            chose += int(rows.sum())
+    return chose
