@@ -101,3 +101,29 @@ def test_fast_path_matches_eager_and_loads_from_its_cache(trained, tmp_path, mon
     again = Engine(trained, max_batch_size=8, max_len=64, fast=True)
     assert set(again.fast.runners) == {"b1", "bn"} and time.perf_counter() - t < 30
     assert [c.token_ids for c in again.generate(PROMPTS, PARAMS)] == [c.token_ids for c in eager]
+
+
+def test_background_builds_run_at_the_lowest_priority(model, tmp_path, monkeypatch):
+    """A first build is minutes of CPU: it must not slow what the user runs meanwhile (training, serving)."""
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(fast_decode.ENV_SWITCH, "1")
+    seen = {}
+
+    class FakePopen:
+        def __init__(self, cmd, **kwargs):
+            seen.update(kwargs)
+
+        def poll(self):
+            return None
+
+        def kill(self):
+            pass
+
+    monkeypatch.setattr(fast_decode.subprocess, "Popen", FakePopen)
+    engine = Engine(model, max_batch_size=2, max_len=64)
+    assert not engine.fast.ready(1)  # starts the "b1" build
+    engine.fast.close()
+    assert seen["preexec_fn"] is fast_decode._lowest_priority
+    monkeypatch.setattr(fast_decode.os, "nice", lambda inc: seen.setdefault("nice", inc))
+    fast_decode._lowest_priority()
+    assert seen["nice"] == 19

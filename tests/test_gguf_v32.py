@@ -17,15 +17,8 @@ from nanoseek.tokenizer import ASSISTANT, THINK_START, USER
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-YARN = {
-    "type": "yarn",
-    "factor": 4.0,
-    "original_max_position_embeddings": 16,
-    "beta_fast": 32.0,
-    "beta_slow": 1.0,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-}
+from test_gguf import YARN  # noqa: E402  (the same YaRN settings as the V3 GGUF tests)
+
 PROMPTS = [
     "What is 8+79*9-66?",
     "The quick brown fox, 1999.",
