@@ -168,9 +168,11 @@ class Clock:
     """A run's wall clock and its end: `steps` and/or `time_budget` seconds, whichever comes first.
 
     A resumed run continues from the checkpoint's elapsed time (the time between that save and the interruption
-    is not counted). Under torchrun with a time budget every rank must read the same clock: the lr follows it
-    and it decides which step is the last (ranks stopping at different steps would wait on each other forever),
-    so `agree()` takes the maximum over ranks once per step and `elapsed()` returns it until the next agreement.
+    is not counted). The clock is read once per step, by `agree()`, and `elapsed()` returns that reading until
+    the next one: the step's logged time, its checkpoint and the decision that it is the last then agree (a
+    later reading could end the run on a step whose record says the budget was not reached). Under torchrun
+    every rank must read the same clock: the lr follows it and it decides which step is the last (ranks stopping
+    at different steps would wait on each other forever), so `agree()` takes the maximum over ranks.
     """
 
     def __init__(
@@ -190,6 +192,8 @@ class Clock:
     def agree(self) -> None:
         if self.env.distributed and self.time_budget:
             self._agreed = all_reduce(torch.tensor([self._now()], dtype=torch.float64), self.env, op="max").item()
+        else:
+            self._agreed = self._now()
 
     def finished(self, step: int) -> bool:
         return (self.steps is not None and step >= self.steps) or (
