@@ -63,8 +63,12 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nanoseek serve exited ({self.proc.returncode}):\n{self.log.read_text()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                health = httpx.get(self.url + "/health", timeout=2)
+                if health.status_code == 200:
                     return
+                if "engine stopped" in health.text:  # it will never be healthy: say why now
+                    self.close()
+                    raise RuntimeError(f"nanoseek serve's engine stopped:\n{self.log.read_text()}")
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
