@@ -163,6 +163,22 @@ def test_dense_experts_equal_routed_experts():
     torch.testing.assert_close(moe.experts.dense(x, dense_w), routed, atol=1e-5, rtol=1e-5)
 
 
+def test_the_fast_paths_experts_equal_routed_experts():
+    """The exported fast path's MoE: one token's experts read in place (`selected`), and several tokens' rows in
+    one zero-padded batch per expert (`padded`), including an expert nobody chose and one everybody chose."""
+    torch.manual_seed(0)
+    moe = Transformer(tiny()).eval().layers[1].mlp
+    x = torch.randn(6, 32)
+    idx = torch.tensor([[0, 3], [3, 1], [3, 0], [5, 3], [3, 7], [2, 3]])  # expert 3 six times, 4 and 6 never
+    torch.testing.assert_close(moe.experts.padded(x, idx), moe.experts.gathered(x, idx), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(moe.experts.selected(x[:1], idx[:1]), moe.experts.gathered(x[:1], idx[:1]))
+    with torch.no_grad():  # one token on the CPU takes the in-place path in eager inference too
+        moe.gather_max_tokens = 0
+        w, i, _ = moe.gate(x[:1])
+        ref = (moe.experts.gathered(x[:1], i) * w.unsqueeze(-1)).sum(1) + moe.shared_experts(x[:1])
+        torch.testing.assert_close(moe(x[None, :1]).view(1, 32), ref, atol=1e-6, rtol=1e-6)
+
+
 # --------------------------------------------------------------------------------------- training
 def test_gradients_reach_every_learnable_parameter_and_not_the_bias():
     torch.manual_seed(0)

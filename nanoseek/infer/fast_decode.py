@@ -15,8 +15,9 @@ shared GIL) and cached under `~/.cache/nanoseek/aoti` (`NANOSEEK_CACHE_DIR`); la
 about a second. `NANOSEEK_FAST_DECODE=0` turns the path off (the tests' default: CI has no cached artifacts);
 any failure (no C++ compiler, an export error) prints one line and leaves the engine eager.
 
-Two artifacts per engine: "b1" (one row: the MoE gathers the two chosen experts' weights, as eager does) and "bn"
-(2..n_slots rows: every expert densely, fixed-shape work with no sorting, as `Engine(compile=True)` does).
+Two artifacts per engine: "b1" (one row: the MoE reads the chosen experts' weights in place, and each matmul, a
+matrix-vector product, is inductor's own multiply-and-sum rather than a BLAS call) and "bn" (2..n_slots rows: each
+expert's rows in one zero-padded batch, one batched GEMM per projection).
 Rows are read from and written to their own cache slots (index_select / index_put), so any set of running slots
 decodes in one call. Only plain greedy rows (no penalties, log-probs, grammar or speculation) take it.
 """
@@ -41,7 +42,7 @@ from nanoseek.model.mla import write_latents
 from nanoseek.model.moe import MoE
 from nanoseek.model.rope import rope_frequencies
 
-FORMAT = 1  # bump when the exported function changes: old artifacts are then ignored
+FORMAT = 2  # bump when the exported function changes: old artifacts are then ignored
 ENV_SWITCH = "NANOSEEK_FAST_DECODE"  # "0": off (eager engine), else on
 
 
@@ -137,7 +138,7 @@ def build(config: ModelConfig, kind: str, steps: int, kv_shape: tuple[int, ...],
         model = Transformer(config)
     model = model.to_empty(device="cpu").eval()
     model.inv_freq, model.rope_attention_factor = rope_frequencies(config)  # a plain tensor: to_empty skips it
-    if kind == "bn":  # every expert densely: fixed-shape work for any number of rows
+    if kind == "bn":  # several rows: each expert's rows in one padded batch (MoE, Experts.padded), no gathers
         for m in model.modules():
             if isinstance(m, MoE):
                 m.gather_max_tokens = 0
@@ -158,7 +159,11 @@ def build(config: ModelConfig, kind: str, steps: int, kv_shape: tuple[int, ...],
         ep = torch.export.export(fn, args, dynamic_shapes=dynamic)
     print(f"exported in {time.perf_counter() - t0:.1f} s", flush=True)
     tmp = out.with_name(f"{out.stem}.tmp{os.getpid()}.pt2")
-    torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+    # one row: each matmul is a matrix-vector product, memory-bound, where inductor's own vectorised
+    # multiply-and-sum reads the weights faster than the BLAS call it would make otherwise
+    options = {"decompose_mm_pass": {}} if kind == "b1" else {}
+    with torch._inductor.config.patch(post_grad_fusion_options=options):
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
     os.replace(tmp, out)
 
 

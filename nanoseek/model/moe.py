@@ -8,7 +8,8 @@
     V4 clamps the experts' pre-activations: SiLU(min(gate, limit)) * clamp(up, -limit, limit)
 
 Routed experts run as one grouped GEMM over tokens sorted by expert (decoding a few tokens: their experts'
-weights gathered into one batched GEMM; compiled decoding: every expert densely, fixed shapes). The bias is
+weights gathered into one batched GEMM; torch.compile'd decoding: every expert densely, fixed shapes; the
+exported fast path: one token's experts read in place, or every expert's rows in one padded batch). The bias is
 balanced without an auxiliary loss (eq. 16): after each step b += gamma * sign(mean_load - load); `last_load`
 holds the counts (every forward but compiled inference). `MoE.experts` is the seam for expert parallelism:
 nanoseek/distributed/expert_parallel.py swaps in a module with the same call that sends rows to the ranks owning
@@ -133,6 +134,37 @@ class Experts(nn.Module):
         gate, up = h.split(self.inter_dim, dim=-1)
         return (swiglu(gate, up, self.limit) @ self.w2[indices]).squeeze(2)
 
+    def selected(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """One token on the CPU (batch-1 decoding): its K experts' weights read in place, as views, with no copy
+        (`gathered` copies them: 3*d*I floats per expert, the step's largest cost on a wider model). x [1, d],
+        indices [1, K] -> [1, K, d]. The expert ids are read as ints, a sync a CUDA step must not make."""
+        E, out = self.w13.shape[0], []
+        for k in range(indices.shape[1]):
+            e = indices[0, k].item()
+            torch._check(e >= 0)  # an unbacked int under torch.export: bound it so the views are valid
+            torch._check(e < E)
+            gate, up = (x @ self.w13[e]).split(self.inter_dim, dim=-1)
+            out.append(swiglu(gate, up, self.limit) @ self.w2[e])
+        return torch.stack(out, dim=1)
+
+    def padded(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Each expert's rows in one zero-padded batch as long as the busiest expert's: one batched GEMM over the
+        experts, routing's FLOPs (plus the padding) and no copies of weights. The batch length is data-dependent,
+        so this is for torch.export (the fast path's graph), where `dense` would do E/K times the work.
+        x [N, d], indices [N, K] -> [N, K, d]."""
+        N, K = indices.shape
+        E, I = self.w13.shape[0], self.inter_dim
+        expert = indices.flatten()  # [N*K]
+        onehot = F.one_hot(expert, E)
+        rank = ((onehot.cumsum(0) - 1) * onehot).sum(1)  # each (token, k)'s place in its expert's rows
+        rows = onehot.sum(0).max().clamp(min=2).item()  # >= 2: a length of 1 would be a special case to lower
+        torch._check(rows >= 2)
+        torch._check(rows <= max(2, N * K))
+        xp = x.new_zeros(E, rows, x.shape[1]).index_put_((expert, rank), x.repeat_interleave(K, dim=0))
+        gate, up = torch.bmm(xp, self.w13).split(I, dim=-1)
+        y = torch.bmm(swiglu(gate, up, self.limit), self.w2)  # [E, rows, d]
+        return y[expert, rank].view(N, K, -1)
+
     def dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, combined with weights [N, E] (0 for unselected experts): E/K times the
         FLOPs of routing but fixed shapes and no sorting, for compiled decoding of a few tokens. x [N, d] -> [N, d]."""
@@ -199,10 +231,14 @@ class MoE(nn.Module):
             load = self.last_load = expert_of.new_zeros(self.n_experts).index_add_(
                 0, expert_of, torch.ones_like(expert_of)
             )
-        if inference and flat.shape[0] <= self.gather_max_tokens:
+        if inference and flat.shape[0] == 1 and self._select_in_place(flat):
+            y = self.experts.selected(flat, indices)  # [1, K, d]
+        elif inference and flat.shape[0] <= self.gather_max_tokens:
             y = self.experts.gathered(flat, indices)  # [N, K, d]
+        elif inference and self._select_in_place(flat) and torch.compiler.is_compiling():
+            y = self.experts.padded(flat, indices)  # torch.export (the fast path): [N, K, d]
         elif inference and torch.compiler.is_compiling() and flat.dtype == torch.float32:
-            # compiled decoding: grouped_mm has no fp32 compile kernel; run all experts with fixed shapes
+            # torch.compile: grouped_mm has no fp32 compile kernel; run all experts with fixed shapes
             dense_w = weights.new_zeros(flat.shape[0], self.n_experts).scatter_(1, indices, weights)
             y = self.experts.dense(flat, dense_w.to(x.dtype))
             if self.shared_experts is not None:
@@ -219,6 +255,11 @@ class MoE(nn.Module):
         if self.training and self.aux_loss_alpha > 0 and not self.hash_routed:  # hash routing: balance is fixed
             self.aux_loss = self.sequence_aux_loss(scores.view(B, T, -1), indices.view(B, T, -1))
         return y
+
+    def _select_in_place(self, x: torch.Tensor) -> bool:
+        """Whether one token's experts can be read as views (`Experts.selected`): on the CPU, eagerly or under
+        torch.export (the fast path's graph), not under dynamo (`.item()` would break the compiled graph)."""
+        return x.device.type == "cpu" and isinstance(self.experts, Experts) and not torch.compiler.is_dynamo_compiling()
 
     def sequence_aux_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch."""
