@@ -17,8 +17,9 @@ and a summary line with the ratios.
 `--llama-server PATH` adds llama.cpp's own `llama-server` (built by `bash benchmarks/build_llama_cpp.sh` from the
 sources llama-cpp-python 0.3.36 vendors; PATH is its bin dir or the binary) on the same weights: the model exported
 by nanoseek's GGUF writer (f32, or `--gguf FILE`), `--parallel` 32 slots of the model's context each, continuous
-batching (`-cb`), its own chat template and prompt cache, and the same threads as `nanoseek serve` (torch's
-default, `--threads`). Same prompts, same `max_tokens` with `ignore_eos` (both honour it), measured alternately
+batching (`-cb`), its own chat template and prompt cache, `-t --threads` (default: every core). `nanoseek serve`
+keeps its own default (all cores but one for decoding; pass `--nanoseek-args "--threads N"` to change it): each
+server gets the same cores and spends them its own way. Same prompts, same `max_tokens` with `ignore_eos` (both honour it), measured alternately
 with the others; each line adds `over_llama_server`: nanoseek / llama.cpp per round (median) of output tokens/s
 (above 1: nanoseek faster) and of TTFT p50 (below 1: nanoseek answers sooner).
 
@@ -279,7 +280,7 @@ def main() -> None:
     ap.add_argument("--gguf", help="the f32 GGUF of --model for llama-server (default: exported into a temp dir)")
     ap.add_argument("--parallel", type=int, default=32, help="llama-server slots (nanoseek serve: --max-batch 32)")
     ap.add_argument(
-        "--threads", type=int, default=torch.get_num_threads(), help="threads for both llama-server and nanoseek"
+        "--threads", type=int, default=torch.get_num_threads(), help="llama-server's threads (nanoseek: its default)"
     )
     ap.add_argument("--prefix", action="store_true", help="only the prefix-cache TTFT benchmark (see above)")
     args = ap.parse_args()
@@ -302,7 +303,6 @@ def main() -> None:
              "--served-model-name", "m", *args.nanoseek_args.split()],
             8811,
             work / "nanoseek.log",
-            env={"OMP_NUM_THREADS": str(args.threads)},  # torch's threads: what llama-server gets too
         ),
     }  # fmt: skip
     if llama_cmd is not None:
@@ -356,7 +356,8 @@ def main() -> None:
                     ),
                 }
                 summary.setdefault("nanoseek_over_llama_server", {})[clients] = line["over_llama_server"]
-            line["threads"] = args.threads
+            line["llama_server_threads"] = args.threads
+            line["nanoseek_args"] = args.nanoseek_args
             line["loadavg_1m"] = round(os.getloadavg()[0], 2)
             line["machine"] = f"{cpu_name()}, torch {torch.__version__}"
             print(json.dumps(line), flush=True)

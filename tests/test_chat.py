@@ -104,3 +104,18 @@ def test_generate_chat_and_serve_default_to_device_auto_like_training():
     parser = build_parser()
     for command in ("generate", "chat", "serve"):
         assert parser.parse_args([command, "--model", "m"]).device == "auto"  # cuda when available, else cpu
+
+
+def test_serve_leaves_a_core_to_http_and_refuses_zero_threads(monkeypatch, tmp_path):
+    import torch
+
+    from nanoseek.cli import serve
+    from nanoseek.cli.main import build_parser
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    for cores, want in ((1, 1), (2, 1), (4, 3), (16, 8)):  # never more than torch's own pool
+        monkeypatch.setattr(serve.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)), raising=False)
+        assert serve.default_threads() == want
+    args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--threads", "0"])
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        args.func(args)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 from pathlib import Path
+
+import torch
 
 from nanoseek.cli.common import add_device_option
 from nanoseek.infer.engine import Engine
@@ -38,6 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--served-model-name", default=None, help="the model name clients send (default: the directory name)"
     )
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for decoding (default: all cores but one, which is left to HTTP and tokenizing)",
+    )
     add_device_option(s)
     s.set_defaults(func=run_serve)
 
@@ -48,11 +57,16 @@ def run_serve(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint.run import resolve_model_dir
     from nanoseek.train.run import resolve_device
 
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     model_dir = resolve_model_dir(args.model)
     if not (model_dir / "tokenizer.json").exists():
         raise FileNotFoundError(f"{model_dir} has no tokenizer.json: the server needs the model's tokenizer")
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError("--max-batch must be >= 1 and --max-queue >= 0")
+    # The engine's thread pool shares the cores with uvicorn's event loop and the tokenizer: a pool that spans every
+    # core stalls at its barriers whenever another thread takes one of them (BENCHMARKS.md, "Serving").
+    torch.set_num_threads(args.threads or default_threads())
     engine = Engine.from_pretrained(
         model_dir,
         device=resolve_device(args.device),
@@ -71,6 +85,15 @@ def run_serve(args: argparse.Namespace) -> int:
     uvicorn.run(server.app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     server.loop.stop()
     return 0
+
+
+def default_threads() -> int:
+    """All cores this process may use but one, at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores - 1, torch.get_num_threads()))
 
 
 def _announce_ready(server: Server, url: str) -> None:
