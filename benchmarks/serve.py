@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -122,7 +123,7 @@ async def one_request(
     }
     t0 = time.perf_counter()
     first, stamps, chunks, usage, text = None, [], 0, None, ""
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+    async with _stream(client, url + "/v1/chat/completions", body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
@@ -150,6 +151,21 @@ async def one_request(
         "text": text,
         "usage": usage,
     }
+
+
+@contextlib.asynccontextmanager
+async def _stream(client: httpx.AsyncClient, url: str, body: dict):
+    """POST a streaming request; once more on a fresh connection if the server closed a kept-alive one before
+    answering (llama-server's HTTP library closes a connection after a few requests: a race, not a failure)."""
+    request = client.build_request("POST", url, json=body)
+    try:
+        r = await client.send(request, stream=True)
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        r = await client.send(request, stream=True)
+    try:
+        yield r
+    finally:
+        await r.aclose()
 
 
 async def load(
