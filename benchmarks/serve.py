@@ -155,12 +155,13 @@ async def one_request(
 
 @contextlib.asynccontextmanager
 async def _stream(client: httpx.AsyncClient, url: str, body: dict):
-    """POST a streaming request; once more on a fresh connection if the server closed a kept-alive one before
-    answering (llama-server's HTTP library closes a connection after a few requests: a race, not a failure)."""
+    """POST a streaming request; once more if the connection failed before any answer (seen with 8-32 streaming
+    clients, a kept-alive connection closed under the request; said on stderr, naming the server)."""
     request = client.build_request("POST", url, json=body)
     try:
         r = await client.send(request, stream=True)
-    except (httpx.RemoteProtocolError, httpx.ReadError):
+    except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+        print(f"{url}: {type(e).__name__} before any answer; sending the request once more", file=sys.stderr)
         r = await client.send(request, stream=True)
     try:
         yield r
