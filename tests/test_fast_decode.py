@@ -71,8 +71,9 @@ def test_artifacts_are_keyed_by_config_cache_shape_and_threads():
         key(c, "bn", 4, (2, 4, 64, 40), 2),
         key(c, "bn", 8, (2, 8, 64, 40), 2),
         key(c, "bn", 8, (2, 4, 64, 40), 1),
+        key(c, "bn", 8, (2, 4, 64, 40), 2, out_in=True),
     ]
-    assert len({base, *others}) == 6
+    assert len({base, *others}) == 7
 
 
 @pytest.mark.slow
@@ -101,6 +102,25 @@ def test_fast_path_matches_eager_and_loads_from_its_cache(trained, tmp_path, mon
     again = Engine(trained, max_batch_size=8, max_len=64, fast=True)
     assert set(again.fast.runners) == {"b1", "bn"} and time.perf_counter() - t < 30
     assert [c.token_ids for c in again.generate(PROMPTS, PARAMS)] == [c.token_ids for c in eager]
+    # b1 reads the routed experts from [out, in] copies: an in-place change of the weights (GRPO's optimizer
+    # step) reaches them at the next call. Scale the experts' down projections by 64 (a power of two: undone
+    # exactly), decode, then scale them back.
+    assert again.fast.out_in and len(again.fast.out_in_copies()) == 2 * len(fast_decode.routed_experts(trained))
+
+    def scale(by: float) -> None:
+        with torch.no_grad():
+            for m in moes:
+                m.experts.w2.mul_(by)
+
+    scale(64.0)
+    try:
+        assert not all(torch.equal(copy, w.transpose(1, 2)) for w, copy, _ in again.fast._out_in)  # w2: stale
+        [changed] = eager_engine.generate(PROMPTS[0], PARAMS[-1])
+        assert again.generate(PROMPTS[0], PARAMS[-1])[0].token_ids == changed.token_ids
+        assert all(torch.equal(copy, w.transpose(1, 2)) for w, copy, _ in again.fast._out_in)  # refreshed
+    finally:
+        scale(1 / 64)
+    assert again.generate(PROMPTS[0], PARAMS[-1])[0].token_ids == eager_one.token_ids
 
 
 def test_background_builds_run_at_the_lowest_priority(model, tmp_path, monkeypatch):

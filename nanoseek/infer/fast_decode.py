@@ -16,8 +16,9 @@ about a second. `NANOSEEK_FAST_DECODE=0` turns the path off (the tests' default:
 any failure (no C++ compiler, an export error) prints one line and leaves the engine eager.
 
 Two artifacts per engine: "b1" (one row: the MoE reads the chosen experts' weights in place, and each matmul, a
-matrix-vector product, is inductor's own multiply-and-sum rather than a BLAS call) and "bn" (2..n_slots rows: each
-expert's rows in one zero-padded batch, one batched GEMM per projection).
+matrix-vector product, is inductor's own multiply-and-sum rather than a BLAS call; the routed experts are read
+from copies laid out [out, in], which the engine keeps and refreshes when the weights change) and "bn"
+(2..n_slots rows: each expert's rows in one zero-padded batch, one batched GEMM per projection).
 Rows are read from and written to their own cache slots (index_select / index_put), so any set of running slots
 decodes in one call. Only plain greedy rows (no penalties, log-probs, grammar or speculation) take it.
 """
@@ -39,11 +40,12 @@ from nanoseek.config import ModelConfig
 from nanoseek.infer.cache import LatentCache
 from nanoseek.model import Transformer
 from nanoseek.model.mla import write_latents
-from nanoseek.model.moe import MoE
+from nanoseek.model.moe import Experts, MoE
 from nanoseek.model.rope import rope_frequencies
 
-FORMAT = 2  # bump when the exported function changes: old artifacts are then ignored
+FORMAT = 3  # bump when the exported function changes: old artifacts are then ignored
 ENV_SWITCH = "NANOSEEK_FAST_DECODE"  # "0": off (eager engine), else on
+OUT_IN_MAX_BYTES = 1 << 30  # b1's [out, in] expert copies cost the routed experts' size again: not above this
 
 
 def enabled() -> bool:
@@ -67,7 +69,9 @@ def cpu_flags() -> str:
     return "\n".join(pick)
 
 
-def artifact_path(config: ModelConfig, kind: str, steps: int, kv_shape: tuple[int, ...], threads: int) -> Path:
+def artifact_path(
+    config: ModelConfig, kind: str, steps: int, kv_shape: tuple[int, ...], threads: int, out_in: bool = False
+) -> Path:
     spec = {
         "format": FORMAT,
         "config": config.to_dict(),
@@ -77,6 +81,7 @@ def artifact_path(config: ModelConfig, kind: str, steps: int, kv_shape: tuple[in
         "steps": steps,
         "kv_shape": list(kv_shape),
         "threads": threads,
+        "out_in": out_in,
     }
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return cache_dir() / f"{kind}-k{steps}-{key}.pt2"
@@ -100,6 +105,20 @@ def state_tensors(model: Transformer) -> list[torch.Tensor]:
     return [t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()]
 
 
+def routed_experts(model: Transformer) -> list[tuple[str, Experts]]:
+    """The decoder layers' routed experts (not the MTP module's: decoding does not run it), with their names."""
+    return [(n, m) for n, m in model.layers.named_modules(prefix="layers") if isinstance(m, Experts)]
+
+
+def out_in_names(model: Transformer) -> list[str]:
+    """The b1 graph's extra inputs, after the weights: each routed expert stack laid out [out, in]."""
+    return [f"{n}.{w}" for n, _ in routed_experts(model) for w in ("w13_t", "w2_t")]
+
+
+def out_in_bytes(model: Transformer) -> int:
+    return sum((m.w13.numel() + m.w2.numel()) * m.w13.element_size() for _, m in routed_experts(model))
+
+
 class GreedySteps(torch.nn.Module):
     """What is exported: `steps` greedy decode steps of rows `slots` of the cache, written in place.
 
@@ -107,11 +126,11 @@ class GreedySteps(torch.nn.Module):
     Row n feeds ids[n] at position start[n], then its own argmax, and so on; step k reads the first C cached
     positions (C = past.shape[0] >= max(start) + steps - 1; masked past each row's own length)."""
 
-    def __init__(self, model: Transformer, steps: int) -> None:
+    def __init__(self, model: Transformer, steps: int, extra: list[str] = ()) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: its weights are inputs, not constants
         self.steps = steps
-        self.names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+        self.names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()] + list(extra)
 
     def forward(self, weights, ids, kv, slots, start, past):
         state = dict(zip(self.names, weights))
@@ -130,8 +149,17 @@ def greedy_steps(model: Transformer, ids, kv, slots, start, cache_len: int, step
     return torch.cat(out, dim=1)
 
 
-def build(config: ModelConfig, kind: str, steps: int, kv_shape: tuple[int, ...], threads: int, out: Path) -> None:
-    """Export and compile one artifact to `out` (on a weightless copy of the model: weights are inputs)."""
+def build(
+    config: ModelConfig,
+    kind: str,
+    steps: int,
+    kv_shape: tuple[int, ...],
+    threads: int,
+    out: Path,
+    out_in: bool = False,
+) -> None:
+    """Export and compile one artifact to `out` (on a weightless copy of the model: weights are inputs).
+    `out_in` (b1): the routed experts are read from [out, in] copies, inputs after the weights."""
     t0 = time.perf_counter()
     torch.set_num_threads(threads)  # inductor bakes the thread count into its kernels
     with torch.device("meta"):
@@ -143,8 +171,13 @@ def build(config: ModelConfig, kind: str, steps: int, kv_shape: tuple[int, ...],
             if isinstance(m, MoE):
                 m.gather_max_tokens = 0
     model.forward = lambda ids, kv, slots, start, cache_len, n: greedy_steps(model, ids, kv, slots, start, cache_len, n)
-    fn = GreedySteps(model, steps)
     weights = tuple(torch.zeros_like(t) for t in state_tensors(model))
+    extra = out_in_names(model) if out_in else []
+    fn = GreedySteps(model, steps, extra)
+    for _, m in routed_experts(model) if out_in else []:  # what Experts.selected reads when present
+        m.register_buffer("w13_t", m.w13.transpose(1, 2).contiguous(), persistent=False)
+        m.register_buffer("w2_t", m.w2.transpose(1, 2).contiguous(), persistent=False)
+        weights += (torch.zeros_like(m.w13_t), torch.zeros_like(m.w2_t))
     L, S, M, W = kv_shape
     N = 1 if kind == "b1" else min(2, S)
     kv = torch.zeros(kv_shape)
@@ -178,8 +211,11 @@ class FastDecoder:
         steps = self.steps
         self.kv_shape = tuple(cache.kv.shape)
         threads = {"b1": 1, "bn": torch.get_num_threads()}
-        self.paths = {k: artifact_path(model.config, k, steps, self.kv_shape, t) for k, t in threads.items()}
+        self.out_in = bool(routed_experts(model)) and out_in_bytes(model) <= OUT_IN_MAX_BYTES
+        out_in = {"b1": self.out_in, "bn": False}
+        self.paths = {k: artifact_path(model.config, k, steps, self.kv_shape, t, out_in[k]) for k, t in threads.items()}
         self.threads = threads
+        self._out_in: list[tuple[torch.Tensor, torch.Tensor, int | None]] = []  # (weight, its copy, version copied)
         self.runners: dict[str, object] = {}
         self.builds: dict[str, tuple[subprocess.Popen, float, Path]] = {}
         self.failed: set[str] = set()
@@ -223,6 +259,12 @@ class FastDecoder:
             try:
                 t0 = time.perf_counter()
                 runner = torch._inductor.aoti_load_package(str(path))
+                if kind == "b1" and self.out_in:
+                    self._out_in = [
+                        (w, torch.empty_like(w.transpose(1, 2), memory_format=torch.contiguous_format), None)
+                        for _, m in routed_experts(self.model)
+                        for w in (m.w13, m.w2)
+                    ]
                 self.runners[kind] = runner.loader
                 self.load_s[kind] = time.perf_counter() - t0
                 return True
@@ -249,6 +291,7 @@ class FastDecoder:
             "steps": self.steps,
             "kv_shape": list(self.kv_shape),
             "threads": self.threads[kind],
+            "out_in": kind == "b1" and self.out_in,
             "out": str(path),
         }
         spec_file = Path(tempfile.mkstemp(suffix=".json", prefix="nanoseek-aoti-")[1])
@@ -285,10 +328,12 @@ class FastDecoder:
 
     def decode(self, slots: list[int], tokens: list[int], start: list[int]) -> list[list[int]]:
         """`steps` greedy tokens per row, their latents written to the cache (the caller advances lengths)."""
-        runner = self.runners["b1" if len(slots) == 1 else "bn"]
+        one = len(slots) == 1
+        runner = self.runners["b1" if one else "bn"]
         C = max(start) + self.steps - 1
         flat = [
             *self.weights,
+            *(self.out_in_copies() if one else ()),  # b1's weights end with them
             torch.tensor(tokens),
             self.cache.kv,
             torch.tensor(slots),
@@ -297,6 +342,25 @@ class FastDecoder:
         ]
         (out,) = runner.boxed_run(flat)
         return out.tolist()
+
+    def out_in_copies(self) -> list[torch.Tensor]:
+        """b1's [out, in] expert copies, refreshed where the weights changed in place since (GRPO's updates, a
+        loaded state dict): a tensor's version counter moves with every in-place write."""
+        for i, (w, copy, seen) in enumerate(self._out_in):
+            version = _version(w)
+            if version is None or version != seen:
+                with torch.no_grad():
+                    copy.copy_(w.transpose(1, 2))
+                self._out_in[i] = (w, copy, version)
+        return [copy for _, copy, _ in self._out_in]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's version counter (None for inference tensors, which have none: copied on every call)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _lowest_priority() -> None:
@@ -308,7 +372,8 @@ def _main(spec_file: str) -> None:
     Path(spec_file).unlink(missing_ok=True)
     t0 = time.perf_counter()
     config = ModelConfig.from_dict(spec["config"])
-    build(config, spec["kind"], spec["steps"], tuple(spec["kv_shape"]), spec["threads"], Path(spec["out"]))
+    kv_shape, out_in = tuple(spec["kv_shape"]), spec.get("out_in", False)
+    build(config, spec["kind"], spec["steps"], kv_shape, spec["threads"], Path(spec["out"]), out_in)
     print(f"built {spec['out']} in {time.perf_counter() - t0:.1f} s")
 
 

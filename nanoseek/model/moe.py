@@ -137,14 +137,23 @@ class Experts(nn.Module):
     def selected(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """One token on the CPU (batch-1 decoding): its K experts' weights read in place, as views, with no copy
         (`gathered` copies them: 3*d*I floats per expert, the step's largest cost on a wider model). x [1, d],
-        indices [1, K] -> [1, K, d]. The expert ids are read as ints, a sync a CUDA step must not make."""
+        indices [1, K] -> [1, K, d]. The expert ids are read as ints, a sync a CUDA step must not make.
+
+        Where the module also holds `w13_t` [E, 2I, d] and `w2_t` [E, d, I] (the same weights laid out [out, in],
+        as nn.Linear's are: only the fast path's batch-1 graph has them, fed from copies the engine keeps), those
+        are read instead: a matrix-vector product over contiguous rows streams the weights faster."""
         E, out = self.w13.shape[0], []
+        out_in = hasattr(self, "w13_t")
         for k in range(indices.shape[1]):
             e = indices[0, k].item()
             torch._check(e >= 0)  # an unbacked int under torch.export: bound it so the views are valid
             torch._check(e < E)
-            gate, up = (x @ self.w13[e]).split(self.inter_dim, dim=-1)
-            out.append(swiglu(gate, up, self.limit) @ self.w2[e])
+            if out_in:
+                gate, up = F.linear(x, self.w13_t[e]).split(self.inter_dim, dim=-1)
+                out.append(F.linear(swiglu(gate, up, self.limit), self.w2_t[e]))
+            else:
+                gate, up = (x @ self.w13[e]).split(self.inter_dim, dim=-1)
+                out.append(swiglu(gate, up, self.limit) @ self.w2[e])
         return torch.stack(out, dim=1)
 
     def padded(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
