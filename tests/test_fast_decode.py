@@ -147,3 +147,36 @@ def test_background_builds_run_at_the_lowest_priority(model, tmp_path, monkeypat
     monkeypatch.setattr(fast_decode.os, "nice", lambda inc: seen.setdefault("nice", inc))
     fast_decode._lowest_priority()
     assert seen["nice"] == 19
+
+
+@pytest.mark.skipif(fast_decode.fcntl is None, reason="lock files need POSIX fcntl")
+def test_concurrent_builds_of_one_artifact_build_it_once(tmp_path, monkeypatch):
+    """Two engines asking for the same artifact at once (a server and a chat, two ranks): the second build process
+    waits on the artifact's lock, then finds it built by the first and exits without building."""
+    import json
+    import threading
+
+    out = tmp_path / "b1-k8-key.pt2"
+    built = []
+    monkeypatch.setattr(fast_decode, "build", lambda *a: built.append(a) or a[5].write_bytes(b"artifact"))
+    spec = {"config": ModelConfig.from_preset("tiny").to_dict(), "kind": "b1", "steps": 8, "kv_shape": [2, 2, 8, 4]}
+    spec |= {"threads": 1, "out": str(out)}
+
+    def build_process(name: str) -> threading.Thread:
+        (tmp_path / name).write_text(json.dumps(spec))
+        return threading.Thread(target=fast_decode._main, args=(str(tmp_path / name),))
+
+    with open(out.with_suffix(".lock"), "a") as lock:
+        fast_decode.fcntl.flock(lock, fast_decode.fcntl.LOCK_EX)  # the first build, still running
+        waiting = build_process("second.json")
+        waiting.start()
+        time.sleep(0.5)
+        assert waiting.is_alive() and not built  # queued on the lock, building nothing
+        out.write_bytes(b"artifact")  # the first build lands, then lets go of its lock
+    waiting.join(timeout=10)
+    assert not waiting.is_alive() and not built
+    out.unlink()
+    first = build_process("third.json")  # no artifact and no one building it: this one builds
+    first.start()
+    first.join(timeout=10)
+    assert len(built) == 1 and out.read_bytes() == b"artifact"

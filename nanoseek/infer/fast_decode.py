@@ -43,6 +43,11 @@ from nanoseek.model.mla import write_latents
 from nanoseek.model.moe import Experts, MoE
 from nanoseek.model.rope import rope_frequencies
 
+try:
+    import fcntl  # POSIX: a lock file per artifact, so concurrent engines build it once
+except ImportError:
+    fcntl = None
+
 FORMAT = 3  # bump when the exported function changes: old artifacts are then ignored
 ENV_SWITCH = "NANOSEEK_FAST_DECODE"  # "0": off (eager engine), else on
 OUT_IN_MAX_BYTES = 1 << 30  # b1's [out, in] expert copies cost the routed experts' size again: not above this
@@ -368,13 +373,22 @@ def _lowest_priority() -> None:
 
 
 def _main(spec_file: str) -> None:
+    """A build process: one artifact, once. Engines that ask for the same artifact at the same time (a server and
+    a chat started together, two ranks) queue on its lock file; the later ones then find it built and exit."""
     spec = json.loads(Path(spec_file).read_text())
     Path(spec_file).unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    config = ModelConfig.from_dict(spec["config"])
-    kv_shape, out_in = tuple(spec["kv_shape"]), spec.get("out_in", False)
-    build(config, spec["kind"], spec["steps"], kv_shape, spec["threads"], Path(spec["out"]), out_in)
-    print(f"built {spec['out']} in {time.perf_counter() - t0:.1f} s")
+    out = Path(spec["out"])
+    with open(out.with_suffix(".lock"), "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        if out.exists():
+            print(f"{out} was built by another process meanwhile")
+            return
+        t0 = time.perf_counter()
+        config = ModelConfig.from_dict(spec["config"])
+        kv_shape, out_in = tuple(spec["kv_shape"]), spec.get("out_in", False)
+        build(config, spec["kind"], spec["steps"], kv_shape, spec["threads"], out, out_in)
+        print(f"built {out} in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":
