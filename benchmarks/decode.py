@@ -46,9 +46,9 @@ import torch
 from nanoseek import ModelConfig, Transformer, load_model, save_model
 from nanoseek.infer.engine import Engine, single_thread
 from nanoseek.infer.fast_decode import FastDecoder
+from nanoseek.infer.sampling import SamplingParams
 
 FAST_STEPS = FastDecoder.steps
-from nanoseek.infer.sampling import SamplingParams
 
 
 def alternate(fns: dict, rounds: int) -> dict[str, list[float]]:
