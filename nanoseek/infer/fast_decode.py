@@ -220,7 +220,7 @@ class FastDecoder:
         out_in = {"b1": self.out_in, "bn": False}
         self.paths = {k: artifact_path(model.config, k, steps, self.kv_shape, t, out_in[k]) for k, t in threads.items()}
         self.threads = threads
-        self._out_in: list[tuple[torch.Tensor, torch.Tensor, int | None]] = []  # (weight, its copy, version copied)
+        self._out_in: list[tuple[torch.Tensor, torch.Tensor, tuple | None]] = []  # (weight, copy, version copied)
         self.runners: dict[str, object] = {}
         self.builds: dict[str, tuple[subprocess.Popen, float, Path]] = {}
         self.failed: set[str] = set()
@@ -349,10 +349,12 @@ class FastDecoder:
         return out.tolist()
 
     def out_in_copies(self) -> list[torch.Tensor]:
-        """b1's [out, in] expert copies, refreshed where the weights changed in place since (GRPO's updates, a
-        loaded state dict): a tensor's version counter moves with every in-place write."""
+        """b1's [out, in] expert copies, refreshed where the weights changed since (GRPO's in-place updates, a
+        loaded state dict, `param.data = ...`): a tensor's version counter moves with every in-place write, and
+        its data pointer with a swapped storage."""
         for i, (w, copy, seen) in enumerate(self._out_in):
             version = _version(w)
+            version = None if version is None else (version, w.data_ptr())
             if version is None or version != seen:
                 with torch.no_grad():
                     copy.copy_(w.transpose(1, 2))
