@@ -119,3 +119,21 @@ def test_serve_leaves_a_core_to_http_and_refuses_zero_threads(monkeypatch, tmp_p
     args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--threads", "0"])
     with pytest.raises(ValueError, match="--threads must be >= 1"):
         args.func(args)
+    # the thread count is set before the engine loads (its compiled decode steps are built for that count)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    events = []
+    monkeypatch.setattr(serve.torch, "set_num_threads", lambda n: events.append(("threads", n)))
+
+    def loaded(*a, **k):
+        events.append(("engine", None))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(serve.Engine, "from_pretrained", loaded)
+    monkeypatch.setattr(serve.os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    for flag, want in (([], 7), (["--threads", "3"], 3)):  # 8 cores: the default leaves one
+        events.clear()
+        args = build_parser().parse_args(["serve", "--model", str(tmp_path), *flag])
+        with pytest.raises(RuntimeError, match="stop here"):
+            args.func(args)
+        assert events == [("threads", want), ("engine", None)]
