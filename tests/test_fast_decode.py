@@ -102,8 +102,8 @@ def test_fast_path_matches_eager_and_loads_from_its_cache(trained, tmp_path, mon
     again = Engine(trained, max_batch_size=8, max_len=64, fast=True)
     assert set(again.fast.runners) == {"b1", "bn"} and time.perf_counter() - t < 30
     assert [c.token_ids for c in again.generate(PROMPTS, PARAMS)] == [c.token_ids for c in eager]
-    # b1 reads the routed experts from [out, in] copies: an in-place change of the weights (GRPO's optimizer
-    # step) reaches them at the next call. Scale the experts' down projections by 64 (a power of two: undone
+    # both graphs read the routed experts from [out, in] copies: an in-place change of the weights (GRPO's
+    # optimizer step) reaches them at the next call. Scale the experts' down projections by 64 (a power of two: undone
     # exactly), decode, then scale them back.
     assert again.fast.out_in and len(again.fast.out_in_copies()) == 2 * len(fast_decode.routed_experts(trained))
 
@@ -118,6 +118,8 @@ def test_fast_path_matches_eager_and_loads_from_its_cache(trained, tmp_path, mon
         [changed] = eager_engine.generate(PROMPTS[0], PARAMS[-1])
         assert again.generate(PROMPTS[0], PARAMS[-1])[0].token_ids == changed.token_ids
         assert all(torch.equal(copy, w.transpose(1, 2)) for w, copy, _ in again.fast._out_in)  # refreshed
+        changed_all = eager_engine.generate(PROMPTS, PARAMS)  # batched ("bn") too
+        assert [c.token_ids for c in again.generate(PROMPTS, PARAMS)] == [c.token_ids for c in changed_all]
     finally:
         scale(1 / 64)
     assert again.generate(PROMPTS[0], PARAMS[-1])[0].token_ids == eager_one.token_ids

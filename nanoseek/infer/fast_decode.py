@@ -16,9 +16,10 @@ about a second. `NANOSEEK_FAST_DECODE=0` turns the path off (the tests' default:
 any failure (no C++ compiler, an export error) prints one line and leaves the engine eager.
 
 Two artifacts per engine: "b1" (one row: the MoE reads the chosen experts' weights in place, and each matmul, a
-matrix-vector product, is inductor's own multiply-and-sum rather than a BLAS call; the routed experts are read
-from copies laid out [out, in], which the engine keeps and refreshes when the weights change) and "bn"
-(2..n_slots rows: each expert's rows in one zero-padded batch, one batched GEMM per projection).
+matrix-vector product, is inductor's own multiply-and-sum rather than a BLAS call) and "bn" (2..n_slots rows: the
+dense matmuls are BLAS calls; each (row, expert) pair of the MoE is a multiply-and-sum over its expert's weights
+read in place, `Experts.pairs`). Both read the routed experts from copies laid out [out, in], which the engine
+keeps and refreshes when the weights change.
 Rows are read from and written to their own cache slots (index_select / index_put), so any set of running slots
 decodes in one call. Only plain greedy rows (no penalties, log-probs, grammar or speculation) take it.
 """
@@ -48,9 +49,9 @@ try:
 except ImportError:
     fcntl = None
 
-FORMAT = 3  # bump when the exported function changes: old artifacts are then ignored
+FORMAT = 4  # bump when the exported function changes: old artifacts are then ignored
 ENV_SWITCH = "NANOSEEK_FAST_DECODE"  # "0": off (eager engine), else on
-OUT_IN_MAX_BYTES = 1 << 30  # b1's [out, in] expert copies cost the routed experts' size again: not above this
+OUT_IN_MAX_BYTES = 1 << 30  # the [out, in] expert copies cost the routed experts' size again: not above this
 
 
 def enabled() -> bool:
@@ -116,7 +117,7 @@ def routed_experts(model: Transformer) -> list[tuple[str, Experts]]:
 
 
 def out_in_names(model: Transformer) -> list[str]:
-    """The b1 graph's extra inputs, after the weights: each routed expert stack laid out [out, in]."""
+    """The graphs' extra inputs, after the weights: each routed expert stack laid out [out, in]."""
     return [f"{n}.{w}" for n, _ in routed_experts(model) for w in ("w13_t", "w2_t")]
 
 
@@ -164,14 +165,15 @@ def build(
     out_in: bool = False,
 ) -> None:
     """Export and compile one artifact to `out` (on a weightless copy of the model: weights are inputs).
-    `out_in` (b1): the routed experts are read from [out, in] copies, inputs after the weights."""
+    `out_in`: the routed experts are read from [out, in] copies, inputs after the weights (without them, "bn"
+    pads each expert's rows to the busiest expert's and runs one batched GEMM, `Experts.padded`)."""
     t0 = time.perf_counter()
     torch.set_num_threads(threads)  # inductor bakes the thread count into its kernels
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device="cpu").eval()
     model.inv_freq, model.rope_attention_factor = rope_frequencies(config)  # a plain tensor: to_empty skips it
-    if kind == "bn":  # several rows: each expert's rows in one padded batch (MoE, Experts.padded), no gathers
+    if kind == "bn":  # several rows: Experts.pairs (or .padded), never .gathered's weight copies
         for m in model.modules():
             if isinstance(m, MoE):
                 m.gather_max_tokens = 0
@@ -217,7 +219,7 @@ class FastDecoder:
         self.kv_shape = tuple(cache.kv.shape)
         threads = {"b1": 1, "bn": torch.get_num_threads()}
         self.out_in = bool(routed_experts(model)) and out_in_bytes(model) <= OUT_IN_MAX_BYTES
-        out_in = {"b1": self.out_in, "bn": False}
+        out_in = {"b1": self.out_in, "bn": self.out_in}
         self.paths = {k: artifact_path(model.config, k, steps, self.kv_shape, t, out_in[k]) for k, t in threads.items()}
         self.threads = threads
         self._out_in: list[tuple[torch.Tensor, torch.Tensor, tuple | None]] = []  # (weight, copy, version copied)
@@ -264,7 +266,7 @@ class FastDecoder:
             try:
                 t0 = time.perf_counter()
                 runner = torch._inductor.aoti_load_package(str(path))
-                if kind == "b1" and self.out_in:
+                if self.out_in and not self._out_in:
                     self._out_in = [
                         (w, torch.empty_like(w.transpose(1, 2), memory_format=torch.contiguous_format), None)
                         for _, m in routed_experts(self.model)
@@ -296,7 +298,7 @@ class FastDecoder:
             "steps": self.steps,
             "kv_shape": list(self.kv_shape),
             "threads": self.threads[kind],
-            "out_in": kind == "b1" and self.out_in,
+            "out_in": self.out_in,
             "out": str(path),
         }
         spec_file = Path(tempfile.mkstemp(suffix=".json", prefix="nanoseek-aoti-")[1])
@@ -333,12 +335,11 @@ class FastDecoder:
 
     def decode(self, slots: list[int], tokens: list[int], start: list[int]) -> list[list[int]]:
         """`steps` greedy tokens per row, their latents written to the cache (the caller advances lengths)."""
-        one = len(slots) == 1
-        runner = self.runners["b1" if one else "bn"]
+        runner = self.runners["b1" if len(slots) == 1 else "bn"]
         C = max(start) + self.steps - 1
         flat = [
             *self.weights,
-            *(self.out_in_copies() if one else ()),  # b1's weights end with them
+            *(self.out_in_copies() if self.out_in else ()),  # the weights end with them
             torch.tensor(tokens),
             self.cache.kv,
             torch.tensor(slots),
@@ -349,7 +350,7 @@ class FastDecoder:
         return out.tolist()
 
     def out_in_copies(self) -> list[torch.Tensor]:
-        """b1's [out, in] expert copies, refreshed where the weights changed since (GRPO's in-place updates, a
+        """The [out, in] expert copies, refreshed where the weights changed since (GRPO's in-place updates, a
         loaded state dict, `param.data = ...`): a tensor's version counter moves with every in-place write, and
         its data pointer with a swapped storage."""
         for i, (w, copy, seen) in enumerate(self._out_in):

@@ -9,7 +9,7 @@
 
 Routed experts run as one grouped GEMM over tokens sorted by expert (decoding a few tokens: their experts'
 weights gathered into one batched GEMM; torch.compile'd decoding: every expert densely, fixed shapes; the
-exported fast path: one token's experts read in place, or every expert's rows in one padded batch). The bias is
+exported fast path: each (token, expert) pair's product reads its expert's weights in place). The bias is
 balanced without an auxiliary loss (eq. 16): after each step b += gamma * sign(mean_load - load); `last_load`
 holds the counts (every forward but compiled inference). `MoE.experts` is the seam for expert parallelism:
 nanoseek/distributed/expert_parallel.py swaps in a module with the same call that sends rows to the ranks owning
@@ -140,7 +140,7 @@ class Experts(nn.Module):
         indices [1, K] -> [1, K, d]. The expert ids are read as ints, a sync a CUDA step must not make.
 
         Where the module also holds `w13_t` [E, 2I, d] and `w2_t` [E, d, I] (the same weights laid out [out, in],
-        as nn.Linear's are: only the fast path's batch-1 graph has them, fed from copies the engine keeps), those
+        as nn.Linear's are: only the fast path's graphs have them, fed from copies the engine keeps), those
         are read instead: a matrix-vector product over contiguous rows streams the weights faster."""
         E, out = self.w13.shape[0], []
         out_in = hasattr(self, "w13_t")
@@ -155,6 +155,20 @@ class Experts(nn.Module):
                 gate, up = (x @ self.w13[e]).split(self.inter_dim, dim=-1)
                 out.append(swiglu(gate, up, self.limit) @ self.w2[e])
         return torch.stack(out, dim=1)
+
+    def pairs(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """A few tokens under torch.export (the fast path's graph), from `w13_t` / `w2_t` ([out, in] copies): one
+        multiply-and-sum per (token, expert) pair that reads its expert's rows in place (inductor fuses the
+        indexing into the loads), pairs sorted by expert so an expert's weights stay in cache between its pairs.
+        Routing's exact FLOPs, no padding, no BLAS call (whose packing of the weights costs more than the product
+        at a few rows) and no weight copies. Eagerly `w13_t[expert]` would be a copy: export only.
+        x [N, d], indices [N, K] -> [N, K, d]."""
+        K = indices.shape[1]
+        expert, order = indices.flatten().sort(stable=True)  # pairs grouped by expert
+        xs = x[order // K]  # [N*K, d]
+        gate, up = (xs[:, None, :] * self.w13_t[expert]).sum(-1).split(self.inter_dim, dim=-1)
+        y = (swiglu(gate, up, self.limit)[:, None, :] * self.w2_t[expert]).sum(-1)  # [N*K, d], sorted
+        return torch.empty_like(y).index_copy_(0, order, y).view(*indices.shape, -1)
 
     def padded(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Each expert's rows in one zero-padded batch as long as the busiest expert's: one batched GEMM over the
@@ -244,8 +258,9 @@ class MoE(nn.Module):
             y = self.experts.selected(flat, indices)  # [1, K, d]
         elif inference and flat.shape[0] <= self.gather_max_tokens:
             y = self.experts.gathered(flat, indices)  # [N, K, d]
-        elif inference and self._select_in_place(flat) and torch.compiler.is_compiling():
-            y = self.experts.padded(flat, indices)  # torch.export (the fast path): [N, K, d]
+        elif inference and self._select_in_place(flat) and torch.compiler.is_compiling():  # torch.export (fast path)
+            in_place = hasattr(self.experts, "w13_t")  # [out, in] copies: see Experts.pairs
+            y = self.experts.pairs(flat, indices) if in_place else self.experts.padded(flat, indices)  # [N, K, d]
         elif inference and torch.compiler.is_compiling() and flat.dtype == torch.float32:
             # torch.compile: grouped_mm has no fp32 compile kernel; run all experts with fixed shapes
             dense_w = weights.new_zeros(flat.shape[0], self.n_experts).scatter_(1, indices, weights)
