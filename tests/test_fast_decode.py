@@ -182,3 +182,14 @@ def test_concurrent_builds_of_one_artifact_build_it_once(tmp_path, monkeypatch):
     first.start()
     first.join(timeout=10)
     assert len(built) == 1 and out.read_bytes() == b"artifact"
+
+
+def test_batched_graph_reads_weights_per_row_only_for_few_rows_of_small_matrices():
+    """The batched graph's multiply-and-sum (and the MoE's per-pair products) re-read each weight matrix per row: faster than
+    BLAS while a matrix stays in L2 between rows, so larger matrices or more rows keep BLAS and the padded MoE."""
+    with torch.device("meta"):
+        small = Transformer(ModelConfig.from_preset("cpu-medium"))
+        wide = Transformer(ModelConfig.from_preset("cpu-medium", hidden_size=1024, moe_intermediate_size=1024))
+    assert fast_decode.small_rows_fit(small, 32)
+    assert not fast_decode.small_rows_fit(small, 64)
+    assert not fast_decode.small_rows_fit(wide, 16)

@@ -16,10 +16,11 @@ about a second. `NANOSEEK_FAST_DECODE=0` turns the path off (the tests' default:
 any failure (no C++ compiler, an export error) prints one line and leaves the engine eager.
 
 Two artifacts per engine: "b1" (one row: the MoE reads the chosen experts' weights in place, and each matmul, a
-matrix-vector product, is inductor's own multiply-and-sum rather than a BLAS call) and "bn" (2..n_slots rows: the
-dense matmuls are BLAS calls; each (row, expert) pair of the MoE is a multiply-and-sum over its expert's weights
-read in place, `Experts.pairs`). Both read the routed experts from copies laid out [out, in], which the engine
-keeps and refreshes when the weights change.
+matrix-vector product, is inductor's own multiply-and-sum rather than a BLAS call) and "bn" (2..n_slots rows; for
+up to 32 slots of small matrices, `small_rows_fit`, every matmul is a multiply-and-sum too, the MoE's one per
+(row, expert) pair over its expert's weights read in place, `Experts.pairs`; else BLAS calls and a padded MoE).
+The routed experts are read from copies laid out [out, in], which the engine keeps and refreshes when the weights
+change.
 Rows are read from and written to their own cache slots (index_select / index_put), so any set of running slots
 decodes in one call. Only plain greedy rows (no penalties, log-probs, grammar or speculation) take it.
 """
@@ -49,9 +50,14 @@ try:
 except ImportError:
     fcntl = None
 
-FORMAT = 4  # bump when the exported function changes: old artifacts are then ignored
+FORMAT = 5  # bump when the exported function changes: old artifacts are then ignored
 ENV_SWITCH = "NANOSEEK_FAST_DECODE"  # "0": off (eager engine), else on
 OUT_IN_MAX_BYTES = 1 << 30  # the [out, in] expert copies cost the routed experts' size again: not above this
+# "bn" computes a matmul of a few rows as inductor's multiply-and-sum, which reads the weights once per row: it beats
+# a BLAS call while each weight matrix stays in the core's L2 cache between rows; measured on cpu-small and
+# cpu-medium (BENCHMARKS.md) up to 32 rows. Larger matrices or more rows keep BLAS (and the padded MoE).
+SMALL_MATRIX_BYTES = 1 << 20
+SMALL_MAX_ROWS = 32
 
 
 def enabled() -> bool:
@@ -125,6 +131,15 @@ def out_in_bytes(model: Transformer) -> int:
     return sum((m.w13.numel() + m.w2.numel()) * m.w13.element_size() for _, m in routed_experts(model))
 
 
+def small_rows_fit(model: Transformer, n_rows: int) -> bool:
+    """Whether "bn" (up to n_rows rows) reads its weights per row (multiply-and-sum, `Experts.pairs`) rather than
+    through BLAS: few rows, and every weight matrix (an expert's three together) within SMALL_MATRIX_BYTES."""
+    largest = max(t.numel() * t.element_size() for t in model.parameters() if t.dim() == 2)
+    for _, m in routed_experts(model):
+        largest = max(largest, (m.w13[0].numel() + m.w2[0].numel()) * m.w13.element_size())
+    return n_rows <= SMALL_MAX_ROWS and largest <= SMALL_MATRIX_BYTES
+
+
 class GreedySteps(torch.nn.Module):
     """What is exported: `steps` greedy decode steps of rows `slots` of the cache, written in place.
 
@@ -165,8 +180,9 @@ def build(
     out_in: bool = False,
 ) -> None:
     """Export and compile one artifact to `out` (on a weightless copy of the model: weights are inputs).
-    `out_in`: the routed experts are read from [out, in] copies, inputs after the weights (without them, "bn"
-    pads each expert's rows to the busiest expert's and runs one batched GEMM, `Experts.padded`)."""
+    `out_in`: the routed experts are read from [out, in] copies, inputs after the weights; "bn" is built with
+    them when `small_rows_fit` (each matmul a multiply-and-sum, `Experts.pairs`), without them otherwise (BLAS
+    calls, each expert's rows padded to the busiest expert's in one batched GEMM, `Experts.padded`)."""
     t0 = time.perf_counter()
     torch.set_num_threads(threads)  # inductor bakes the thread count into its kernels
     with torch.device("meta"):
@@ -200,10 +216,21 @@ def build(
     print(f"exported in {time.perf_counter() - t0:.1f} s", flush=True)
     tmp = out.with_name(f"{out.stem}.tmp{os.getpid()}.pt2")
     # one row: each matmul is a matrix-vector product, memory-bound, where inductor's own vectorised
-    # multiply-and-sum reads the weights faster than the BLAS call it would make otherwise
-    options = {"decompose_mm_pass": {}} if kind == "b1" else {}
-    with torch._inductor.config.patch(post_grad_fusion_options=options):
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+    # multiply-and-sum reads the weights faster than the BLAS call it would make otherwise; a few rows of small
+    # matrices ("bn" with out_in): also faster, fused with its neighbours, no packing of the weights and no
+    # thread fork per call. The pass's CPU limit on a batched product's batch size is a module constant (read
+    # from the config at import): raised for this build.
+    from torch._inductor.fx_passes import decompose_mem_bound_mm as decompose
+
+    options = {"decompose_mm_pass": {}} if kind == "b1" or out_in else {}
+    limit = decompose.cpu_max_first_dimension_decomposition
+    if kind == "bn" and out_in:
+        decompose.cpu_max_first_dimension_decomposition = 2 * SMALL_MAX_ROWS
+    try:
+        with torch._inductor.config.patch(post_grad_fusion_options=options):
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+    finally:
+        decompose.cpu_max_first_dimension_decomposition = limit
     os.replace(tmp, out)
 
 
@@ -219,7 +246,8 @@ class FastDecoder:
         self.kv_shape = tuple(cache.kv.shape)
         threads = {"b1": 1, "bn": torch.get_num_threads()}
         self.out_in = bool(routed_experts(model)) and out_in_bytes(model) <= OUT_IN_MAX_BYTES
-        out_in = {"b1": self.out_in, "bn": self.out_in}
+        out_in = {"b1": self.out_in, "bn": self.out_in and small_rows_fit(model, self.kv_shape[1])}
+        self.out_in_kinds = {k for k, v in out_in.items() if v}
         self.paths = {k: artifact_path(model.config, k, steps, self.kv_shape, t, out_in[k]) for k, t in threads.items()}
         self.threads = threads
         self._out_in: list[tuple[torch.Tensor, torch.Tensor, tuple | None]] = []  # (weight, copy, version copied)
@@ -298,7 +326,7 @@ class FastDecoder:
             "steps": self.steps,
             "kv_shape": list(self.kv_shape),
             "threads": self.threads[kind],
-            "out_in": self.out_in,
+            "out_in": kind in self.out_in_kinds,
             "out": str(path),
         }
         spec_file = Path(tempfile.mkstemp(suffix=".json", prefix="nanoseek-aoti-")[1])
@@ -335,11 +363,12 @@ class FastDecoder:
 
     def decode(self, slots: list[int], tokens: list[int], start: list[int]) -> list[list[int]]:
         """`steps` greedy tokens per row, their latents written to the cache (the caller advances lengths)."""
-        runner = self.runners["b1" if len(slots) == 1 else "bn"]
+        kind = "b1" if len(slots) == 1 else "bn"
+        runner = self.runners[kind]
         C = max(start) + self.steps - 1
         flat = [
             *self.weights,
-            *(self.out_in_copies() if self.out_in else ()),  # the weights end with them
+            *(self.out_in_copies() if kind in self.out_in_kinds else ()),  # the weights end with them
             torch.tensor(tokens),
             self.cache.kv,
             torch.tensor(slots),
