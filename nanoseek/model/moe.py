@@ -9,7 +9,8 @@
 
 Routed experts run as one grouped GEMM over tokens sorted by expert (decoding a few tokens: their experts'
 weights gathered into one batched GEMM; torch.compile'd decoding: every expert densely, fixed shapes; the
-exported fast path: each (token, expert) pair's product reads its expert's weights in place). The bias is
+exported fast path: each (token, expert) pair's product reads its expert's weights in place, or, for larger
+matrices, every expert's rows in one padded batch). The bias is
 balanced without an auxiliary loss (eq. 16): after each step b += gamma * sign(mean_load - load); `last_load`
 holds the counts (every forward but compiled inference). `MoE.experts` is the seam for expert parallelism:
 nanoseek/distributed/expert_parallel.py swaps in a module with the same call that sends rows to the ranks owning
