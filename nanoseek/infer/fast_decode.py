@@ -219,18 +219,19 @@ def build(
     # multiply-and-sum reads the weights faster than the BLAS call it would make otherwise; a few rows of small
     # matrices ("bn" with out_in): also faster, fused with its neighbours, no packing of the weights and no
     # thread fork per call. The pass's CPU limit on a batched product's batch size is a module constant (read
-    # from the config at import): raised for this build.
+    # from the config at import): raised for this build (a torch without it decomposes only what it would).
     from torch._inductor.fx_passes import decompose_mem_bound_mm as decompose
 
     options = {"decompose_mm_pass": {}} if kind == "b1" or out_in else {}
-    limit = decompose.cpu_max_first_dimension_decomposition
-    if kind == "bn" and out_in:
+    limit = getattr(decompose, "cpu_max_first_dimension_decomposition", None)
+    if kind == "bn" and out_in and limit is not None:
         decompose.cpu_max_first_dimension_decomposition = 2 * SMALL_MAX_ROWS
     try:
         with torch._inductor.config.patch(post_grad_fusion_options=options):
             torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
     finally:
-        decompose.cpu_max_first_dimension_decomposition = limit
+        if limit is not None:
+            decompose.cpu_max_first_dimension_decomposition = limit
     os.replace(tmp, out)
 
 
